@@ -1,0 +1,1 @@
+"""Generated remotemedia.v1 stubs (scripts/gen_proto.py)."""

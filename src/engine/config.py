@@ -1,0 +1,221 @@
+"""Runtime configuration: built-in defaults ← runtime.toml ← environment,
+then per pipeline ← the manifest's `metadata.multiprocess`, bounded by the
+service-wide caps (a manifest may lower a limit or raise it up to its cap,
+never past it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import Issue, ResourceLimitError, ValidationError
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Service-wide caps; nothing a manifest or client says can exceed them."""
+
+    max_sessions: int = 64
+    max_total_processes: int = 128
+    max_processes_per_session: int = 32
+    max_channel_capacity: int = 10_000
+    max_init_timeout_secs: float = 600.0
+    max_process_timeout_secs: float = 3600.0
+    max_session_memory_mb: int = 16_384
+    max_message_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """Settings of one pipeline run; `metadata.multiprocess` may override these."""
+
+    multiprocess_enabled: bool = True
+    max_processes_per_session: int = 10
+    channel_capacity: int = 100
+    init_timeout_secs: float = 30.0
+    spawn_timeout_secs: float = 10.0
+    process_timeout_secs: float = 300.0
+    enable_backpressure: bool = True
+    #: "block" (backpressure) | "drop_newest" | "drop_oldest"; only a manifest
+    #: that asks for dropping gets it, and drops are counted
+    overflow_policy: str = "block"
+    shutdown_timeout_secs: float = 2.0
+    max_session_memory_mb: int = 4096
+    memory_sample_interval_ms: int = 500
+    output_queue_capacity: int = 1024
+
+
+#: keys a manifest's metadata.multiprocess may set, with the cap that bounds each
+MANIFEST_OVERRIDES: dict[str, str | None] = {
+    "enabled": None,
+    "max_processes_per_session": "max_processes_per_session",
+    "channel_capacity": "max_channel_capacity",
+    "init_timeout_secs": "max_init_timeout_secs",
+    "process_timeout_secs": "max_process_timeout_secs",
+    "enable_backpressure": None,
+    "overflow_policy": None,
+    "max_session_memory_mb": "max_session_memory_mb",
+}
+
+OVERFLOW_POLICIES = ("block", "drop_newest", "drop_oldest")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    api_keys: tuple[str, ...] = ()
+    metrics_port: int = 0  # 0 = no Prometheus endpoint
+    metrics_every_n_chunks: int = 50
+    drain_timeout_secs: float = 10.0
+    pending_chunks_capacity: int = 256  # chunks queued while a stream starts
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    session: SessionSettings = field(default_factory=SessionSettings)
+    caps: Caps = field(default_factory=Caps)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    python_executable: str = sys.executable
+    test_nodes: bool = False
+    prewarm_processes: int = 0
+    #: where iceoryx2 keeps its files; each engine uses its own prefix below it
+    ipc_root: str = "/tmp/remotemedia-engine"
+
+    # ------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, source: str | os.PathLike[str] | dict[str, Any] | RuntimeConfig | None = None,
+             *, env: dict[str, str] | None = None) -> RuntimeConfig:
+        if isinstance(source, RuntimeConfig):
+            cfg = source
+        else:
+            data: dict[str, Any] = {}
+            if isinstance(source, dict):
+                data = source
+            elif source is not None:
+                data = tomllib.loads(Path(source).read_text())
+            cfg = cls.from_dict(data)
+        return cfg.with_env(os.environ if env is None else env)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RuntimeConfig:
+        data = dict(data)
+        issues: list[Issue] = []
+        caps = _build(Caps, data.pop("caps", {}), "caps", issues)
+        server = _build(ServerSettings, data.pop("server", {}), "server", issues)
+        session_keys = {f.name for f in fields(SessionSettings)}
+        sess = {k: data.pop(k) for k in list(data) if k in session_keys}
+        if "multiprocess" in data:  # [multiprocess] enabled = false
+            mp = data.pop("multiprocess")
+            if isinstance(mp, dict) and "enabled" in mp:
+                sess["multiprocess_enabled"] = mp["enabled"]
+        session = _build(SessionSettings, sess, "", issues)
+        top = _build(cls, data, "", issues, skip={"session", "caps", "server"})
+        if issues:
+            raise ValidationError(issues)
+        cfg = replace(top, session=session, caps=caps, server=server)
+        cfg.check()
+        return cfg
+
+    def with_env(self, env: Any) -> RuntimeConfig:
+        cfg = self
+        if "REMOTEMEDIA_MULTIPROCESS" in env:
+            cfg = replace(cfg, session=replace(cfg.session, multiprocess_enabled=_truthy(env["REMOTEMEDIA_MULTIPROCESS"])))
+        if "REMOTEMEDIA_TEST_NODES" in env:
+            cfg = replace(cfg, test_nodes=_truthy(env["REMOTEMEDIA_TEST_NODES"]))
+        if env.get("REMOTEMEDIA_API_KEYS"):
+            keys = tuple(k.strip() for k in env["REMOTEMEDIA_API_KEYS"].split(",") if k.strip())
+            cfg = replace(cfg, server=replace(cfg.server, api_keys=keys))
+        return cfg
+
+    def check(self) -> None:
+        s, c = self.session, self.caps
+        issues = []
+        for key, cap_key in MANIFEST_OVERRIDES.items():
+            if cap_key is None:
+                continue
+            if getattr(s, key) > getattr(c, cap_key):
+                issues.append(Issue(key, f"{key}={getattr(s, key)} exceeds caps.{cap_key}={getattr(c, cap_key)}"))
+        if s.overflow_policy not in OVERFLOW_POLICIES:
+            issues.append(Issue("overflow_policy", f"must be one of {OVERFLOW_POLICIES}"))
+        for name in ("channel_capacity", "max_processes_per_session", "output_queue_capacity"):
+            if getattr(s, name) < 1:
+                issues.append(Issue(name, "must be >= 1"))
+        if issues:
+            raise ValidationError(issues)
+
+    # ------------------------------------------------------------ per session
+
+    def for_manifest(self, overrides: dict[str, Any]) -> SessionSettings:
+        """Apply a manifest's metadata.multiprocess to the session defaults, within the caps."""
+        settings = self.session
+        changes: dict[str, Any] = {}
+        issues: list[Issue] = []
+        for key, value in overrides.items():
+            path = f"$.metadata.multiprocess.{key}"
+            if key not in MANIFEST_OVERRIDES:
+                issues.append(Issue(path, f"unknown setting {key!r}; settable: {', '.join(MANIFEST_OVERRIDES)}",
+                                    field=key))
+                continue
+            target = "multiprocess_enabled" if key == "enabled" else key
+            current = getattr(settings, target)
+            if isinstance(current, bool):
+                if not isinstance(value, bool):
+                    issues.append(Issue(path, "must be true or false", field=key))
+                    continue
+            elif isinstance(current, (int, float)):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                    issues.append(Issue(path, "must be a positive number", field=key))
+                    continue
+                cap_key = MANIFEST_OVERRIDES[key]
+                cap = getattr(self.caps, cap_key) if cap_key else None
+                if cap is not None and value > cap:
+                    raise ResourceLimitError(
+                        f"metadata.multiprocess.{key}={value} exceeds the service cap {cap}",
+                        context={"field": key, "cap": cap, "requested": value},
+                    )
+                value = type(current)(value)
+            elif key == "overflow_policy" and value not in OVERFLOW_POLICIES:
+                issues.append(Issue(path, f"must be one of {', '.join(OVERFLOW_POLICIES)}", field=key))
+                continue
+            changes[target] = value
+        if issues:
+            raise ValidationError(issues)
+        return replace(settings, **changes)
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _build(cls: Any, data: Any, section: str, issues: list[Issue], skip: set[str] = frozenset()) -> Any:  # type: ignore[assignment]
+    if not isinstance(data, dict):
+        issues.append(Issue(section or "$", "must be a table"))
+        return cls()
+    known = {f.name: f for f in fields(cls) if f.name not in skip}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{section}.{key}" if section else key
+        f = known.get(key)
+        if f is None:
+            issues.append(Issue(path, f"unknown configuration key {key!r}"))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if isinstance(default, bool) and not isinstance(value, bool):
+            issues.append(Issue(path, "must be true or false"))
+        elif isinstance(default, (int, float)) and not isinstance(default, bool) and (
+            isinstance(value, bool) or not isinstance(value, (int, float))
+        ):
+            issues.append(Issue(path, "must be a number"))
+        elif isinstance(default, str) and not isinstance(value, str):
+            issues.append(Issue(path, "must be a string"))
+        else:
+            kwargs[key] = tuple(value) if isinstance(default, tuple) else value
+    return cls(**kwargs)

@@ -1,0 +1,174 @@
+"""The embedding API: `Engine`, usable from any running asyncio loop.
+
+    async with Engine() as engine:
+        result = await engine.execute(manifest, {"in": RuntimeData.audio(x, 16000)})
+        async with engine.stream(manifest) as session:
+            await session.send("in", frame)
+            ...
+
+The engine owns what is shared by sessions: the node registry, the runtime
+configuration and (lazily) the process pool's zygote. Each session owns its
+own nodes and processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import RuntimeConfig
+from .data import RuntimeData, concat
+from .errors import ResourceLimitError, ValidationError
+from .executors.base import NodeRunner
+from .executors.native import NativeRunner
+from .manifest import Manifest, validate
+from .plan import ExecutionPlan, PlannedNode, build_plan
+from .registry import ExecutorRegistry, default_registry
+from .session import InitProgress, Session
+
+log = logging.getLogger("engine")
+
+
+@dataclass
+class ExecutionResult:
+    outputs: dict[str, RuntimeData]
+    #: every output of each sink, in order (outputs[] joins them)
+    all_outputs: dict[str, list[RuntimeData]]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, config: Any = None, *, registry: ExecutorRegistry | None = None) -> None:
+        self.config = RuntimeConfig.load(config)
+        self.registry = registry or default_registry(test_nodes=self.config.test_nodes)
+        self._sessions: dict[str, Session] = {}
+        self._process_manager: Any = None
+        self._closed = False
+        self._opened = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        self._opened = True
+
+    async def aclose(self) -> None:
+        """Tear down every session, then the process pool."""
+        if self._closed:
+            return
+        self._closed = True
+        sessions = list(self._sessions.values())
+        await asyncio.gather(*(s.cancel() for s in sessions), return_exceptions=True)
+        if self._process_manager is not None:
+            await self._process_manager.aclose()
+            self._process_manager = None
+
+    @property
+    def sessions(self) -> Mapping[str, Session]:
+        return self._sessions
+
+    # ------------------------------------------------------------ manifests
+
+    def validate(self, manifest: Any) -> Manifest:
+        if isinstance(manifest, Manifest):
+            return manifest
+        return validate(manifest, self.registry)
+
+    def plan(self, manifest: Any) -> tuple[Manifest, ExecutionPlan, Any]:
+        m = self.validate(manifest)
+        settings = self.config.for_manifest(dict(m.multiprocess))
+        plan = build_plan(m, self.registry, settings)
+        n_proc = plan.count("multiprocess")
+        if n_proc > settings.max_processes_per_session:
+            raise ResourceLimitError(
+                f"pipeline needs {n_proc} node processes but max_processes_per_session is "
+                f"{settings.max_processes_per_session}",
+                context={"field": "max_processes_per_session", "requested": n_proc,
+                         "limit": settings.max_processes_per_session},
+            )
+        return m, plan, settings
+
+    # ------------------------------------------------------------ sessions
+
+    def stream(self, manifest: Any, *, on_progress: Callable[[InitProgress], Any] | None = None,
+               session_id: str | None = None) -> Session:
+        """A streaming session; `async with` starts it (all nodes ready) and tears it down."""
+        if self._closed:
+            raise ValidationError("engine is closed")
+        m, plan, settings = self.plan(manifest)
+        if len(self._sessions) >= self.config.caps.max_sessions:
+            raise ResourceLimitError(
+                f"too many concurrent sessions (cap {self.config.caps.max_sessions})",
+                context={"field": "max_sessions", "limit": self.config.caps.max_sessions},
+            )
+        session = Session(m, plan, settings, self._make_runner, on_progress=on_progress,
+                          on_close=self._session_closed, session_id=session_id)
+        self._sessions[session.id] = session
+        return session
+
+    def _session_closed(self, session: Session) -> None:
+        self._sessions.pop(session.id, None)
+
+    def _make_runner(self, session: Session, planned: PlannedNode) -> NodeRunner:
+        if planned.executor == "multiprocess":
+            return self.process_manager().runner(session, planned)
+        return NativeRunner(planned, session.emit, session.node_ended, session.id)
+
+    def process_manager(self) -> Any:
+        if self._process_manager is None:
+            from .executors.multiprocess import ProcessManager
+
+            self._process_manager = ProcessManager(self.config, self.registry)
+        return self._process_manager
+
+    async def execute(self, manifest: Any, inputs: Mapping[str, RuntimeData], *,
+                      on_progress: Callable[[InitProgress], Any] | None = None) -> ExecutionResult:
+        """Batch mode: feed `inputs` (keyed by node id), run to completion.
+
+        Returns one value per sink: several outputs of one sink are joined
+        (audio and text concatenated, JSON collected into a list; see
+        data.concat); `all_outputs` keeps them separate.
+        """
+        t0 = time.perf_counter()
+        m = self.validate(manifest)
+        known = {n.id for n in m.nodes}
+        for node_id in inputs:
+            if node_id not in known:
+                raise ValidationError(f"input for unknown node {node_id!r}; nodes: {', '.join(sorted(known))}",
+                                      node_id=node_id)
+        session = self.stream(m, on_progress=on_progress)
+        collected: dict[str, list[RuntimeData]] = collections.defaultdict(list)
+
+        async def collect() -> None:
+            async for out in session:
+                collected[out.node_id].append(out.data)
+
+        async with session:
+            t_ready = time.perf_counter()
+            collector = asyncio.get_running_loop().create_task(collect())
+            try:
+                for node_id, data in inputs.items():
+                    await session.send(node_id, data)
+                await session.close()
+                await collector
+            finally:
+                if not collector.done():
+                    collector.cancel()
+                    await asyncio.gather(collector, return_exceptions=True)
+            await session.wait_closed()
+        outputs = {nid: concat(frames) for nid, frames in collected.items()}
+        snap = session.snapshot()
+        snap["wall_time_ms"] = (time.perf_counter() - t0) * 1000
+        snap["startup_ms"] = (t_ready - t0) * 1000
+        return ExecutionResult(outputs, dict(collected), snap)

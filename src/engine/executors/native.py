@@ -1,0 +1,130 @@
+"""Native executor: the node runs in the engine's event loop.
+
+Sync process()/flush() of a node that declares `blocking = True` (every node
+that normally runs in its own process) is moved to a worker thread, so the
+loop never blocks. Calls into one node are serialized by a lock (fan-in may
+push from several tasks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+import logging
+import time
+import traceback
+from typing import Any
+
+from ..data import RuntimeData
+from ..errors import EngineError, NodeExecutionError, TypeValidationError
+from ..node import Node, iterate_outputs
+from ..plan import PlannedNode
+from .base import Emit, Ended, NodeRunner, NodeStats, Progress
+
+log = logging.getLogger("engine.native")
+
+_DONE = object()
+
+
+async def _thread_iter(gen: Any):
+    """Iterate a blocking sync generator without blocking the loop."""
+    while True:
+        item = await asyncio.to_thread(next, gen, _DONE)
+        if item is _DONE:
+            return
+        yield item
+
+
+class NativeRunner(NodeRunner):
+    def __init__(self, planned: PlannedNode, emit: Emit, ended: Ended, session_id: str) -> None:
+        self.node_id = planned.id
+        self.planned = planned
+        self._emit = emit
+        self._ended = ended
+        self._session_id = session_id
+        self._pending_ends = max(1, len(planned.upstream))
+        self._lock = asyncio.Lock()
+        self._node: Node | None = None
+        self._blocking = planned.spec.cls.blocking
+        self._last_sequence: int | None = None
+        self.stats = NodeStats()
+
+    async def start(self, progress: Progress) -> None:
+        spec = self.planned.spec
+        try:
+            node = spec.cls(self.node_id, dict(self.planned.decl.params))
+            node._progress = lambda phase, pct, msg: progress(self.node_id, phase, pct, msg)
+            await self._call(node.initialize)
+        except EngineError as exc:
+            exc.node_id = exc.node_id or self.node_id
+            raise
+        except Exception as exc:
+            raise self._wrap(exc, "initialize") from exc
+        self._node = node
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        if self._blocking and not inspect.iscoroutinefunction(fn):
+            result = await asyncio.to_thread(fn, *args)
+        else:
+            result = fn(*args)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    def _wrap(self, exc: BaseException, where: str) -> EngineError:
+        tb = "".join(traceback.format_exception(exc))
+        if isinstance(exc, TypeValidationError):
+            exc.node_id = exc.node_id or self.node_id
+            return exc
+        return NodeExecutionError(f"{where}() failed: {type(exc).__name__}: {exc}",
+                                  node_id=self.node_id, traceback_text=tb)
+
+    async def _run(self, fn: Any, frame: RuntimeData | None, sequence: int | None) -> None:
+        assert self._node is not None
+        started = time.perf_counter()
+        try:
+            result = await (self._call(fn, frame) if frame is not None else self._call(fn))
+            if inspect.isgenerator(result) and self._blocking:
+                result = _thread_iter(result)
+            async for out in iterate_outputs(result):
+                if not isinstance(out, RuntimeData):
+                    raise TypeError(f"emitted {type(out).__name__}, expected RuntimeData")
+                if out is frame:
+                    out = copy.copy(out)
+                out.sequence = sequence
+                out.source = self.node_id
+                self.stats.items_out += 1
+                await self._emit(self.node_id, out)
+        except EngineError:
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise self._wrap(exc, "process" if frame is not None else "flush") from exc
+        finally:
+            self.stats.busy_s += time.perf_counter() - started
+
+    async def push(self, frame: RuntimeData) -> None:
+        async with self._lock:
+            self.stats.items_in += 1
+            self._last_sequence = frame.sequence
+            await self._run(self._node.process, frame, frame.sequence)  # type: ignore[union-attr]
+
+    async def end(self) -> None:
+        self._pending_ends -= 1
+        if self._pending_ends > 0:
+            return
+        async with self._lock:
+            await self._run(self._node.flush, None, self._last_sequence)  # type: ignore[union-attr]
+        await self._ended(self.node_id)
+
+    async def aclose(self) -> None:
+        node, self._node = self._node, None
+        if node is None:
+            return
+        try:
+            await self._call(node.cleanup)
+        except Exception:
+            log.exception("cleanup() of node %s failed", self.node_id,
+                          extra={"session_id": self._session_id, "node_id": self.node_id})

@@ -1,0 +1,1 @@
+"""Inter-process transport: frame codec, shared-memory channels, control lane."""

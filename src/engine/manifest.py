@@ -1,0 +1,457 @@
+"""Manifest loading and complete validation, before any process exists.
+
+Input: a dict, JSON text/bytes, a file path or a protobuf PipelineManifest.
+camelCase keys written by existing clients are normalized to the schema's
+snake_case first. Then every problem is collected, not just the first:
+schema violations, duplicate ids, dangling connections, self-loops and
+cycles, unknown node types (with suggestions), params that break the node
+type's schema, and data-kind mismatches along connections. Each Issue has a
+JSON path, the node id and an actionable message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import fastjsonschema
+import jsonschema
+import orjson
+
+from .data import DataKind
+from .errors import Issue, ValidationError
+
+if TYPE_CHECKING:
+    from .registry import ExecutorRegistry, NodeTypeSpec
+
+
+@dataclass(frozen=True, slots=True)
+class NodeDecl:
+    id: str
+    node_type: str
+    params: MappingProxyType
+    executor: str | None
+    is_streaming: bool
+    input_types: tuple[DataKind, ...]
+    output_types: tuple[DataKind, ...]
+    capabilities: MappingProxyType
+    host: str | None
+    index: int  # position in the manifest (for error paths)
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    source: str
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    name: str
+    description: str
+    created_at: str
+    nodes: tuple[NodeDecl, ...]
+    connections: tuple[Connection, ...]
+    multiprocess: MappingProxyType  # metadata.multiprocess overrides
+    raw: MappingProxyType
+
+    def node(self, node_id: str) -> NodeDecl:
+        for n in self.nodes:
+            if n.id == node_id:
+                return n
+        raise KeyError(node_id)
+
+
+# ---------------------------------------------------------------- loading
+
+_CAMEL = re.compile(r"(?<=[a-z0-9])([A-Z])")
+
+
+def _snake(key: str) -> str:
+    return _CAMEL.sub(lambda m: "_" + m.group(1).lower(), key)
+
+
+def _snake_keys(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {_snake(k) if isinstance(k, str) else k: v for k, v in obj.items()}
+    return obj
+
+
+def normalize(doc: dict[str, Any]) -> dict[str, Any]:
+    """camelCase → snake_case at the places the schema defines (not inside params)."""
+    out = _snake_keys(doc)
+    if isinstance(out.get("metadata"), dict):
+        md = _snake_keys(out["metadata"])
+        if isinstance(md.get("multiprocess"), dict):
+            md["multiprocess"] = _snake_keys(md["multiprocess"])
+        out["metadata"] = md
+    if isinstance(out.get("nodes"), list):
+        nodes = []
+        for n in out["nodes"]:
+            n = _snake_keys(n)
+            if isinstance(n, dict) and isinstance(n.get("capabilities"), dict):
+                caps = _snake_keys(n["capabilities"])
+                for k in ("gpu", "cpu"):
+                    if isinstance(caps.get(k), dict):
+                        caps[k] = _snake_keys(caps[k])
+                n["capabilities"] = caps
+            if isinstance(n, dict) and isinstance(n.get("params"), str):
+                # the proto form carries params as a JSON string
+                n["params"] = _parse_params_string(n["params"])
+            nodes.append(n)
+        out["nodes"] = nodes
+    return out
+
+
+class _BadParams:
+    def __init__(self, text: str, error: str) -> None:
+        self.text, self.error = text, error
+
+
+def _parse_params_string(text: str) -> Any:
+    if not text.strip():
+        return {}
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        return _BadParams(text, str(exc))
+
+
+def load_document(source: Any) -> dict[str, Any]:
+    """Any accepted manifest form → a plain dict (not yet validated)."""
+    if isinstance(source, dict):
+        return source
+    if hasattr(source, "DESCRIPTOR") and hasattr(source, "nodes"):
+        return proto_to_dict(source)
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and not source.lstrip().startswith("{")):
+        try:
+            source = Path(source).read_bytes()
+        except OSError as exc:
+            raise ValidationError(Issue("$", f"cannot read manifest file: {exc}", code="io")) from None
+    if isinstance(source, (bytes, bytearray, memoryview, str)):
+        try:
+            doc = orjson.loads(source)
+        except orjson.JSONDecodeError as exc:
+            raise ValidationError(Issue("$", f"manifest is not valid JSON: {exc}", code="json")) from None
+        if not isinstance(doc, dict):
+            raise ValidationError(Issue("$", "manifest must be a JSON object", code="type"))
+        return doc
+    raise ValidationError(Issue("$", f"cannot load a manifest from {type(source).__name__}", code="type"))
+
+
+def proto_to_dict(pm: Any) -> dict[str, Any]:
+    """remotemedia.v1.PipelineManifest → the JSON manifest shape."""
+    from ._proto import common_pb2
+
+    md: dict[str, Any] = {"name": pm.metadata.name}
+    if pm.metadata.description:
+        md["description"] = pm.metadata.description
+    if pm.metadata.created_at:
+        md["created_at"] = pm.metadata.created_at
+    if pm.metadata.multiprocess_json:
+        mp = _parse_params_string(pm.metadata.multiprocess_json)
+        md["multiprocess"] = mp if not isinstance(mp, _BadParams) else pm.metadata.multiprocess_json
+    nodes = []
+    for n in pm.nodes:
+        d: dict[str, Any] = {"id": n.id, "node_type": n.node_type, "params": n.params}
+        if n.is_streaming:
+            d["is_streaming"] = True
+        if n.host:
+            d["host"] = n.host
+        if n.executor:
+            d["executor"] = n.executor
+        if n.input_types:
+            d["input_types"] = [common_pb2.DataTypeHint.Name(t) for t in n.input_types]
+        if n.output_types:
+            d["output_types"] = [common_pb2.DataTypeHint.Name(t) for t in n.output_types]
+        if n.HasField("capabilities"):
+            c = n.capabilities
+            caps: dict[str, Any] = {}
+            if c.HasField("gpu"):
+                caps["gpu"] = {"type": c.gpu.type, "min_memory_gb": c.gpu.min_memory_gb,
+                               "required": c.gpu.required}
+            if c.HasField("cpu"):
+                cpu: dict[str, Any] = {}
+                if c.cpu.cores:
+                    cpu["cores"] = c.cpu.cores
+                if c.cpu.arch:
+                    cpu["arch"] = c.cpu.arch
+                caps["cpu"] = cpu
+            if c.memory_gb:
+                caps["memory_gb"] = c.memory_gb
+            d["capabilities"] = caps
+        nodes.append(d)
+    return {
+        "version": pm.version,
+        "metadata": md,
+        "nodes": nodes,
+        "connections": [{"from": c.__getattribute__("from"), "to": c.to} for c in pm.connections],
+    }
+
+
+# ---------------------------------------------------------------- schema
+
+@cache
+def manifest_schema() -> dict[str, Any]:
+    text = resources.files("engine").joinpath("schemas/manifest.v1.json").read_text()
+    return json.loads(text)
+
+
+@cache
+def _validators() -> tuple[Any, Any]:
+    schema = manifest_schema()
+    # fastjsonschema is the fast path (a compiled check, tens of µs for a
+    # 10-node manifest); jsonschema runs only when that fails, to report
+    # every violation with its path rather than just the first.
+    return fastjsonschema.compile(schema), jsonschema.Draft7Validator(
+        schema, format_checker=jsonschema.Draft7Validator.FORMAT_CHECKER
+    )
+
+
+def _json_path(parts: Any) -> str:
+    out = "$"
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}"
+    return out
+
+
+def _node_at(doc: dict[str, Any], parts: list[Any]) -> str | None:
+    if len(parts) >= 2 and parts[0] == "nodes" and isinstance(parts[1], int):
+        try:
+            node = doc["nodes"][parts[1]]
+            return node.get("id") if isinstance(node, dict) and isinstance(node.get("id"), str) else None
+        except (IndexError, KeyError, TypeError):
+            return None
+    return None
+
+
+def _schema_issues(doc: dict[str, Any]) -> list[Issue]:
+    fast, full = _validators()
+    try:
+        fast(doc)
+        created = doc["metadata"].get("created_at")
+        if created is None or full.format_checker.conforms(created, "date-time"):
+            return []
+    except fastjsonschema.JsonSchemaException:
+        pass
+    issues = []
+    for err in sorted(full.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):
+        parts = list(err.absolute_path)
+        field = str(parts[-1]) if parts else None
+        if err.validator == "required":
+            missing = err.message.split("'")[1] if "'" in err.message else ""
+            field = missing or field
+        issues.append(Issue(_json_path(parts), _friendly(err), node_id=_node_at(doc, parts),
+                            field=field, code=f"schema.{err.validator}"))
+    return issues
+
+
+def _friendly(err: jsonschema.ValidationError) -> str:
+    if err.validator == "pattern" and err.absolute_path and err.absolute_path[-1] in ("id", "from", "to"):
+        return f"{err.instance!r} is not a valid node id (letters, digits, '_' and '-' only)"
+    if err.validator == "const" and list(err.absolute_path) == ["version"]:
+        return f"unsupported manifest version {err.instance!r}; expected \"v1\""
+    return err.message
+
+
+# ---------------------------------------------------------------- semantics
+
+def _find_cycle(ids: list[str], edges: dict[str, list[str]]) -> list[str] | None:
+    WHITE, GREY, BLACK = 0, 1, 2
+    color = dict.fromkeys(ids, WHITE)
+    stack: list[str] = []
+
+    def visit(u: str) -> list[str] | None:
+        color[u] = GREY
+        stack.append(u)
+        for v in edges.get(u, ()):
+            if color.get(v) == GREY:
+                return stack[stack.index(v):] + [v]
+            if color.get(v) == WHITE:
+                found = visit(v)
+                if found:
+                    return found
+        stack.pop()
+        color[u] = BLACK
+        return None
+
+    for node_id in ids:
+        if color[node_id] == WHITE:
+            cycle = visit(node_id)
+            if cycle:
+                return cycle
+    return None
+
+
+def _parse_kinds(values: Any, path: str, node_id: str, issues: list[Issue]) -> tuple[DataKind, ...]:
+    if values is None:
+        return ()
+    if not isinstance(values, list):
+        issues.append(Issue(path, "must be a list of data types", node_id=node_id))
+        return ()
+    kinds = []
+    for i, v in enumerate(values):
+        try:
+            kind = DataKind.parse(v)
+            if kind.value:
+                kinds.append(kind)
+        except (KeyError, ValueError, AttributeError):
+            issues.append(Issue(f"{path}[{i}]", f"unknown data type {v!r}; use one of "
+                                f"{', '.join(k.name.lower() for k in DataKind)}", node_id=node_id))
+    return tuple(kinds)
+
+
+def _compatible(out_kinds: tuple[DataKind, ...], in_kinds: tuple[DataKind, ...]) -> bool:
+    if not out_kinds or not in_kinds or DataKind.ANY in out_kinds or DataKind.ANY in in_kinds:
+        return True
+    return bool(set(out_kinds) & set(in_kinds))
+
+
+def _kinds(kinds: tuple[DataKind, ...]) -> str:
+    return "|".join(k.name.lower() for k in kinds)
+
+
+def _params_issues(spec: NodeTypeSpec, node_id: str, path: str, params: dict[str, Any]) -> list[Issue]:
+    try:
+        spec.params_fast(params)
+        return []
+    except fastjsonschema.JsonSchemaException:
+        pass
+    issues = []
+    for err in spec.params_validator.iter_errors(params):
+        parts = list(err.absolute_path)
+        field = ".".join(map(str, parts)) if parts else None
+        if err.validator == "required" and "'" in err.message:
+            field = err.message.split("'")[1]
+        elif err.validator == "additionalProperties" and "'" in err.message:
+            field = err.message.split("'")[1]
+        message = f"param {field!r}: {err.message}" if field else err.message
+        issues.append(Issue(f"{path}.params" + "".join(f".{p}" for p in parts), message,
+                            node_id=node_id, field=field, code=f"params.{err.validator}"))
+    return issues
+
+
+def validate(source: Any, registry: ExecutorRegistry) -> Manifest:
+    """Load and completely validate a manifest; raise ValidationError with every issue."""
+    doc = normalize(load_document(source))
+    # bad JSON in a proto params string is reported as a params issue
+    issues: list[Issue] = []
+    for i, n in enumerate(doc.get("nodes") or []):
+        if isinstance(n, dict) and isinstance(n.get("params"), _BadParams):
+            issues.append(Issue(f"$.nodes[{i}].params", f"params is not valid JSON: {n['params'].error}",
+                                node_id=n.get("id"), field="params", code="params.json"))
+            n["params"] = {}
+    issues += _schema_issues(doc)
+    structurally_broken = any(i.code in ("schema.type", "schema.required") and i.path.count(".") <= 1
+                              for i in issues)
+    if structurally_broken or not isinstance(doc.get("nodes"), list):
+        raise ValidationError(issues)
+
+    nodes_raw = [n for n in doc["nodes"] if isinstance(n, dict)]
+    conns_raw = [c for c in (doc.get("connections") or []) if isinstance(c, dict)]
+
+    seen: dict[str, int] = {}
+    for i, n in enumerate(nodes_raw):
+        nid = n.get("id")
+        if not isinstance(nid, str):
+            continue
+        if nid in seen:
+            issues.append(Issue(f"$.nodes[{i}].id", f"duplicate node id {nid!r} (first at $.nodes[{seen[nid]}])",
+                                node_id=nid, field="id", code="duplicate_id"))
+        else:
+            seen[nid] = i
+
+    decls: list[NodeDecl] = []
+    specs: dict[str, NodeTypeSpec] = {}
+    for i, n in enumerate(nodes_raw):
+        nid, ntype = n.get("id"), n.get("node_type")
+        if not isinstance(nid, str) or not isinstance(ntype, str) or not ntype:
+            continue
+        path = f"$.nodes[{i}]"
+        spec = registry.get(ntype)
+        params = n.get("params") if isinstance(n.get("params"), dict) else {}
+        if spec is None:
+            hint = registry.suggest(ntype)
+            msg = f"unknown node type {ntype!r}"
+            msg += f"; did you mean {', '.join(map(repr, hint))}?" if hint else f"; registered types: {', '.join(registry.names())}"
+            issues.append(Issue(f"{path}.node_type", msg, node_id=nid, field="node_type",
+                                code="unknown_node_type", extra={"suggestions": hint}))
+        else:
+            specs[nid] = spec
+            params = spec.normalize_params(params)
+            issues += _params_issues(spec, nid, path, params)
+            executor = n.get("executor")
+            if executor and executor != spec.executor and not spec.overridable:
+                issues.append(Issue(f"{path}.executor", f"node type {ntype!r} must run on the "
+                                    f"{spec.executor!r} executor; it cannot be overridden",
+                                    node_id=nid, field="executor", code="executor"))
+        in_kinds = _parse_kinds(n.get("input_types"), f"{path}.input_types", nid, issues)
+        out_kinds = _parse_kinds(n.get("output_types"), f"{path}.output_types", nid, issues)
+        if spec is not None:
+            in_kinds = in_kinds or spec.cls.input_types
+            out_kinds = out_kinds or spec.cls.output_types
+        decls.append(NodeDecl(
+            id=nid, node_type=ntype, params=MappingProxyType(params),
+            executor=n.get("executor") if n.get("executor") in ("native", "multiprocess") else None,
+            is_streaming=bool(n.get("is_streaming", False)), input_types=in_kinds,
+            output_types=out_kinds, capabilities=MappingProxyType(n.get("capabilities") or {}),
+            host=n.get("host"), index=i,
+        ))
+
+    by_id = {d.id: d for d in decls}
+    edges: dict[str, list[str]] = {}
+    conns: list[Connection] = []
+    seen_edges: set[tuple[str, str]] = set()
+    for j, c in enumerate(conns_raw):
+        src, dst = c.get("from"), c.get("to")
+        if not isinstance(src, str) or not isinstance(dst, str):
+            continue
+        path = f"$.connections[{j}]"
+        bad = False
+        for end, nid in (("from", src), ("to", dst)):
+            if nid not in seen:
+                hint = [k for k in seen if k.lower() == nid.lower()]
+                issues.append(Issue(f"{path}.{end}", f"connection {end} unknown node {nid!r}"
+                                    + (f"; did you mean {hint[0]!r}?" if hint else ""),
+                                    node_id=nid, field=end, code="dangling_connection"))
+                bad = True
+        if bad:
+            continue
+        if src == dst:
+            issues.append(Issue(path, f"self-loop: {src} → {src}", node_id=src, code="cycle"))
+            continue
+        if (src, dst) in seen_edges:
+            issues.append(Issue(path, f"duplicate connection {src} → {dst}", node_id=dst,
+                                code="duplicate_connection"))
+            continue
+        seen_edges.add((src, dst))
+        edges.setdefault(src, []).append(dst)
+        conns.append(Connection(src, dst))
+        a, b = by_id.get(src), by_id.get(dst)
+        if a is not None and b is not None and not _compatible(a.output_types, b.input_types):
+            issues.append(Issue(path, f"type mismatch: {src} outputs {_kinds(a.output_types)} "
+                                f"but {dst} accepts {_kinds(b.input_types)}", node_id=dst,
+                                code="type_mismatch"))
+
+    cycle = _find_cycle([d.id for d in decls], edges)
+    if cycle:
+        issues.append(Issue("$.connections", f"cycle: {' → '.join(cycle)}", node_id=cycle[0],
+                            code="cycle", extra={"cycle": cycle}))
+
+    if issues:
+        raise ValidationError(issues)
+
+    md = doc["metadata"]
+    return Manifest(
+        name=md["name"], description=md.get("description", ""), created_at=md.get("created_at", ""),
+        nodes=tuple(decls), connections=tuple(conns),
+        multiprocess=MappingProxyType(dict(md.get("multiprocess") or {})),
+        raw=MappingProxyType(doc),
+    )

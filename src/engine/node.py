@@ -1,0 +1,96 @@
+"""The node contract shared by native and process execution.
+
+A node class declares its type name, whether it runs in its own process by
+default, its input/output data kinds and a JSON Schema for its params, and
+implements:
+
+- `initialize()`  load models; may call `self.report_progress(...)`;
+- `process(frame)` returns None, one frame, a list of frames, or an async
+  generator of frames (streaming nodes); may be sync or async;
+- `flush()`        end of stream: emit what is buffered (same return forms);
+- `cleanup()`      release resources.
+
+The same class runs in the engine process or in a worker process; outputs
+must be identical either way.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, ClassVar
+
+from .data import DataKind, RuntimeData
+
+ProgressCallback = Callable[[str, float, str], None]
+
+
+class Node:
+    node_type: ClassVar[str] = ""
+    #: run in a worker process by default (the multiprocess executor)
+    multiprocess: ClassVar[bool] = False
+    #: a manifest's `executor` field may move this node to the other executor
+    executor_overridable: ClassVar[bool] = True
+    #: in-process execution: run sync process()/flush() in a thread
+    blocking: ClassVar[bool] = False
+    input_types: ClassVar[tuple[DataKind, ...]] = (DataKind.ANY,)
+    output_types: ClassVar[tuple[DataKind, ...]] = (DataKind.ANY,)
+    params_schema: ClassVar[dict[str, Any]] = {"type": "object"}
+    #: alternative spellings of params used by existing manifests → canonical name
+    param_aliases: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, node_id: str, params: dict[str, Any]) -> None:
+        self.node_id = node_id
+        self.params = params
+        self._progress: ProgressCallback | None = None
+
+    def report_progress(self, phase: str, percent: float, message: str = "") -> None:
+        """Report initialization progress to the session's caller."""
+        if self._progress is not None:
+            self._progress(phase, float(percent), message)
+
+    def initialize(self) -> Any:
+        """Load models and allocate resources (sync or async)."""
+        return None
+
+    def process(self, frame: RuntimeData) -> Any:
+        raise NotImplementedError
+
+    def flush(self) -> Any:
+        """Called once at end of stream; return what is still buffered."""
+        return None
+
+    def cleanup(self) -> Any:
+        return None
+
+
+async def call(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call a node method that may be sync or async."""
+    result = fn(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+async def iterate_outputs(result: Any) -> AsyncIterator[RuntimeData]:
+    """Normalize a process()/flush() result into an async stream of frames."""
+    if result is None:
+        return
+    if inspect.isawaitable(result):
+        result = await result
+        if result is None:
+            return
+    if isinstance(result, RuntimeData):
+        yield result
+    elif hasattr(result, "__aiter__"):
+        async for item in result:
+            if item is not None:
+                yield item
+    elif isinstance(result, Iterable):
+        for item in result:
+            if item is not None:
+                yield item
+    else:
+        raise TypeError(f"process() returned {type(result).__name__}, expected RuntimeData, a list or an async generator")
+
+

@@ -1,0 +1,114 @@
+"""Node type → (executor kind, factory), by explicit registration only.
+
+A manifest names node types; the registry maps each to a registered class.
+Nothing named by a manifest is ever imported. A manifest node's `executor`
+field wins over the class default where the class allows it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+import fastjsonschema
+import jsonschema
+
+from .node import Node
+
+ExecutorKind = Literal["native", "multiprocess"]
+
+
+@dataclass(frozen=True)
+class NodeTypeSpec:
+    node_type: str
+    cls: type[Node]
+    executor: ExecutorKind
+    overridable: bool
+    module: str
+    qualname: str
+    params_validator: Any = field(repr=False)  # jsonschema validator (full error lists)
+    params_fast: Any = field(repr=False)  # compiled fastjsonschema (the fast path)
+    defaults: MappingProxyType = field(repr=False, default_factory=lambda: MappingProxyType({}))
+
+    def resolve_executor(self, requested: str | None) -> ExecutorKind:
+        if requested is None or not self.overridable:
+            return self.executor
+        return "multiprocess" if requested == "multiprocess" else "native"
+
+    def normalize_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Canonical spelling (aliases) and schema defaults, without validation."""
+        aliases = self.cls.param_aliases
+        out = {aliases.get(k, k): v for k, v in params.items()}
+        for key, value in self.defaults.items():
+            out.setdefault(key, value)
+        return out
+
+
+class ExecutorRegistry:
+    def __init__(self) -> None:
+        self._specs: dict[str, NodeTypeSpec] = {}
+
+    def register(self, cls: type[Node], *, node_type: str | None = None,
+                 executor: ExecutorKind | None = None) -> NodeTypeSpec:
+        name = node_type or cls.node_type
+        if not name:
+            raise ValueError(f"{cls.__qualname__} declares no node_type")
+        kind: ExecutorKind = executor or ("multiprocess" if cls.multiprocess else "native")
+        if kind == "multiprocess" and cls.__module__ == "__main__":
+            raise ValueError(
+                f"{cls.__qualname__}: a node that runs in a worker process must be importable "
+                "from a module, not defined in __main__"
+            )
+        schema = cls.params_schema
+        jsonschema.Draft7Validator.check_schema(schema)
+        defaults = {
+            k: v["default"]
+            for k, v in schema.get("properties", {}).items()
+            if isinstance(v, dict) and "default" in v
+        }
+        spec = NodeTypeSpec(
+            node_type=name,
+            cls=cls,
+            executor=kind,
+            overridable=cls.executor_overridable and cls.__module__ != "__main__",
+            module=cls.__module__,
+            qualname=cls.__qualname__,
+            params_validator=jsonschema.Draft7Validator(schema),
+            params_fast=fastjsonschema.compile(schema),
+            defaults=MappingProxyType(defaults),
+        )
+        self._specs[name] = spec
+        return spec
+
+    def get(self, node_type: str) -> NodeTypeSpec | None:
+        return self._specs.get(node_type)
+
+    def __contains__(self, node_type: str) -> bool:
+        return node_type in self._specs
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def suggest(self, node_type: str, n: int = 3) -> list[str]:
+        lower = {k.lower(): k for k in self._specs}
+        hits = difflib.get_close_matches(node_type.lower(), list(lower), n=n, cutoff=0.5)
+        return [lower[h] for h in hits]
+
+    def multiprocess_modules(self) -> list[str]:
+        return sorted({s.module for s in self._specs.values()
+                       if s.executor == "multiprocess" or s.overridable})
+
+
+def default_registry(*, test_nodes: bool = False) -> ExecutorRegistry:
+    """The built-in node types (plus the test nodes when enabled)."""
+    import nodes
+
+    registry = ExecutorRegistry()
+    for cls in nodes.builtin_nodes():
+        registry.register(cls)
+    if test_nodes:
+        for cls in nodes.test_nodes():
+            registry.register(cls)
+    return registry

@@ -1,0 +1,392 @@
+"""SessionExecutionContext: one pipeline run.
+
+It owns everything the run started (node runners, their processes and
+channels, its tasks) and tears all of it down on every exit path: done,
+error, cancel, caller gone, engine shutdown. Frames are pushed along the
+plan inline (native nodes run as the frame arrives; a process node's input
+is written into its channel), so a slow node slows its producer instead of
+growing a queue: that is the backpressure. Sink outputs go to a bounded
+output queue, tagged with the sequence of the input that caused them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import SessionSettings
+from .data import RuntimeData
+from .errors import EngineError, InternalError, SessionClosedError, ValidationError
+from .executors.base import NodeRunner
+from .manifest import Manifest
+from .plan import ExecutionPlan, PlannedNode
+
+log = logging.getLogger("engine.session")
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    node_id: str
+    sequence: int | None
+    data: RuntimeData
+
+
+@dataclass(frozen=True, slots=True)
+class InitProgress:
+    node_id: str
+    phase: str
+    percent: float
+    message: str
+    elapsed_ms: int
+
+
+@dataclass
+class SessionMetrics:
+    chunks_in: int = 0
+    outputs: int = 0
+    started_at: float = field(default_factory=time.perf_counter)
+    latency_sum_s: float = 0.0
+    latency_count: int = 0
+    by_kind: collections.Counter = field(default_factory=collections.Counter)
+
+
+_END = object()
+
+
+class _OutputQueue:
+    """Bounded FIFO of outputs; a terminal marker may always be appended."""
+
+    def __init__(self, capacity: int) -> None:
+        self._items: collections.deque = collections.deque()
+        self._capacity = capacity
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def put(self, item: Any) -> None:
+        while len(self._items) >= self._capacity:
+            self._writable.clear()
+            await self._writable.wait()
+        self._items.append(item)
+        self._readable.set()
+
+    def put_terminal(self, item: Any) -> None:
+        self._items.append(item)
+        self._readable.set()
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._readable.clear()
+            await self._readable.wait()
+        item = self._items.popleft()
+        if len(self._items) < self._capacity:
+            self._writable.set()
+        return item
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._writable.set()
+
+
+RunnerFactory = Callable[["Session", PlannedNode], NodeRunner]
+
+
+class Session:
+    """A running pipeline. Use through `Engine.stream()` / `Engine.execute()`."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        plan: ExecutionPlan,
+        settings: SessionSettings,
+        runner_factory: RunnerFactory,
+        *,
+        on_progress: Callable[[InitProgress], Any] | None = None,
+        on_close: Callable[[Session], Any] | None = None,
+        session_id: str | None = None,
+    ) -> None:
+        self.id = session_id or uuid.uuid4().hex[:16]
+        self.manifest = manifest
+        self.plan = plan
+        self.settings = settings
+        self.metrics = SessionMetrics()
+        self.progress_events: list[InitProgress] = []
+        self._on_progress = on_progress
+        self._on_close = on_close
+        self._factory = runner_factory
+        self._runners: dict[str, NodeRunner] = {}
+        self._outputs = _OutputQueue(settings.output_queue_capacity)
+        self._seq = itertools.count()
+        self._sinks_open = set(plan.sinks)
+        self._error: EngineError | None = None
+        self._state = "new"  # new → starting → running → closing → closed
+        self._torn_down = asyncio.Event()
+        self._teardown_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._send_times: dict[int, float] = {}
+        self._started_at = time.perf_counter()
+        self.log = logging.LoggerAdapter(log, {"session_id": self.id, "node_id": "-"})
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def error(self) -> EngineError | None:
+        return self._error
+
+    @property
+    def runners(self) -> dict[str, NodeRunner]:
+        return self._runners
+
+    async def start(self) -> None:
+        """Create every node and initialize them concurrently; return when all are ready."""
+        if self._state != "new":
+            raise SessionClosedError(f"session {self.id} already started")
+        self._state = "starting"
+        try:
+            for nid in self.plan.order:
+                self._runners[nid] = self._factory(self, self.plan.nodes[nid])
+            async with asyncio.TaskGroup() as tg:
+                for runner in self._runners.values():
+                    tg.create_task(runner.start(self._progress))
+        except BaseException as exc:
+            err = _first_engine_error(exc)
+            await self._teardown()
+            self._state = "closed"
+            if err is not None:
+                self._error = err
+                raise err from None
+            raise
+        self._state = "running"
+        self.log.debug("session ready: %d nodes", len(self._runners))
+
+    def _progress(self, node_id: str, phase: str, percent: float, message: str) -> None:
+        ev = InitProgress(node_id, phase, percent, message,
+                          int((time.perf_counter() - self._started_at) * 1000))
+        self.progress_events.append(ev)
+        if self._on_progress is not None:
+            try:
+                self._on_progress(ev)
+            except Exception:
+                self.log.exception("progress callback failed")
+
+    # ------------------------------------------------------------ data path
+
+    async def send(self, node_id: str, data: RuntimeData, sequence: int | None = None) -> int:
+        """Feed one frame to a node; returns the sequence it was tagged with."""
+        if self._error is not None:
+            raise self._error
+        if self._state != "running":
+            raise SessionClosedError(f"session {self.id} is {self._state}; cannot send")
+        runner = self._runners.get(node_id)
+        if runner is None:
+            raise ValidationError(f"unknown target node {node_id!r}; nodes: {', '.join(self.plan.order)}",
+                                  node_id=node_id)
+        if not isinstance(data, RuntimeData):
+            raise ValidationError(f"send() takes RuntimeData, got {type(data).__name__}", node_id=node_id)
+        seq = next(self._seq) if sequence is None else sequence
+        data.sequence = seq
+        self.metrics.chunks_in += 1
+        self.metrics.by_kind[data.kind.name.lower()] += 1
+        if len(self._send_times) < 65536:
+            self._send_times.setdefault(seq, time.perf_counter())
+        try:
+            await runner.push(data)
+        except EngineError as exc:
+            await self.fail(exc)
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            err = InternalError(f"{type(exc).__name__}: {exc}", node_id=node_id)
+            await self.fail(err)
+            raise err from exc
+        return seq
+
+    async def emit(self, node_id: str, frame: RuntimeData) -> None:
+        """Route one frame a node produced: to its downstream nodes, or out if a sink."""
+        planned = self.plan.nodes[node_id]
+        if planned.is_sink:
+            self.metrics.outputs += 1
+            t0 = self._send_times.get(frame.sequence) if frame.sequence is not None else None
+            if t0 is not None:
+                self.metrics.latency_sum_s += time.perf_counter() - t0
+                self.metrics.latency_count += 1
+            await self._outputs.put(Output(node_id, frame.sequence, frame))
+            return
+        for target in planned.downstream:
+            await self._runners[target].push(frame)
+
+    async def node_ended(self, node_id: str) -> None:
+        """A node flushed at end of stream: propagate the end downstream."""
+        planned = self.plan.nodes[node_id]
+        for target in planned.downstream:
+            await self._runners[target].end()
+        if planned.is_sink:
+            self._sinks_open.discard(node_id)
+            if not self._sinks_open:
+                self._outputs.put_terminal(_END)
+                self._start_teardown()
+
+    def track(self, coro: Any, name: str) -> asyncio.Task:
+        """Run a background task owned by this session; its failure fails the session."""
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self.id}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            err = exc if isinstance(exc, EngineError) else InternalError(f"{type(exc).__name__}: {exc}")
+            self.fail_soon(err)
+
+    def fail_soon(self, err: EngineError) -> None:
+        """Fail from a callback (not a coroutine): schedules the teardown."""
+        if self._error is None and self._state not in ("closed",):
+            self._record_error(err)
+            self._start_teardown()
+
+    async def fail(self, err: EngineError) -> None:
+        if self._error is None and self._state != "closed":
+            self._record_error(err)
+        await self._teardown()
+
+    def _record_error(self, err: EngineError) -> None:
+        self._error = err
+        self.log.warning("session failed: %s", err)
+        self._outputs.put_terminal(err)
+
+    def _start_teardown(self) -> None:
+        if self._teardown_task is None:
+            self._teardown_task = asyncio.get_running_loop().create_task(self._teardown())
+
+    # ------------------------------------------------------------ consuming
+
+    def __aiter__(self) -> AsyncIterator[Output]:
+        return self
+
+    async def __anext__(self) -> Output:
+        if self._state == "closed" and not len(self._outputs):
+            raise StopAsyncIteration
+        item = await self._outputs.get()
+        if item is _END:
+            self._outputs.put_terminal(_END)  # later calls end too
+            raise StopAsyncIteration
+        if isinstance(item, EngineError):
+            self._outputs.put_terminal(_END)
+            raise item
+        return item
+
+    # ------------------------------------------------------------ ending
+
+    async def close(self) -> None:
+        """Flush: the end of stream enters the pipeline behind every frame sent.
+
+        Iteration ends after the last output; the session then tears itself
+        down (`wait_closed()` waits for that). Outputs must be consumed while
+        closing: the output queue is bounded.
+        """
+        if self._error is not None:
+            raise self._error
+        if self._state != "running":
+            return
+        self._state = "closing"
+        try:
+            for nid in self.plan.sources:
+                await self._runners[nid].end()
+        except EngineError as exc:
+            await self.fail(exc)
+            raise
+
+    async def wait_closed(self) -> None:
+        """Wait until everything the session started is gone."""
+        await self._torn_down.wait()
+
+    async def cancel(self) -> None:
+        """Stop at once: nothing more is delivered; everything is torn down."""
+        if self._state == "closed":
+            return
+        self._outputs.clear()
+        self._outputs.put_terminal(_END)
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        if self._state == "closed" and self._torn_down.is_set():
+            return
+        if self._teardown_task is not None and asyncio.current_task() is not self._teardown_task:
+            await asyncio.shield(self._teardown_task)
+            return
+        if self._state == "closed":
+            await self._torn_down.wait()
+            return
+        self._state = "closed"
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        for runner in reversed(list(self._runners.values())):
+            try:
+                await runner.aclose()
+            except Exception:
+                self.log.exception("teardown of node %s failed", runner.node_id)
+        pending = [t for t in self._tasks if t is not current]
+        if pending:
+            await asyncio.wait(pending, timeout=self.settings.shutdown_timeout_secs + 1)
+        self._outputs.put_terminal(_END)
+        self._torn_down.set()
+        if self._on_close is not None:
+            self._on_close(self)
+
+    async def __aenter__(self) -> Session:
+        if self._state == "new":
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        # Leaving the block without close() (an exception, a caller that went
+        # away) cancels; everything is torn down either way.
+        await self.cancel()
+
+    def snapshot(self) -> dict[str, Any]:
+        m = self.metrics
+        return {
+            "session_id": self.id,
+            "chunks_processed": m.chunks_in,
+            "outputs": m.outputs,
+            "average_latency_ms": (m.latency_sum_s / m.latency_count * 1000) if m.latency_count else 0.0,
+            "buffered_outputs": len(self._outputs),
+            "dropped": sum(r.stats.dropped for r in self._runners.values()),
+            "by_kind": dict(m.by_kind),
+            "nodes": {nid: vars(r.stats) for nid, r in self._runners.items()},
+        }
+
+
+def _first_engine_error(exc: BaseException) -> EngineError | None:
+    if isinstance(exc, EngineError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _first_engine_error(sub)
+            if found is not None:
+                return found
+        return InternalError(f"{type(exc.exceptions[0]).__name__}: {exc.exceptions[0]}")
+    if isinstance(exc, Exception):
+        return InternalError(f"{type(exc).__name__}: {exc}")
+    return None

@@ -1,0 +1,175 @@
+"""Nodes for tests and benchmarks (registered only with test nodes enabled).
+
+Failure injection lives here, in the node process, not in the engine: a
+CrashNode really exits, raises, kills itself or hangs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import orjson
+import xxhash
+
+from engine.data import (
+    AudioData,
+    BinaryData,
+    JsonData,
+    RuntimeData,
+    TensorData,
+    TextData,
+    VideoData,
+)
+from engine.node import Node
+
+
+def payload_bytes(frame: RuntimeData) -> bytes | memoryview:
+    if isinstance(frame, AudioData):
+        return memoryview(frame.samples).cast("B")
+    if isinstance(frame, TensorData):
+        return memoryview(frame.array.reshape(-1)).cast("B")
+    if isinstance(frame, VideoData):
+        return memoryview(frame.pixels)
+    if isinstance(frame, TextData):
+        return frame.text.encode("utf-8")
+    if isinstance(frame, BinaryData):
+        return frame.data
+    if isinstance(frame, JsonData):
+        return orjson.dumps(frame.value, option=orjson.OPT_SORT_KEYS)
+    raise TypeError(type(frame).__name__)
+
+
+def checksum(frame: RuntimeData) -> str:
+    return xxhash.xxh3_64_hexdigest(payload_bytes(frame))
+
+
+class _ProcessNode(Node):
+    multiprocess = True
+    blocking = True
+
+
+class EchoNode(_ProcessNode):
+    """Returns its input."""
+
+    node_type = "EchoNode"
+    params_schema = {"type": "object", "properties": {}, "additionalProperties": False}
+
+    def process(self, frame: RuntimeData) -> RuntimeData:
+        return frame
+
+
+class SleepNode(_ProcessNode):
+    """Sleeps `sleep_ms` per item (releases the CPU), then returns the input."""
+
+    node_type = "SleepNode"
+    params_schema = {
+        "type": "object",
+        "properties": {"sleep_ms": {"type": "number", "minimum": 0, "maximum": 600_000, "default": 10}},
+        "additionalProperties": False,
+    }
+    param_aliases = {"sleepMs": "sleep_ms"}
+
+    def process(self, frame: RuntimeData) -> RuntimeData:
+        time.sleep(self.params["sleep_ms"] / 1000)
+        return frame
+
+
+class CpuBurnNode(_ProcessNode):
+    """Spends `burn_ms` of pure-Python CPU per item (holds the GIL), returns the input."""
+
+    node_type = "CpuBurnNode"
+    params_schema = {
+        "type": "object",
+        "properties": {"burn_ms": {"type": "number", "minimum": 0, "maximum": 600_000, "default": 10}},
+        "additionalProperties": False,
+    }
+    param_aliases = {"burnMs": "burn_ms"}
+
+    def process(self, frame: RuntimeData) -> RuntimeData:
+        deadline = time.thread_time() + self.params["burn_ms"] / 1000
+        x = 0
+        while time.thread_time() < deadline:
+            for i in range(200):
+                x += i * i
+        return frame
+
+
+class CrashNode(_ProcessNode):
+    """Passes `after` items through, then fails the way `mode` says."""
+
+    node_type = "CrashNode"
+    params_schema = {
+        "type": "object",
+        "properties": {
+            "after": {"type": "integer", "minimum": 0, "default": 0},
+            "mode": {"enum": ["exit", "signal", "exception", "hang"], "default": "exception"},
+            "exit_code": {"type": "integer", "minimum": 1, "maximum": 255, "default": 3},
+            "in_init": {"type": "boolean", "default": False},
+        },
+        "additionalProperties": False,
+    }
+
+    def __init__(self, node_id: str, params: dict[str, Any]) -> None:
+        super().__init__(node_id, params)
+        self.count = 0
+
+    def _crash(self) -> None:
+        mode = self.params["mode"]
+        if mode == "exit":
+            os._exit(self.params["exit_code"])
+        if mode == "signal":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if mode == "hang":
+            while True:  # holds the GIL, as a stuck model would
+                time.sleep(0.001)
+        raise RuntimeError(f"CrashNode {self.node_id} failing on purpose after {self.count} items")
+
+    def initialize(self) -> None:
+        if self.params["in_init"]:
+            self._crash()
+
+    def process(self, frame: RuntimeData) -> RuntimeData:
+        if self.count >= self.params["after"]:
+            self._crash()
+        self.count += 1
+        return frame
+
+
+class SlowInitNode(_ProcessNode):
+    """Takes `init_ms` to initialize, reporting progress in `steps` steps."""
+
+    node_type = "SlowInitNode"
+    params_schema = {
+        "type": "object",
+        "properties": {
+            "init_ms": {"type": "number", "minimum": 0, "maximum": 600_000, "default": 200},
+            "steps": {"type": "integer", "minimum": 1, "maximum": 100, "default": 4},
+        },
+        "additionalProperties": False,
+    }
+    param_aliases = {"initMs": "init_ms"}
+
+    def initialize(self) -> None:
+        steps = self.params["steps"]
+        for i in range(steps):
+            self.report_progress("loading", 100.0 * i / steps, f"step {i + 1}/{steps}")
+            time.sleep(self.params["init_ms"] / 1000 / steps)
+        self.report_progress("loaded", 100.0, "ready")
+
+    def process(self, frame: RuntimeData) -> RuntimeData:
+        return frame
+
+
+class ChecksumNode(_ProcessNode):
+    """Emits the xxh3-64 checksum of each input's payload as JSON."""
+
+    node_type = "ChecksumNode"
+    output_types = (JsonData.kind,)
+    params_schema = {"type": "object", "properties": {}, "additionalProperties": False}
+
+    def process(self, frame: RuntimeData) -> JsonData:
+        return JsonData({"checksum": checksum(frame), "kind": frame.kind.name.lower(),
+                         "bytes": frame.nbytes, "pid": os.getpid()})
