@@ -83,6 +83,7 @@ class NativeRunner(NodeRunner):
     async def _run(self, fn: Any, frame: RuntimeData | None, sequence: int | None) -> None:
         assert self._node is not None
         started = time.perf_counter()
+        emitting = 0.0
         try:
             result = await (self._call(fn, frame) if frame is not None else self._call(fn))
             if inspect.isgenerator(result) and self._blocking:
@@ -95,7 +96,9 @@ class NativeRunner(NodeRunner):
                 out.sequence = sequence
                 out.source = self.node_id
                 self.stats.items_out += 1
+                t_emit = time.perf_counter()
                 await self._emit(self.node_id, out)
+                emitting += time.perf_counter() - t_emit
         except EngineError:
             raise
         except asyncio.CancelledError:
@@ -103,7 +106,8 @@ class NativeRunner(NodeRunner):
         except Exception as exc:
             raise self._wrap(exc, "process" if frame is not None else "flush") from exc
         finally:
-            self.stats.busy_s += time.perf_counter() - started
+            # the node's own time: downstream work done while emitting is theirs
+            self.stats.busy_s += time.perf_counter() - started - emitting
 
     async def push(self, frame: RuntimeData) -> None:
         async with self._lock:

@@ -1,0 +1,35 @@
+# Set-up and entry points. Everything runs from a local .venv built here.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test setup bench lint clean proto
+
+$(STAMP): pyproject.toml setup.py src/engine/_fastpath.pyx
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## the main job: the engine's pipeline runner on generated audio
+run: $(STAMP)
+	$(BIN)/remotemedia-engine run examples/audio_pipeline.json
+
+## the whole test suite
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m bench all
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info src/engine/_fastpath.c src/engine/_fastpath*.so

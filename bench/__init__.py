@@ -1,0 +1,1 @@
+"""Latency and throughput harness: named scenarios → JSON results + a table."""

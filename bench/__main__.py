@@ -1,0 +1,31 @@
+"""python -m bench [all | SCENARIO ...] (see `python -m bench list`)."""
+
+from __future__ import annotations
+
+import sys
+
+from bench import harness
+from bench import scenarios_foundation  # noqa: F401  (registers scenarios)
+
+try:
+    from bench import scenarios_multiprocess  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv == ["list"]:
+        print("scenarios:", ", ".join(harness.SCENARIOS))
+        return 0
+    names = list(harness.SCENARIOS) if argv == ["all"] else argv
+    unknown = [n for n in names if n not in harness.SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s): {', '.join(unknown)}; have {', '.join(harness.SCENARIOS)}")
+        return 2
+    harness.run(names, argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
