@@ -43,8 +43,8 @@ def test_environment_flags():
 
 def test_manifest_overrides_within_caps():
     cfg = RuntimeConfig.load({"caps": {"max_channel_capacity": 500}}, env={})
-    s = cfg.for_manifest({"channel_capacity": 400, "enabled": False, "overflow_policy": "drop_oldest"})
-    assert s.channel_capacity == 400 and not s.multiprocess_enabled and s.overflow_policy == "drop_oldest"
+    s = cfg.for_manifest({"channel_capacity": 400, "enabled": False, "overflow_policy": "drop_newest"})
+    assert s.channel_capacity == 400 and not s.multiprocess_enabled and s.overflow_policy == "drop_newest"
     with pytest.raises(ResourceLimitError, match="channel_capacity"):
         cfg.for_manifest({"channel_capacity": 501})
     with pytest.raises(ValidationError, match="unknown setting"):

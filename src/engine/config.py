@@ -42,7 +42,7 @@ class SessionSettings:
     spawn_timeout_secs: float = 10.0
     process_timeout_secs: float = 300.0
     enable_backpressure: bool = True
-    #: "block" (backpressure) | "drop_newest" | "drop_oldest"; only a manifest
+    #: "block" (backpressure) | "drop_newest"; only a manifest
     #: that asks for dropping gets it, and drops are counted
     overflow_policy: str = "block"
     shutdown_timeout_secs: float = 2.0
@@ -63,7 +63,7 @@ MANIFEST_OVERRIDES: dict[str, str | None] = {
     "max_session_memory_mb": "max_session_memory_mb",
 }
 
-OVERFLOW_POLICIES = ("block", "drop_newest", "drop_oldest")
+OVERFLOW_POLICIES = ("block", "drop_newest")
 
 
 @dataclass(frozen=True)

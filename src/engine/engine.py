@@ -112,6 +112,9 @@ class Engine:
                 f"too many concurrent sessions (cap {self.config.caps.max_sessions})",
                 context={"field": "max_sessions", "limit": self.config.caps.max_sessions},
             )
+        n_proc = plan.count("multiprocess")
+        if n_proc:
+            self.process_manager().check_capacity(n_proc)
         session = Session(m, plan, settings, self._make_runner, on_progress=on_progress,
                           on_close=self._session_closed, session_id=session_id)
         self._sessions[session.id] = session
@@ -122,7 +125,11 @@ class Engine:
 
     def _make_runner(self, session: Session, planned: PlannedNode) -> NodeRunner:
         if planned.executor == "multiprocess":
-            return self.process_manager().runner(session, planned)
+            manager = self.process_manager()
+            if not getattr(session, "_memory_watched", False):
+                session._memory_watched = True
+                session.track(manager.monitor_memory(session), "memory")
+            return manager.runner(session, planned)
         return NativeRunner(planned, session.emit, session.node_ended, session.id)
 
     def process_manager(self) -> Any:

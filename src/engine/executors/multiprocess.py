@@ -1,0 +1,494 @@
+"""Multiprocess executor: each node in its own process, frames over iceoryx2.
+
+`ProcessManager` (one per engine) owns the zygote, the engine's iceoryx2
+node and space, and the service-wide process count. `ProcessRunner` is the
+supervisor of one node process of one session: spawn → hello (spawn
+timeout) → progress … ready (init timeout) → supervise → graceful close →
+SIGTERM → SIGKILL of the process group. The engine learns of a death at once
+through a pidfd watched by the loop, not by polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import time
+from typing import Any
+
+import psutil
+
+from ..config import RuntimeConfig
+from ..errors import (
+    EngineError,
+    ErrorType,
+    InternalError,
+    NodeExecutionError,
+    ResourceLimitError,
+    TypeValidationError,
+)
+from ..ipc import codec, iox
+from ..ipc.channel import EOS, FrameReceiver, FrameSender, Inbox
+from ..ipc.control import AsyncChannel, Failure, Hello, Pong, Progress, Ready, Shutdown, ShutdownAck, Stats
+from ..plan import PlannedNode
+from ..registry import ExecutorRegistry
+from ..worker import WorkerArgs
+from .base import NodeRunner, NodeStats
+from .base import Progress as ProgressFn
+
+log = logging.getLogger("engine.multiprocess")
+
+_ERROR_CLASSES = {ErrorType.TYPE_VALIDATION.name: TypeValidationError,
+                  ErrorType.RESOURCE_LIMIT.name: ResourceLimitError,
+                  ErrorType.INTERNAL.name: InternalError}
+
+
+def describe_status(status: int | None) -> str:
+    if status is None:
+        return "exited (status unknown)"
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"killed by signal {name}"
+    return f"exited with code {os.waitstatus_to_exitcode(status)}"
+
+
+def process_memory(pids: list[int]) -> int:
+    """Bytes charged to these processes: PSS, else USS, else RSS."""
+    total = 0
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            try:
+                mi = p.memory_full_info()
+                total += getattr(mi, "pss", 0) or getattr(mi, "uss", 0) or mi.rss
+            except (psutil.AccessDenied, AttributeError):
+                total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+class ProcessManager:
+    def __init__(self, config: RuntimeConfig, registry: ExecutorRegistry) -> None:
+        self.config = config
+        self.registry = registry
+        self.space: iox.IpcSpace | None = None
+        self.ionode: Any = None
+        self._zygote: subprocess.Popen | None = None
+        self._zsock: socket.socket | None = None
+        self._reqs = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._exits: dict[int, int] = {}
+        self._exit_waiters: dict[int, list[asyncio.Future]] = {}
+        self._start_lock = asyncio.Lock()
+        self.live: set[int] = set()
+        self.reserved = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._zygote_pidfd: int | None = None
+
+    # ------------------------------------------------------------ zygote
+
+    async def ensure_started(self) -> None:
+        async with self._start_lock:
+            if self._zygote is not None:
+                if self._zygote.poll() is None:
+                    return
+                raise InternalError("the node-process zygote died; restart the engine")
+            self._loop = asyncio.get_running_loop()
+            removed = await asyncio.to_thread(iox.sweep_stale, self.config.ipc_root)
+            if removed:
+                log.info("removed %d shared-memory files left by dead engines", len(removed))
+            self.space = iox.IpcSpace.for_engine(self.config.ipc_root)
+            self.ionode = self.space.node(f"engine{os.getpid()}")
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            modules = self.registry.multiprocess_modules()
+            env = dict(os.environ)
+            env.pop("PYTHONSTARTUP", None)
+            self._zygote = await asyncio.to_thread(
+                subprocess.Popen,
+                [self.config.python_executable, "-m", "engine.zygote", str(theirs.fileno()), *modules],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env,
+                cwd="/", start_new_session=True,
+            )
+            theirs.close()
+            ours.setblocking(False)
+            self._zsock = ours
+            self._loop.add_reader(ours.fileno(), self._zygote_readable)
+
+    def _zygote_readable(self) -> None:
+        assert self._zsock is not None
+        while True:
+            try:
+                data = self._zsock.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._zygote_gone()
+                return
+            msg = pickle.loads(data)
+            op = msg["op"]
+            if op == "spawned":
+                fut = self._pending.pop(msg["req"], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg["pid"])
+            elif op == "error":
+                fut = self._pending.pop(msg["req"], None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(InternalError(f"zygote refused: {msg['message']}"))
+            elif op == "exited":
+                pid = msg["pid"]
+                self._exits[pid] = msg["status"]
+                self.live.discard(pid)
+                for fut in self._exit_waiters.pop(pid, []):
+                    if not fut.done():
+                        fut.set_result(msg["status"])
+                if len(self._exits) > 4096:
+                    self._exits.pop(next(iter(self._exits)))
+
+    def _zygote_gone(self) -> None:
+        if self._loop is not None and self._zsock is not None:
+            self._loop.remove_reader(self._zsock.fileno())
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(InternalError("the node-process zygote exited"))
+        self._pending.clear()
+
+    async def spawn(self, args: WorkerArgs, child_sock: socket.socket) -> int:
+        await self.ensure_started()
+        assert self._zsock is not None and self._loop is not None
+        req = next(self._reqs)
+        fut = self._loop.create_future()
+        self._pending[req] = fut
+        socket.send_fds(self._zsock, [pickle.dumps({"op": "spawn", "req": req, "args": args})],
+                        [child_sock.fileno()])
+        pid = await asyncio.wait_for(fut, self.config.session.spawn_timeout_secs)
+        self.live.add(pid)
+        return pid
+
+    async def exit_status(self, pid: int, timeout: float) -> int | None:
+        if pid in self._exits:
+            return self._exits[pid]
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        self._exit_waiters.setdefault(pid, []).append(fut)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    def check_capacity(self, wanted: int) -> None:
+        cap = self.config.caps.max_total_processes
+        if len(self.live) + self.reserved + wanted > cap:
+            raise ResourceLimitError(
+                f"engine-wide process cap reached: {len(self.live) + self.reserved} running, "
+                f"{wanted} more requested, cap {cap}",
+                context={"field": "max_total_processes", "limit": cap},
+            )
+
+    def cleanup_dead(self) -> None:
+        if self.ionode is not None:
+            try:
+                self.ionode.try_cleanup_dead_nodes()
+            except Exception:  # pragma: no cover
+                log.exception("iceoryx2 dead-node cleanup failed")
+
+    async def aclose(self) -> None:
+        if self._zsock is not None:
+            if self._loop is not None:
+                try:
+                    self._loop.remove_reader(self._zsock.fileno())
+                except (ValueError, RuntimeError):
+                    pass
+            self._zsock.close()  # EOF: the zygote kills any child left and exits
+            self._zsock = None
+        if self._zygote is not None:
+            try:
+                await asyncio.to_thread(self._zygote.wait, 5)
+            except subprocess.TimeoutExpired:
+                self._zygote.kill()
+                await asyncio.to_thread(self._zygote.wait)
+            self._zygote = None
+        self.cleanup_dead()
+        self.ionode = None
+        if self.space is not None:
+            self.space.remove()
+            self.space = None
+
+    def runner(self, session: Any, planned: PlannedNode) -> ProcessRunner:
+        return ProcessRunner(self, session, planned)
+
+    async def monitor_memory(self, session: Any) -> None:
+        """Fail the session when its processes' memory exceeds its limit (sampled off the loop)."""
+        limit = session.settings.max_session_memory_mb * 1024 * 1024
+        interval = session.settings.memory_sample_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            pids = [r.pid for r in session.runners.values() if isinstance(r, ProcessRunner) and r.pid]
+            if not pids:
+                continue
+            used = await asyncio.to_thread(process_memory, pids)
+            session.peak_memory = max(getattr(session, "peak_memory", 0), used)
+            if used > limit:
+                raise ResourceLimitError(
+                    f"session processes use {used / 2**20:.1f} MiB, over max_session_memory_mb="
+                    f"{session.settings.max_session_memory_mb}",
+                    context={"field": "max_session_memory_mb", "used_bytes": used},
+                )
+
+
+class ProcessRunner(NodeRunner):
+    def __init__(self, manager: ProcessManager, session: Any, planned: PlannedNode) -> None:
+        self.manager = manager
+        self.session = session
+        self.planned = planned
+        self.node_id = planned.id
+        self.stats = NodeStats()
+        self.pid: int | None = None
+        s = session.settings
+        self._drop = (not s.enable_backpressure) or s.overflow_policy != "block"
+        self._pending_ends = max(1, len(planned.upstream))
+        self._closing = False
+        self._closed = False
+        self._ctrl: AsyncChannel | None = None
+        self._pidfd: int | None = None
+        self._exited: asyncio.Future | None = None
+        self._failure: Failure | None = None
+        self._ack: asyncio.Future | None = None
+        self._data = asyncio.Event()
+        self._inbox: Inbox | None = None
+        self._sender: FrameSender | None = None
+        self._receiver: FrameReceiver | None = None
+        self._iox: list[Any] = []
+        self.log = logging.LoggerAdapter(log, {"session_id": session.id, "node_id": self.node_id})
+
+    # ------------------------------------------------------------ start
+
+    async def start(self, progress: ProgressFn) -> None:
+        m, s = self.manager, self.session.settings
+        await m.ensure_started()
+        assert m.space is not None
+        loop = asyncio.get_running_loop()
+        names = iox.ChannelNames.for_node(self.session.id, self.node_id)
+        node = m.ionode
+        in_svc = iox.open_frames_service(node, names.inputs, s.channel_capacity)
+        out_svc = iox.open_frames_service(node, names.outputs, s.channel_capacity)
+        eng_ev = iox.open_event_service(node, names.engine_inbox)
+        node_ev = iox.open_event_service(node, names.node_inbox)
+        to_node = node_ev.notifier_builder().create()
+        self._sender = FrameSender(iox.publisher(in_svc), to_node)
+        self._receiver = FrameReceiver(iox.subscriber(out_svc, s.channel_capacity), to_node)
+        listener, fd = iox.make_listener(eng_ev, m.space)
+        self._inbox = Inbox(listener, fd, self._on_events)
+        self._inbox.attach(loop)
+        self._iox = [self._sender.pub, self._receiver.sub, to_node, listener, in_svc, out_svc, eng_ev, node_ev]
+
+        spec = self.planned.spec
+        args = WorkerArgs(self.session.id, self.node_id, spec.node_type, spec.module, spec.qualname,
+                          dict(self.planned.decl.params), m.space.root, m.space.prefix, names,
+                          s.channel_capacity, s.process_timeout_secs)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.pid = await m.spawn(args, theirs)
+        finally:
+            theirs.close()
+        self._exited = loop.create_future()
+        self._pidfd = os.pidfd_open(self.pid)
+        loop.add_reader(self._pidfd, self._on_pidfd)
+        self._ctrl = await AsyncChannel.open(ours)
+
+        deadline = loop.time() + s.spawn_timeout_secs
+        msg = await self._recv_until(deadline, "start (process alive, channels open)",
+                                     "spawn_timeout_secs", s.spawn_timeout_secs)
+        if not isinstance(msg, Hello):
+            raise await self._start_failure(msg, "start")
+        deadline = loop.time() + s.init_timeout_secs
+        while True:
+            msg = await self._recv_until(deadline, "initialize()", "init_timeout_secs", s.init_timeout_secs)
+            if isinstance(msg, Progress):
+                progress(self.node_id, msg.phase, msg.percent, msg.message)
+            elif isinstance(msg, Ready):
+                break
+            else:
+                raise await self._start_failure(msg, "initialize")
+        self.session.track(self._control_loop(), f"{self.node_id}:control")
+        self.session.track(self._pump(), f"{self.node_id}:pump")
+
+    async def _recv_until(self, deadline: float, what: str, key: str, value: float) -> Any:
+        assert self._ctrl is not None
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(self._ctrl.recv(), max(0.0, remaining))
+        except asyncio.TimeoutError:
+            raise NodeExecutionError(f"{what} did not finish within {key}={value:g}s",
+                                     node_id=self.node_id, context={"field": key}) from None
+
+    async def _start_failure(self, msg: Any, where: str) -> EngineError:
+        if isinstance(msg, Failure):
+            return self._error_from(msg)
+        status = await self.manager.exit_status(self.pid or -1, 1.0) if self.pid else None
+        return NodeExecutionError(f"node process {self.pid} {describe_status(status)} during {where}",
+                                  node_id=self.node_id)
+
+    def _error_from(self, f: Failure) -> EngineError:
+        cls = _ERROR_CLASSES.get(f.error_type, NodeExecutionError)
+        tail = "\n".join(f.traceback.strip().splitlines()[-6:]) if f.traceback else ""
+        return cls(f.message, node_id=self.node_id, traceback_text=f.traceback,
+                   context={"where": f.where, "sequence": f.sequence, "traceback_tail": tail})
+
+    # ------------------------------------------------------------ supervise
+
+    def _on_events(self, ids: set[int]) -> None:
+        if iox.EV_DATA in ids:
+            self._data.set()
+        if iox.EV_CREDIT in ids and self._sender is not None:
+            self._sender.on_credit()
+        if iox.EV_WANT_CREDIT in ids and self._receiver is not None:
+            self._receiver.want_credit = True
+            self._data.set()
+
+    def _on_pidfd(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._pidfd is not None:
+            loop.remove_reader(self._pidfd)
+        if self._exited is not None and not self._exited.done():
+            self._exited.set_result(None)
+        if not self._closing:
+            self.session.track(self._report_death(), f"{self.node_id}:death")
+
+    async def _report_death(self) -> None:
+        status = await self.manager.exit_status(self.pid or -1, 1.0)
+        await asyncio.sleep(0)  # let a Failure already on the control lane be read first
+        if self._failure is not None:
+            err = self._error_from(self._failure)
+        else:
+            err = NodeExecutionError(f"node process {self.pid} {describe_status(status)}",
+                                     node_id=self.node_id, context={"exit_status": status})
+        self.manager.cleanup_dead()
+        self.session.fail_soon(err)
+
+    async def _control_loop(self) -> None:
+        assert self._ctrl is not None
+        while True:
+            msg = await self._ctrl.recv()
+            if msg is None:
+                return
+            if isinstance(msg, Failure):
+                self._failure = msg
+                if not self._closing:
+                    self.session.fail_soon(self._error_from(msg))
+            elif isinstance(msg, Stats):
+                self._merge(msg)
+            elif isinstance(msg, ShutdownAck):
+                if msg.stats is not None:
+                    self._merge(msg.stats)
+                if self._ack is not None and not self._ack.done():
+                    self._ack.set_result(None)
+            elif isinstance(msg, Pong):
+                pass
+
+    def _merge(self, st: Stats) -> None:
+        self.stats.busy_s = st.busy_s
+        self.stats.extra["process_items_in"] = st.items_in
+        self.stats.extra["process_items_out"] = st.items_out
+
+    async def _pump(self) -> None:
+        """Outputs of the node process → the session, in order; ends at EOS."""
+        receiver = self._receiver
+        assert receiver is not None
+        emit = self.session.emit
+        while True:
+            await self._data.wait()
+            self._data.clear()
+            n = 0
+            while True:
+                item = receiver.receive()
+                if item is None:
+                    receiver.freed()
+                    break
+                if item is EOS:
+                    await self.session.node_ended(self.node_id)
+                    return
+                self.stats.items_out += 1
+                await emit(self.node_id, item)
+                n += 1
+                if n % 16 == 0:
+                    await asyncio.sleep(0)  # yield: a busy channel must not starve the loop
+
+    # ------------------------------------------------------------ data in
+
+    async def push(self, frame: Any) -> None:
+        if self._sender is None or self._closing:
+            raise InternalError("node process is not running", node_id=self.node_id)
+        self.stats.items_in += 1
+        if not await self._sender.send(codec.prepare(frame), drop_when_full=self._drop):
+            self.stats.dropped += 1
+
+    async def end(self) -> None:
+        self._pending_ends -= 1
+        if self._pending_ends == 0 and self._sender is not None:
+            await self._sender.send(codec.eos_prepared())
+
+    # ------------------------------------------------------------ teardown
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._closing = True
+        s = self.session.settings
+        try:
+            if self.pid is not None and self._exited is not None and not self._exited.done():
+                await self._stop_process(s.shutdown_timeout_secs)
+        finally:
+            self._release()
+
+    async def _stop_process(self, grace: float) -> None:
+        assert self._exited is not None and self.pid is not None
+        loop = asyncio.get_running_loop()
+        if self._ctrl is not None:
+            self._ack = loop.create_future()
+            self._ctrl.send(Shutdown())
+            await asyncio.wait({self._exited}, timeout=grace)
+        for sig, wait in ((signal.SIGTERM, 0.5), (signal.SIGKILL, 5.0)):
+            if self._exited.done():
+                break
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                break
+            except PermissionError:  # pragma: no cover
+                os.kill(self.pid, sig)
+            await asyncio.wait({self._exited}, timeout=wait)
+        if not self._exited.done():  # pragma: no cover - SIGKILL did not end it
+            self.log.error("node process %s did not exit after SIGKILL", self.pid)
+
+    def _release(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._pidfd is not None:
+            try:
+                loop.remove_reader(self._pidfd)
+            except (ValueError, RuntimeError):
+                pass
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self._inbox is not None:
+            self._inbox.detach()
+            self._inbox = None
+        if self._ctrl is not None:
+            self._ctrl.close()
+            self._ctrl = None
+        iox.delete(*self._iox)
+        self._iox.clear()
+        self._sender = self._receiver = None
+        self.manager.cleanup_dead()

@@ -1,0 +1,155 @@
+"""Shared-memory frame channels with credit-based backpressure.
+
+One direction of one node's data path: a publisher writes encoded frames
+straight into loaned samples and rings the peer's inbox (EV_DATA); the
+subscriber drains. The subscriber buffer holds `channel_capacity` frames.
+When it is full, `send()` returns 0 (DiscardData, no safe overflow): the
+producer then asks for credit (EV_WANT_CREDIT) and waits; the consumer
+answers with EV_CREDIT as soon as it has taken a frame out (or at once if it
+is idle). Nothing is overwritten, nothing blocks with the GIL held, no one
+polls.
+
+`Inbox` turns a process's iceoryx2 Listener into loop callbacks: readable
+events on the listener's socket fd (no thread, no polling); if that fd cannot
+be found, a helper thread blocked in the listener's wait forwards the events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+from . import codec
+from .iox import EV_CREDIT, EV_DATA, EV_WANT_CREDIT, event_id
+
+_EV_DATA = event_id(EV_DATA)
+_EV_CREDIT = event_id(EV_CREDIT)
+_EV_WANT = event_id(EV_WANT_CREDIT)
+
+
+class Inbox:
+    """Delivers the event ids a listener received to `on_events`, on the loop."""
+
+    def __init__(self, listener, fd: int | None, on_events: Callable[[set[int]], None]) -> None:
+        self._listener = listener
+        self._fd = fd
+        self._on_events = on_events
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @property
+    def uses_fd(self) -> bool:
+        return self._fd is not None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        if self._fd is not None:
+            loop.add_reader(self._fd, self._readable)
+        else:
+            self._thread = threading.Thread(target=self._wait_loop, name="iox-inbox", daemon=True)
+            self._thread.start()
+
+    def poll(self) -> None:
+        """Take pending events now (without waiting for the loop's callback)."""
+        self._readable()
+
+    def _readable(self) -> None:
+        acts = self._listener.try_wait()
+        if acts:
+            self._on_events({a.id.as_value for a in acts})
+
+    def _wait_loop(self) -> None:
+        import iceoryx2 as iox2
+
+        timeout = iox2.Duration.from_millis(100)
+        while not self._stop.is_set():
+            acts = self._listener.timed_wait(timeout)
+            if acts and self._loop is not None and not self._stop.is_set():
+                ids = {a.id.as_value for a in acts}
+                try:
+                    self._loop.call_soon_threadsafe(self._on_events, ids)
+                except RuntimeError:  # loop closed
+                    return
+
+    def detach(self) -> None:
+        if self._loop is not None and self._fd is not None:
+            try:
+                self._loop.remove_reader(self._fd)
+            except (ValueError, RuntimeError):
+                pass
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1)
+        self._loop = None
+
+
+class FrameSender:
+    """Producer end: publisher + a notifier on the consumer's inbox."""
+
+    def __init__(self, pub, notifier) -> None:
+        self.pub = pub
+        self.notifier = notifier
+        self.credit = asyncio.Event()
+        self.dropped = 0
+
+    def try_send(self, p: codec.Prepared) -> bool:
+        size = p.size
+        sample = self.pub.loan_slice_uninit(size)
+        codec.write_to_address(sample.payload_ptr, size, p)
+        if sample.assume_init().send() == 0:
+            return False
+        self.notifier.notify_with_custom_event_id(_EV_DATA)
+        return True
+
+    async def send(self, p: codec.Prepared, *, drop_when_full: bool = False) -> bool:
+        """Send one frame; wait for credit while the consumer's buffer is full.
+
+        With `drop_when_full` a full buffer drops the frame (counted) instead.
+        """
+        while not self.try_send(p):
+            if drop_when_full:
+                self.dropped += 1
+                return False
+            self.credit.clear()
+            self.notifier.notify_with_custom_event_id(_EV_WANT)
+            await self.credit.wait()
+        return True
+
+    def on_credit(self) -> None:
+        self.credit.set()
+
+
+class FrameReceiver:
+    """Consumer end: subscriber + a notifier on the producer's inbox."""
+
+    def __init__(self, sub, notifier) -> None:
+        self.sub = sub
+        self.notifier = notifier
+        self.want_credit = False
+
+    def receive(self):
+        """Next frame (copied out of shared memory), codec.EOS, or None when empty."""
+        sample = self.sub.receive()
+        if sample is None:
+            return None
+        try:
+            frame = codec.decode_from_address(sample.payload_ptr, sample.header.number_of_elements)
+        finally:
+            sample.delete()
+        self.freed()
+        return EOS if frame is None else frame
+
+    def freed(self) -> None:
+        if self.want_credit:
+            self.want_credit = False
+            self.notifier.notify_with_custom_event_id(_EV_CREDIT)
+
+
+class _Eos:
+    def __repr__(self) -> str:
+        return "EOS"
+
+
+EOS = _Eos()

@@ -1,0 +1,146 @@
+"""The control lane between the engine and one node process.
+
+A unix socketpair per process, separate from the shared-memory data
+channels, so control never waits behind data. Each message is a small frozen
+dataclass, framed as a 4-byte length + pickle (both ends are this engine's
+own code; nothing from a client is ever unpickled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+_LEN = struct.Struct("<I")
+MAX_MESSAGE = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Node process → engine: alive, channels open."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    phase: str
+    percent: float
+    message: str
+
+
+@dataclass(frozen=True)
+class Ready:
+    """initialize() returned; the node can process."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The node failed; the process exits right after sending this."""
+
+    where: str  # "initialize" | "process" | "flush" | "timeout" | "startup"
+    error_type: str  # errors.ErrorType name
+    message: str
+    traceback: str = ""
+    sequence: int | None = None
+
+
+@dataclass(frozen=True)
+class Stats:
+    items_in: int
+    items_out: int
+    busy_s: float
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ping:
+    token: int
+
+
+@dataclass(frozen=True)
+class Pong:
+    token: int
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Engine → node: stop (after the current item), clean up, acknowledge, exit."""
+
+
+@dataclass(frozen=True)
+class ShutdownAck:
+    stats: Stats | None = None
+
+
+def pack(msg: Any) -> bytes:
+    body = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LEN.pack(len(body)) + body
+
+
+class SyncChannel:
+    """Node-process side: blocking socket, sends safe from several threads."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._lock = threading.Lock()
+
+    def send(self, msg: Any) -> None:
+        data = pack(msg)
+        with self._lock:
+            self.sock.sendall(data)
+
+    def recv(self) -> Any | None:
+        """Next message; None when the engine closed its end."""
+        head = self._read(_LEN.size)
+        if head is None:
+            return None
+        (n,) = _LEN.unpack(head)
+        if n > MAX_MESSAGE:
+            raise ValueError(f"control message too large: {n}")
+        body = self._read(n)
+        return None if body is None else pickle.loads(body)
+
+    def _read(self, n: int) -> bytes | None:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                return None
+            buf += chunk
+        return bytes(buf)
+
+
+class AsyncChannel:
+    """Engine side: asyncio streams over the socket."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    @classmethod
+    async def open(cls, sock: socket.socket) -> AsyncChannel:
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        return cls(reader, writer)
+
+    async def recv(self) -> Any | None:
+        try:
+            head = await self._reader.readexactly(_LEN.size)
+            (n,) = _LEN.unpack(head)
+            if n > MAX_MESSAGE:
+                raise ValueError(f"control message too large: {n}")
+            return pickle.loads(await self._reader.readexactly(n))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+
+    def send(self, msg: Any) -> None:
+        if not self._writer.is_closing():
+            self._writer.write(pack(msg))
+
+    def close(self) -> None:
+        self._writer.close()

@@ -1,0 +1,205 @@
+"""iceoryx2 set-up shared by the engine and its node processes.
+
+Each engine instance gets its own root folder and file prefix (carrying the
+engine's pid) so its files can be found, and swept when a previous engine
+was killed. Every service name is scoped by session id + node id + port.
+Traps handled here (see IPC-NOTES): signal handling disabled on every node,
+no iceoryx2 object crosses a fork, DiscardData + no safe overflow (a full
+subscriber buffer refuses instead of blocking or overwriting), 64-byte
+payload alignment.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import iceoryx2 as iox2
+
+iox2.set_log_level(iox2.LogLevel.Error)
+
+PREFIX_RE = re.compile(r"^rme(\d+)x([0-9a-f]+)_")
+
+# event ids on a process's inbox
+EV_DATA = 1  # samples are waiting in a channel
+EV_CREDIT = 2  # the consumer freed space (answer to EV_WANT_CREDIT)
+EV_WANT_CREDIT = 3  # the producer found the channel full and waits
+
+
+@dataclass(frozen=True)
+class IpcSpace:
+    """Where one engine's iceoryx2 files live."""
+
+    root: str  # folder, with trailing slash
+    prefix: str  # file-name prefix, e.g. "rme1234x9f3a_"
+
+    @classmethod
+    def for_engine(cls, ipc_root: str) -> IpcSpace:
+        token = f"rme{os.getpid()}x{os.urandom(3).hex()}_"
+        root = os.path.join(ipc_root, token.rstrip("_")) + "/"
+        Path(root).mkdir(parents=True, exist_ok=True)
+        return cls(root, token)
+
+    def config(self) -> iox2.config.Config:
+        cfg = iox2.config.default()
+        cfg.global_cfg.root_path = iox2.Path.new(self.root)
+        cfg.global_cfg.prefix = iox2.FileName.new(self.prefix)
+        return cfg
+
+    def node(self, name: str) -> iox2.Node:
+        return (iox2.NodeBuilder.new().name(iox2.NodeName.new(name)).config(self.config())
+                .signal_handling_mode(iox2.SignalHandlingMode.Disabled)
+                .create(iox2.ServiceType.Ipc))
+
+    def files(self) -> list[str]:
+        """Every file this space holds now (shm objects and the root folder)."""
+        shm = [f"/dev/shm/{f}" for f in os.listdir("/dev/shm") if f.startswith(self.prefix)
+               and not f.endswith(".global_mgmt")]
+        root = [str(p) for p in Path(self.root).rglob("*") if p.is_file()] if os.path.isdir(self.root) else []
+        return shm + root
+
+    def remove(self) -> None:
+        """Remove everything under this space (the engine is shutting down)."""
+        for f in os.listdir("/dev/shm"):
+            if f.startswith(self.prefix):
+                _unlink(f"/dev/shm/{f}")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(ipc_root: str) -> list[str]:
+    """Remove files left by engines that died without cleaning up; returns what was removed."""
+    removed = []
+    dead: set[str] = set()
+    candidates = list(os.listdir("/dev/shm"))
+    if os.path.isdir(ipc_root):
+        candidates += [d + "_" for d in os.listdir(ipc_root)]
+    for name in candidates:
+        m = PREFIX_RE.match(name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            dead.add(name[: m.end()])
+    for prefix in dead:
+        for f in os.listdir("/dev/shm"):
+            if f.startswith(prefix):
+                _unlink(f"/dev/shm/{f}")
+                removed.append(f"/dev/shm/{f}")
+        folder = os.path.join(ipc_root, prefix.rstrip("_"))
+        if os.path.isdir(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+@dataclass(frozen=True)
+class ChannelNames:
+    """The services of one node of one session."""
+
+    inputs: str  # engine → node frames
+    outputs: str  # node → engine frames
+    engine_inbox: str  # events the engine listens to for this node
+    node_inbox: str  # events the node listens to
+
+    @classmethod
+    def for_node(cls, session_id: str, node_id: str) -> ChannelNames:
+        base = f"rm/{session_id}/{node_id}"
+        return cls(f"{base}/in", f"{base}/out", f"{base}/ev-engine", f"{base}/ev-node")
+
+
+def open_frames_service(node: iox2.Node, name: str, capacity: int):
+    return (node.service_builder(iox2.ServiceName.new(name))
+            .publish_subscribe(iox2.Slice[ctypes.c_uint8])
+            .max_publishers(1).max_subscribers(1).max_nodes(2)
+            .subscriber_max_buffer_size(capacity)
+            .subscriber_max_borrowed_samples(2)
+            .history_size(0)
+            .enable_safe_overflow(False)
+            .payload_alignment(iox2.Alignment.new(64))
+            .open_or_create())
+
+
+def open_event_service(node: iox2.Node, name: str):
+    return (node.service_builder(iox2.ServiceName.new(name)).event()
+            .max_notifiers(2).max_listeners(1).max_nodes(2).event_id_max_value(8)
+            .open_or_create())
+
+
+def publisher(service, initial_bytes: int = 64 * 1024):
+    return (service.publisher_builder().initial_max_slice_len(initial_bytes)
+            .allocation_strategy(iox2.AllocationStrategy.PowerOfTwo)
+            .max_loaned_samples(2)
+            .backpressure_strategy(iox2.BackpressureStrategy.DiscardData)
+            .create())
+
+
+def subscriber(service, capacity: int):
+    return service.subscriber_builder().buffer_size(capacity).create()
+
+
+def listener_fd(listener, space: IpcSpace, candidates: set[int]) -> int | None:
+    """The unix datagram socket behind a Listener, so a loop can watch it.
+
+    iceoryx2 binds each Ipc listener to <root><prefix><listener id>.event; the
+    binding exposes no fd, so find the socket bound at that path among the
+    fds created with the listener. None = not found (use the thread fallback).
+    """
+    expected = f"{space.root}{space.prefix}{listener.id.value}.event"
+    for fd in sorted(candidates):
+        try:
+            s = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            if s.family == socket.AF_UNIX and s.getsockname() == expected:
+                return fd
+        except OSError:
+            pass
+        finally:
+            s.detach()
+    return None
+
+
+def open_fds() -> set[int]:
+    return {int(f) for f in os.listdir("/proc/self/fd")}
+
+
+def make_listener(event_service, space: IpcSpace):
+    """Create a Listener and find its fd; returns (listener, fd or None)."""
+    before = open_fds()
+    listener = event_service.listener_builder().create()
+    fd = listener_fd(listener, space, open_fds() - before)
+    return listener, fd
+
+
+def event_id(k: int):
+    return iox2.EventId.new(k)
+
+
+def delete(*objs) -> None:
+    """Release iceoryx2 objects now (ports before services before nodes)."""
+    for obj in objs:
+        if obj is not None and hasattr(obj, "delete"):
+            try:
+                obj.delete()
+            except Exception:
+                pass

@@ -1,0 +1,221 @@
+"""The main loop of a node process: one node instance of one session.
+
+Forked from the zygote. Opens its side of the node's shared-memory channels,
+says Hello, imports and initializes the node (reporting progress), says
+Ready, then processes frames as they arrive, woken by iceoryx2 events on its
+own asyncio loop. Control (ping, shutdown) is read by a thread so it is
+never stuck behind data. A watchdog fails the node when one process() call
+exceeds its deadline. The process exits when the engine closes the control
+socket (engine gone) and, through PR_SET_PDEATHSIG, when the zygote dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import os
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import EngineError, ErrorType
+from .ipc import codec, iox
+from .ipc.channel import EOS, FrameReceiver, FrameSender, Inbox
+from .ipc.control import Failure, Hello, Ping, Pong, Progress, Ready, Shutdown, ShutdownAck, Stats, SyncChannel
+from .node import Node, iterate_outputs
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    session_id: str
+    node_id: str
+    node_type: str
+    module: str
+    qualname: str
+    params: dict
+    space_root: str
+    space_prefix: str
+    names: iox.ChannelNames
+    capacity: int
+    process_timeout_secs: float
+
+
+def load_class(module: str, qualname: str) -> type[Node]:
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _error_type(exc: BaseException) -> str:
+    return exc.error_type.name if isinstance(exc, EngineError) else ErrorType.NODE_EXECUTION.name
+
+
+class Worker:
+    def __init__(self, ctrl: SyncChannel, args: WorkerArgs) -> None:
+        self.ctrl = ctrl
+        self.args = args
+        self.node: Node | None = None
+        self.stopping = False
+        self.items_in = self.items_out = 0
+        self.busy_s = 0.0
+        self._busy_since: float | None = None
+        self._busy_seq: int | None = None
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---------------------------------------------------------------- control
+
+    def _control_thread(self) -> None:
+        while True:
+            try:
+                msg = self.ctrl.recv()
+            except OSError:
+                msg = None
+            if msg is None:  # the engine is gone: nobody to serve
+                os._exit(0)
+            if isinstance(msg, Ping):
+                self.ctrl.send(Pong(msg.token))
+            elif isinstance(msg, Shutdown):
+                self.stopping = True
+                loop = self._loop
+                if loop is not None:
+                    loop.call_soon_threadsafe(self._wake.set)
+
+    def _watchdog_thread(self) -> None:
+        limit = self.args.process_timeout_secs
+        while True:
+            time.sleep(min(0.05, limit / 4))
+            since = self._busy_since
+            if since is not None and time.monotonic() - since > limit:
+                self.ctrl.send(Failure("timeout", ErrorType.NODE_EXECUTION.name,
+                                       f"process() exceeded process_timeout_secs={limit:g} "
+                                       f"(sequence {self._busy_seq})", sequence=self._busy_seq))
+                os._exit(71)
+
+    def stats(self) -> Stats:
+        return Stats(self.items_in, self.items_out, self.busy_s)
+
+    # ---------------------------------------------------------------- main
+
+    async def main(self) -> int:
+        a = self.args
+        self._loop = asyncio.get_running_loop()
+        space = iox.IpcSpace(a.space_root, a.space_prefix)
+        ionode = space.node(f"w{os.getpid()}")
+        in_svc = iox.open_frames_service(ionode, a.names.inputs, a.capacity)
+        out_svc = iox.open_frames_service(ionode, a.names.outputs, a.capacity)
+        eng_ev = iox.open_event_service(ionode, a.names.engine_inbox)
+        my_ev = iox.open_event_service(ionode, a.names.node_inbox)
+        to_engine = eng_ev.notifier_builder().create()
+        receiver = FrameReceiver(iox.subscriber(in_svc, a.capacity), to_engine)
+        sender = FrameSender(iox.publisher(out_svc), to_engine)
+        listener, fd = iox.make_listener(my_ev, space)
+
+        def on_events(ids: set[int]) -> None:
+            if iox.EV_WANT_CREDIT in ids:
+                receiver.want_credit = True
+            if iox.EV_CREDIT in ids:
+                sender.on_credit()
+            self._wake.set()
+
+        inbox = Inbox(listener, fd, on_events)
+        inbox.attach(self._loop)
+        threading.Thread(target=self._control_thread, name="control", daemon=True).start()
+        self.ctrl.send(Hello(os.getpid()))
+        self._inbox = inbox
+        try:
+            return await self._serve(receiver, sender)
+        finally:
+            inbox.detach()
+            iox.delete(receiver.sub, sender.pub, to_engine, listener)
+            del receiver, sender, to_engine, listener, in_svc, out_svc, eng_ev, my_ev, ionode
+
+    async def _serve(self, receiver: FrameReceiver, sender: FrameSender) -> int:
+        a = self.args
+        where = "initialize"
+        try:
+            cls = load_class(a.module, a.qualname)
+            node = cls(a.node_id, dict(a.params))
+            node._progress = lambda phase, pct, msg: self.ctrl.send(Progress(phase, pct, msg))
+            result = node.initialize()
+            if inspect.isawaitable(result):
+                await result
+            self.node = node
+            self.ctrl.send(Ready())
+            threading.Thread(target=self._watchdog_thread, name="watchdog", daemon=True).start()
+            while not self.stopping:
+                self._wake.clear()
+                self._drain_events()
+                item = receiver.receive()
+                if item is None:
+                    receiver.freed()
+                    await self._wake.wait()
+                    continue
+                if item is EOS:
+                    where = "flush"
+                    await self._run(node.flush, None, sender)
+                    await sender.send(codec.eos_prepared())
+                    self.ctrl.send(self.stats())
+                    continue
+                where = "process"
+                self.items_in += 1
+                await self._run(node.process, item, sender)
+        except Exception as exc:
+            self.ctrl.send(Failure(where, _error_type(exc), f"{where}() failed: {type(exc).__name__}: {exc}",
+                                   "".join(traceback.format_exception(exc)), self._busy_seq))
+            return 1
+        try:
+            if self.node is not None:
+                result = self.node.cleanup()
+                if inspect.isawaitable(result):
+                    await result
+        finally:
+            self.ctrl.send(ShutdownAck(self.stats()))
+        return 0
+
+    def _drain_events(self) -> None:
+        # A synchronous process() keeps the loop from running the inbox
+        # callback; take pending events (a credit request, a credit) now.
+        self._inbox.poll()
+
+    async def _run(self, fn: Any, frame: Any, sender: FrameSender) -> None:
+        seq = frame.sequence if frame is not None else self._busy_seq
+        self._busy_seq = seq
+        t0 = time.monotonic()
+        self._busy_since = t0
+        try:
+            result = fn(frame) if frame is not None else fn()
+            if inspect.isawaitable(result):
+                result = await result
+            async for out in iterate_outputs(result):
+                self._busy_since = None
+                out.sequence = seq
+                out.source = self.args.node_id
+                self.items_out += 1
+                await sender.send(codec.prepare(out))
+                self._busy_since = time.monotonic()
+        finally:
+            self._busy_since = None
+            self.busy_s += time.monotonic() - t0
+
+
+def run(ctrl_fd: int, args: WorkerArgs) -> int:
+    sock = socket.socket(fileno=ctrl_fd)
+    ctrl = SyncChannel(sock)
+    worker = Worker(ctrl, args)
+    try:
+        import uvloop
+
+        return uvloop.run(worker.main())
+    except Exception as exc:
+        try:
+            ctrl.send(Failure("startup", ErrorType.INTERNAL.name, f"node process failed to start: {exc}",
+                              "".join(traceback.format_exception(exc))))
+        except OSError:
+            pass
+        return 1
