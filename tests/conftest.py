@@ -22,3 +22,21 @@ def manifest(nodes: list[dict[str, Any]], connections: list[tuple[str, str]] | N
 @pytest.fixture
 def make_manifest():
     return manifest
+
+
+@pytest.fixture
+async def mp_engine():
+    """An engine with test nodes, checked for leaks after the test (engine closed)."""
+    import leakprobe
+
+    from engine import Engine
+
+    before = leakprobe.snapshot()
+    engine = Engine({"test_nodes": True, "ipc_root": "/tmp/remotemedia-engine-tests"})
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.aclose()
+    assert leakprobe.leaks(before) == {}
+

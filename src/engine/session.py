@@ -275,7 +275,8 @@ class Session:
 
     def _start_teardown(self) -> None:
         if self._teardown_task is None:
-            self._teardown_task = asyncio.get_running_loop().create_task(self._teardown())
+            self._teardown_task = asyncio.get_running_loop().create_task(
+                self._do_teardown(), name=f"{self.id}:teardown")
 
     # ------------------------------------------------------------ consuming
 
@@ -328,31 +329,34 @@ class Session:
         await self._teardown()
 
     async def _teardown(self) -> None:
-        if self._state == "closed" and self._torn_down.is_set():
+        # One teardown task per session, shielded: a caller cancelled while
+        # waiting for it (or a tracked task that it cancels) cannot cut it short.
+        self._start_teardown()
+        assert self._teardown_task is not None
+        if asyncio.current_task() is self._teardown_task:
             return
-        if self._teardown_task is not None and asyncio.current_task() is not self._teardown_task:
-            await asyncio.shield(self._teardown_task)
-            return
-        if self._state == "closed":
-            await self._torn_down.wait()
-            return
+        await asyncio.shield(self._teardown_task)
+
+    async def _do_teardown(self) -> None:
         self._state = "closed"
         current = asyncio.current_task()
-        for task in list(self._tasks):
-            if task is not current:
-                task.cancel()
-        for runner in reversed(list(self._runners.values())):
-            try:
-                await runner.aclose()
-            except Exception:
-                self.log.exception("teardown of node %s failed", runner.node_id)
-        pending = [t for t in self._tasks if t is not current]
-        if pending:
-            await asyncio.wait(pending, timeout=self.settings.shutdown_timeout_secs + 1)
-        self._outputs.put_terminal(_END)
-        self._torn_down.set()
-        if self._on_close is not None:
-            self._on_close(self)
+        try:
+            for task in list(self._tasks):
+                if task is not current:
+                    task.cancel()
+            results = await asyncio.gather(*(r.aclose() for r in self._runners.values()),
+                                           return_exceptions=True)
+            for runner, res in zip(self._runners.values(), results, strict=True):
+                if isinstance(res, BaseException):
+                    self.log.error("teardown of node %s failed: %r", runner.node_id, res)
+            pending = [t for t in self._tasks if t is not current]
+            if pending:
+                await asyncio.wait(pending, timeout=self.settings.shutdown_timeout_secs + 1)
+        finally:
+            self._outputs.put_terminal(_END)
+            self._torn_down.set()
+            if self._on_close is not None:
+                self._on_close(self)
 
     async def __aenter__(self) -> Session:
         if self._state == "new":

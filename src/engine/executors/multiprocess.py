@@ -280,19 +280,7 @@ class ProcessRunner(NodeRunner):
         assert m.space is not None
         loop = asyncio.get_running_loop()
         names = iox.ChannelNames.for_node(self.session.id, self.node_id)
-        node = m.ionode
-        in_svc = iox.open_frames_service(node, names.inputs, s.channel_capacity)
-        out_svc = iox.open_frames_service(node, names.outputs, s.channel_capacity)
-        eng_ev = iox.open_event_service(node, names.engine_inbox)
-        node_ev = iox.open_event_service(node, names.node_inbox)
-        to_node = node_ev.notifier_builder().create()
-        self._sender = FrameSender(iox.publisher(in_svc), to_node)
-        self._receiver = FrameReceiver(iox.subscriber(out_svc, s.channel_capacity), to_node)
-        listener, fd = iox.make_listener(eng_ev, m.space)
-        self._inbox = Inbox(listener, fd, self._on_events)
-        self._inbox.attach(loop)
-        self._iox = [self._sender.pub, self._receiver.sub, to_node, listener, in_svc, out_svc, eng_ev, node_ev]
-
+        self._open_channels(names, loop)
         spec = self.planned.spec
         args = WorkerArgs(self.session.id, self.node_id, spec.node_type, spec.module, spec.qualname,
                           dict(self.planned.decl.params), m.space.root, m.space.prefix, names,
@@ -323,6 +311,24 @@ class ProcessRunner(NodeRunner):
                 raise await self._start_failure(msg, "initialize")
         self.session.track(self._control_loop(), f"{self.node_id}:control")
         self.session.track(self._pump(), f"{self.node_id}:pump")
+
+    def _open_channels(self, names: iox.ChannelNames, loop: asyncio.AbstractEventLoop) -> None:
+        # Kept out of start(): a traceback holding start()'s frame must not
+        # keep iceoryx2 services (and their fds and files) alive.
+        m, s = self.manager, self.session.settings
+        assert m.space is not None
+        node = m.ionode
+        in_svc = iox.open_frames_service(node, names.inputs, s.channel_capacity)
+        out_svc = iox.open_frames_service(node, names.outputs, s.channel_capacity)
+        eng_ev = iox.open_event_service(node, names.engine_inbox)
+        node_ev = iox.open_event_service(node, names.node_inbox)
+        to_node = node_ev.notifier_builder().create()
+        self._sender = FrameSender(iox.publisher(in_svc), to_node)
+        self._receiver = FrameReceiver(iox.subscriber(out_svc, s.channel_capacity), to_node)
+        listener, fd = iox.make_listener(eng_ev, m.space)
+        self._inbox = Inbox(listener, fd, self._on_events)
+        self._inbox.attach(loop)
+        self._iox = [self._sender.pub, self._receiver.sub, to_node, listener, in_svc, out_svc, eng_ev, node_ev]
 
     async def _recv_until(self, deadline: float, what: str, key: str, value: float) -> Any:
         assert self._ctrl is not None
