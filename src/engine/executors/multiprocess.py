@@ -113,8 +113,9 @@ class ProcessManager:
             modules = self.registry.multiprocess_modules()
             env = dict(os.environ)
             env.pop("PYTHONSTARTUP", None)
-            self._zygote = await asyncio.to_thread(
-                subprocess.Popen,
+            # Started from the loop thread on purpose: the zygote's parent-death
+            # signal fires when the *thread* that started it ends.
+            self._zygote = subprocess.Popen(
                 [self.config.python_executable, "-m", "engine.zygote", str(theirs.fileno()), *modules],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env,
                 cwd="/", start_new_session=True,
