@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from bench import harness
-from bench import scenarios_foundation  # noqa: F401  (registers scenarios)
+from bench import (
+    harness,
+    scenarios_foundation,  # noqa: F401  (registers scenarios)
+)
 
 try:
     from bench import scenarios_multiprocess  # noqa: F401

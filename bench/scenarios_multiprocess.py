@@ -105,7 +105,7 @@ def throughput() -> dict:
             cp.append(time.perf_counter() - t)
         for k, v in (("engine EchoNode round trip", eng), ("multiprocessing.Queue round trip", q), ("numpy copy", cp)):
             series[f"{k}, {mib} MiB"] = {"values": v, "unit": "s"}
-        mbps = lambda v, hops: hops * mib * 1.048576 / pct(v, .5)  # noqa: E731
+        mbps = lambda v, hops, mib=mib: hops * mib * 1.048576 / pct(v, .5)  # noqa: E731
         derived[f"{mib} MiB engine MB/s (2 hops)"] = mbps(eng, 2)
         derived[f"{mib} MiB Queue MB/s (2 hops)"] = mbps(q, 2)
         derived[f"{mib} MiB numpy memcpy MB/s"] = mbps(cp, 1)

@@ -11,7 +11,12 @@ import uvloop
 from conftest import manifest
 
 from engine import Engine, ErrorType, RuntimeData
-from engine.errors import NodeExecutionError, ResourceLimitError, TypeValidationError, ValidationError
+from engine.errors import (
+    NodeExecutionError,
+    ResourceLimitError,
+    TypeValidationError,
+    ValidationError,
+)
 from engine.node import Node
 
 FRONT_END = manifest([

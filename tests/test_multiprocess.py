@@ -301,7 +301,6 @@ async def test_total_process_cap():
 async def test_memory_limit_fails_session(mp_engine):
     m = manifest([{"id": "echo", "node_type": "EchoNode"}],
                  multiprocess={"max_session_memory_mb": 1})
-    mp_engine.config.session.__class__  # settings come from the manifest
     async with mp_engine.stream(m) as s:
         with pytest.raises(ResourceLimitError, match="max_session_memory_mb"):
             async for _ in s:

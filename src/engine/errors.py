@@ -7,8 +7,8 @@ user can act on.
 
 from __future__ import annotations
 
-import enum
 import dataclasses
+import enum
 from dataclasses import dataclass
 from typing import Any
 

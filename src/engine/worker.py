@@ -25,7 +25,18 @@ from typing import Any
 from .errors import EngineError, ErrorType
 from .ipc import codec, iox
 from .ipc.channel import EOS, FrameReceiver, FrameSender, Inbox
-from .ipc.control import Failure, Hello, Ping, Pong, Progress, Ready, Shutdown, ShutdownAck, Stats, SyncChannel
+from .ipc.control import (
+    Failure,
+    Hello,
+    Ping,
+    Pong,
+    Progress,
+    Ready,
+    Shutdown,
+    ShutdownAck,
+    Stats,
+    SyncChannel,
+)
 from .node import Node, iterate_outputs
 
 
@@ -133,7 +144,6 @@ class Worker:
         finally:
             inbox.detach()
             iox.delete(receiver.sub, sender.pub, to_engine, listener)
-            del receiver, sender, to_engine, listener, in_svc, out_svc, eng_ev, my_ev, ionode
 
     async def _serve(self, receiver: FrameReceiver, sender: FrameSender) -> int:
         a = self.args

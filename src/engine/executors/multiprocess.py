@@ -18,7 +18,6 @@ import pickle
 import signal
 import socket
 import subprocess
-import time
 from typing import Any
 
 import psutil
@@ -34,7 +33,17 @@ from ..errors import (
 )
 from ..ipc import codec, iox
 from ..ipc.channel import EOS, FrameReceiver, FrameSender, Inbox
-from ..ipc.control import AsyncChannel, Failure, Hello, Pong, Progress, Ready, Shutdown, ShutdownAck, Stats
+from ..ipc.control import (
+    AsyncChannel,
+    Failure,
+    Hello,
+    Pong,
+    Progress,
+    Ready,
+    Shutdown,
+    ShutdownAck,
+    Stats,
+)
 from ..plan import PlannedNode
 from ..registry import ExecutorRegistry
 from ..worker import WorkerArgs
@@ -115,7 +124,7 @@ class ProcessManager:
             env.pop("PYTHONSTARTUP", None)
             # Started from the loop thread on purpose: the zygote's parent-death
             # signal fires when the *thread* that started it ends.
-            self._zygote = subprocess.Popen(
+            self._zygote = subprocess.Popen(  # noqa: ASYNC220
                 [self.config.python_executable, "-m", "engine.zygote", str(theirs.fileno()), *modules],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env,
                 cwd="/", start_new_session=True,
@@ -177,15 +186,15 @@ class ProcessManager:
         self.live.add(pid)
         return pid
 
-    async def exit_status(self, pid: int, timeout: float) -> int | None:
+    async def exit_status(self, pid: int, wait_s: float) -> int | None:
         if pid in self._exits:
             return self._exits[pid]
         assert self._loop is not None
         fut = self._loop.create_future()
         self._exit_waiters.setdefault(pid, []).append(fut)
         try:
-            return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+            return await asyncio.wait_for(fut, wait_s)
+        except TimeoutError:
             return None
 
     def check_capacity(self, wanted: int) -> None:
@@ -336,7 +345,7 @@ class ProcessRunner(NodeRunner):
         remaining = deadline - asyncio.get_running_loop().time()
         try:
             return await asyncio.wait_for(self._ctrl.recv(), max(0.0, remaining))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise NodeExecutionError(f"{what} did not finish within {key}={value:g}s",
                                      node_id=self.node_id, context={"field": key}) from None
 
