@@ -84,7 +84,6 @@ class RuntimeConfig:
     server: ServerSettings = field(default_factory=ServerSettings)
     python_executable: str = sys.executable
     test_nodes: bool = False
-    prewarm_processes: int = 0
     #: where iceoryx2 keeps its files; each engine uses its own prefix below it
     ipc_root: str = "/tmp/remotemedia-engine"
 
