@@ -126,8 +126,8 @@ class Engine:
     def _make_runner(self, session: Session, planned: PlannedNode) -> NodeRunner:
         if planned.executor == "multiprocess":
             manager = self.process_manager()
-            if not getattr(session, "_memory_watched", False):
-                session._memory_watched = True
+            if not session.memory_watched:
+                session.memory_watched = True
                 session.track(manager.monitor_memory(session), "memory")
             return manager.runner(session, planned)
         return NativeRunner(planned, session.emit, session.node_ended, session.id)

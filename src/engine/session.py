@@ -51,7 +51,7 @@ class InitProgress:
 class SessionMetrics:
     chunks_in: int = 0
     outputs: int = 0
-    started_at: float = field(default_factory=time.perf_counter)
+    peak_memory_bytes: int = 0
     latency_sum_s: float = 0.0
     latency_count: int = 0
     by_kind: collections.Counter = field(default_factory=collections.Counter)
@@ -135,6 +135,7 @@ class Session:
         self._tasks: set[asyncio.Task] = set()
         self._send_times: dict[int, float] = {}
         self._started_at = time.perf_counter()
+        self.memory_watched = False  # set once a process executor samples this session
         self.log = logging.LoggerAdapter(log, {"session_id": self.id, "node_id": "-"})
 
     # ------------------------------------------------------------ lifecycle
@@ -377,6 +378,7 @@ class Session:
             "average_latency_ms": (m.latency_sum_s / m.latency_count * 1000) if m.latency_count else 0.0,
             "buffered_outputs": len(self._outputs),
             "dropped": sum(r.stats.dropped for r in self._runners.values()),
+            "peak_memory_bytes": m.peak_memory_bytes,
             "by_kind": dict(m.by_kind),
             "nodes": {nid: vars(r.stats) for nid, r in self._runners.items()},
         }

@@ -100,9 +100,7 @@ class ProcessManager:
         self._exit_waiters: dict[int, list[asyncio.Future]] = {}
         self._start_lock = asyncio.Lock()
         self.live: set[int] = set()
-        self.reserved = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._zygote_pidfd: int | None = None
 
     # ------------------------------------------------------------ zygote
 
@@ -199,9 +197,9 @@ class ProcessManager:
 
     def check_capacity(self, wanted: int) -> None:
         cap = self.config.caps.max_total_processes
-        if len(self.live) + self.reserved + wanted > cap:
+        if len(self.live) + wanted > cap:
             raise ResourceLimitError(
-                f"engine-wide process cap reached: {len(self.live) + self.reserved} running, "
+                f"engine-wide process cap reached: {len(self.live)} running, "
                 f"{wanted} more requested, cap {cap}",
                 context={"field": "max_total_processes", "limit": cap},
             )
@@ -248,7 +246,7 @@ class ProcessManager:
             if not pids:
                 continue
             used = await asyncio.to_thread(process_memory, pids)
-            session.peak_memory = max(getattr(session, "peak_memory", 0), used)
+            session.metrics.peak_memory_bytes = max(session.metrics.peak_memory_bytes, used)
             if used > limit:
                 raise ResourceLimitError(
                     f"session processes use {used / 2**20:.1f} MiB, over max_session_memory_mb="

@@ -39,10 +39,6 @@ class Inbox:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    @property
-    def uses_fd(self) -> bool:
-        return self._fd is not None
-
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         if self._fd is not None:
@@ -92,7 +88,6 @@ class FrameSender:
         self.pub = pub
         self.notifier = notifier
         self.credit = asyncio.Event()
-        self.dropped = 0
 
     def try_send(self, p: codec.Prepared) -> bool:
         size = p.size
@@ -106,11 +101,11 @@ class FrameSender:
     async def send(self, p: codec.Prepared, *, drop_when_full: bool = False) -> bool:
         """Send one frame; wait for credit while the consumer's buffer is full.
 
-        With `drop_when_full` a full buffer drops the frame (counted) instead.
+        With `drop_when_full` a full buffer refuses the frame instead (returns
+        False; the caller counts the drop).
         """
         while not self.try_send(p):
             if drop_when_full:
-                self.dropped += 1
                 return False
             self.credit.clear()
             self.notifier.notify_with_custom_event_id(_EV_WANT)

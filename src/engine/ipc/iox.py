@@ -69,6 +69,10 @@ class IpcSpace:
             if f.startswith(self.prefix):
                 _unlink(f"/dev/shm/{f}")
         shutil.rmtree(self.root, ignore_errors=True)
+        try:  # the shared ipc_root folder too, once no engine uses it
+            os.rmdir(os.path.dirname(self.root.rstrip("/")))
+        except OSError:
+            pass
 
 
 def _unlink(path: str) -> None:
