@@ -49,6 +49,35 @@ class SessionSettings:
     max_session_memory_mb: int = 4096
     memory_sample_interval_ms: int = 500
     output_queue_capacity: int = 1024
+    #: 0 = no limit; a client's ResourceLimits may set these (see ClientLimits)
+    max_audio_samples: int = 0
+    max_duration_secs: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    """A caller's own limits for one run (remotemedia.v1 ResourceLimits).
+
+    They can only tighten what the configuration (already bounded by the
+    caps) allows: each is applied as min(client, configured). 0 = not set.
+    """
+
+    max_memory_bytes: int = 0
+    max_timeout_ms: int = 0
+    max_audio_samples: int = 0
+
+    def apply(self, s: SessionSettings) -> SessionSettings:
+        changes: dict[str, Any] = {}
+        if self.max_memory_bytes:
+            mb = max(1, -(-self.max_memory_bytes // (1 << 20)))
+            changes["max_session_memory_mb"] = min(s.max_session_memory_mb, mb)
+        if self.max_timeout_ms:
+            secs = self.max_timeout_ms / 1000
+            changes["max_duration_secs"] = min(s.max_duration_secs, secs) if s.max_duration_secs else secs
+        if self.max_audio_samples:
+            n = self.max_audio_samples
+            changes["max_audio_samples"] = min(s.max_audio_samples, n) if s.max_audio_samples else n
+        return replace(s, **changes) if changes else s
 
 
 #: keys a manifest's metadata.multiprocess may set, with the cap that bounds each

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import RuntimeConfig
+from .config import ClientLimits, RuntimeConfig
 from .data import RuntimeData, concat
 from .errors import ResourceLimitError, ValidationError
 from .executors.base import NodeRunner
@@ -29,7 +29,7 @@ from .executors.native import NativeRunner
 from .manifest import Manifest, validate
 from .plan import ExecutionPlan, PlannedNode, build_plan
 from .registry import ExecutorRegistry, default_registry
-from .session import InitProgress, Session
+from .session import InitProgress, Observer, Session
 
 log = logging.getLogger("engine")
 
@@ -43,8 +43,10 @@ class ExecutionResult:
 
 
 class Engine:
-    def __init__(self, config: Any = None, *, registry: ExecutorRegistry | None = None) -> None:
+    def __init__(self, config: Any = None, *, registry: ExecutorRegistry | None = None,
+                 observer: Observer | None = None) -> None:
         self.config = RuntimeConfig.load(config)
+        self.observer = observer
         self.registry = registry or default_registry(test_nodes=self.config.test_nodes)
         self._sessions: dict[str, Session] = {}
         self._process_manager: Any = None
@@ -85,9 +87,11 @@ class Engine:
             return manifest
         return validate(manifest, self.registry)
 
-    def plan(self, manifest: Any) -> tuple[Manifest, ExecutionPlan, Any]:
+    def plan(self, manifest: Any, limits: ClientLimits | None = None) -> tuple[Manifest, ExecutionPlan, Any]:
         m = self.validate(manifest)
         settings = self.config.for_manifest(dict(m.multiprocess))
+        if limits is not None:
+            settings = limits.apply(settings)
         plan = build_plan(m, self.registry, settings)
         n_proc = plan.count("multiprocess")
         if n_proc > settings.max_processes_per_session:
@@ -102,11 +106,15 @@ class Engine:
     # ------------------------------------------------------------ sessions
 
     def stream(self, manifest: Any, *, on_progress: Callable[[InitProgress], Any] | None = None,
-               session_id: str | None = None) -> Session:
-        """A streaming session; `async with` starts it (all nodes ready) and tears it down."""
+               session_id: str | None = None, limits: ClientLimits | None = None) -> Session:
+        """A streaming session; `async with` starts it (all nodes ready) and tears it down.
+
+        `limits` (optional) tighten this run's memory, duration and audio
+        frame size below what the configuration allows.
+        """
         if self._closed:
-            raise ValidationError("engine is closed")
-        m, plan, settings = self.plan(manifest)
+            raise ResourceLimitError("engine is shutting down; not accepting sessions")
+        m, plan, settings = self.plan(manifest, limits)
         if len(self._sessions) >= self.config.caps.max_sessions:
             raise ResourceLimitError(
                 f"too many concurrent sessions (cap {self.config.caps.max_sessions})",
@@ -116,7 +124,7 @@ class Engine:
         if n_proc:
             self.process_manager().check_capacity(n_proc)
         session = Session(m, plan, settings, self._make_runner, on_progress=on_progress,
-                          on_close=self._session_closed, session_id=session_id)
+                          on_close=self._session_closed, session_id=session_id, observer=self.observer)
         self._sessions[session.id] = session
         return session
 
@@ -140,7 +148,8 @@ class Engine:
         return self._process_manager
 
     async def execute(self, manifest: Any, inputs: Mapping[str, RuntimeData], *,
-                      on_progress: Callable[[InitProgress], Any] | None = None) -> ExecutionResult:
+                      on_progress: Callable[[InitProgress], Any] | None = None,
+                      limits: ClientLimits | None = None) -> ExecutionResult:
         """Batch mode: feed `inputs` (keyed by node id), run to completion.
 
         Returns one value per sink: several outputs of one sink are joined
@@ -154,7 +163,7 @@ class Engine:
             if node_id not in known:
                 raise ValidationError(f"input for unknown node {node_id!r}; nodes: {', '.join(sorted(known))}",
                                       node_id=node_id)
-        session = self.stream(m, on_progress=on_progress)
+        session = self.stream(m, on_progress=on_progress, limits=limits)
         collected: dict[str, list[RuntimeData]] = collections.defaultdict(list)
 
         async def collect() -> None:

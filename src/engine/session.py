@@ -19,12 +19,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .config import SessionSettings
 from .data import RuntimeData
-from .errors import EngineError, InternalError, SessionClosedError, ValidationError
+from .data import DataKind
+from .errors import EngineError, InternalError, ResourceLimitError, SessionClosedError, ValidationError
 from .executors.base import NodeRunner
+from .fifo import BoundedFifo
 from .manifest import Manifest
 from .plan import ExecutionPlan, PlannedNode
 
@@ -58,47 +60,18 @@ class SessionMetrics:
 
 
 _END = object()
-
-
-class _OutputQueue:
-    """Bounded FIFO of outputs; a terminal marker may always be appended."""
-
-    def __init__(self, capacity: int) -> None:
-        self._items: collections.deque = collections.deque()
-        self._capacity = capacity
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    async def put(self, item: Any) -> None:
-        while len(self._items) >= self._capacity:
-            self._writable.clear()
-            await self._writable.wait()
-        self._items.append(item)
-        self._readable.set()
-
-    def put_terminal(self, item: Any) -> None:
-        self._items.append(item)
-        self._readable.set()
-
-    async def get(self) -> Any:
-        while not self._items:
-            self._readable.clear()
-            await self._readable.wait()
-        item = self._items.popleft()
-        if len(self._items) < self._capacity:
-            self._writable.set()
-        return item
-
-    def clear(self) -> None:
-        self._items.clear()
-        self._writable.set()
+#: inputs whose arrival time is kept to measure output latency
+_LATENCY_WINDOW = 4096
 
 
 RunnerFactory = Callable[["Session", PlannedNode], NodeRunner]
+
+
+class Observer(Protocol):
+    """Receives per-frame measurements (e.g. a Prometheus exporter)."""
+
+    def node_output(self, node_type: str, latency_s: float) -> None:
+        """A node emitted a frame `latency_s` after the input that caused it entered the session."""
 
 
 class Session:
@@ -114,6 +87,7 @@ class Session:
         on_progress: Callable[[InitProgress], Any] | None = None,
         on_close: Callable[[Session], Any] | None = None,
         session_id: str | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.id = session_id or uuid.uuid4().hex[:16]
         self.manifest = manifest
@@ -125,7 +99,7 @@ class Session:
         self._on_close = on_close
         self._factory = runner_factory
         self._runners: dict[str, NodeRunner] = {}
-        self._outputs = _OutputQueue(settings.output_queue_capacity)
+        self._outputs = BoundedFifo(settings.output_queue_capacity)
         self._seq = itertools.count()
         self._sinks_open = set(plan.sinks)
         self._error: EngineError | None = None
@@ -135,6 +109,8 @@ class Session:
         self._tasks: set[asyncio.Task] = set()
         self._send_times: dict[int, float] = {}
         self._started_at = time.perf_counter()
+        self._observer = observer
+        self._deadline: asyncio.TimerHandle | None = None
         self.memory_watched = False  # set once a process executor samples this session
         self.log = logging.LoggerAdapter(log, {"session_id": self.id, "node_id": "-"})
 
@@ -157,6 +133,9 @@ class Session:
         if self._state != "new":
             raise SessionClosedError(f"session {self.id} already started")
         self._state = "starting"
+        if self.settings.max_duration_secs > 0:
+            self._deadline = asyncio.get_running_loop().call_later(
+                self.settings.max_duration_secs, self._deadline_passed)
         try:
             for nid in self.plan.order:
                 self._runners[nid] = self._factory(self, self.plan.nodes[nid])
@@ -164,7 +143,7 @@ class Session:
                 for runner in self._runners.values():
                     tg.create_task(runner.start(self._progress))
         except BaseException as exc:
-            err = _first_engine_error(exc)
+            err = self._error or _first_engine_error(exc)
             await self._teardown()
             self._state = "closed"
             if err is not None:
@@ -173,6 +152,12 @@ class Session:
             raise
         self._state = "running"
         self.log.debug("session ready: %d nodes", len(self._runners))
+
+    def _deadline_passed(self) -> None:
+        limit = self.settings.max_duration_secs
+        self.fail_soon(ResourceLimitError(
+            f"session {self.id} ran past its time limit of {limit:g} s",
+            context={"field": "max_duration_secs", "limit": limit}))
 
     def _progress(self, node_id: str, phase: str, percent: float, message: str) -> None:
         ev = InitProgress(node_id, phase, percent, message,
@@ -198,12 +183,20 @@ class Session:
                                   node_id=node_id)
         if not isinstance(data, RuntimeData):
             raise ValidationError(f"send() takes RuntimeData, got {type(data).__name__}", node_id=node_id)
+        limit = self.settings.max_audio_samples
+        if limit and data.kind is DataKind.AUDIO and data.samples.size > limit:  # type: ignore[attr-defined]
+            raise ResourceLimitError(
+                f"audio frame of {data.samples.size} samples exceeds max_audio_samples={limit}",  # type: ignore[attr-defined]
+                node_id=node_id, context={"field": "max_audio_samples", "limit": limit})
         seq = next(self._seq) if sequence is None else sequence
         data.sequence = seq
         self.metrics.chunks_in += 1
         self.metrics.by_kind[data.kind.name.lower()] += 1
-        if len(self._send_times) < 65536:
-            self._send_times.setdefault(seq, time.perf_counter())
+        times = self._send_times
+        if seq not in times:
+            times[seq] = time.perf_counter()
+            if len(times) > _LATENCY_WINDOW:  # forget the oldest input (dicts keep insertion order)
+                del times[next(iter(times))]
         try:
             await runner.push(data)
         except EngineError as exc:
@@ -220,9 +213,11 @@ class Session:
     async def emit(self, node_id: str, frame: RuntimeData) -> None:
         """Route one frame a node produced: to its downstream nodes, or out if a sink."""
         planned = self.plan.nodes[node_id]
+        t0 = self._send_times.get(frame.sequence) if frame.sequence is not None else None
+        if t0 is not None and self._observer is not None:
+            self._observer.node_output(planned.spec.node_type, time.perf_counter() - t0)
         if planned.is_sink:
             self.metrics.outputs += 1
-            t0 = self._send_times.get(frame.sequence) if frame.sequence is not None else None
             if t0 is not None:
                 self.metrics.latency_sum_s += time.perf_counter() - t0
                 self.metrics.latency_count += 1
@@ -340,6 +335,8 @@ class Session:
 
     async def _do_teardown(self) -> None:
         self._state = "closed"
+        if self._deadline is not None:
+            self._deadline.cancel()
         current = asyncio.current_task()
         try:
             for task in list(self._tasks):

@@ -109,7 +109,7 @@ class Worker:
                 os._exit(71)
 
     def stats(self) -> Stats:
-        return Stats(self.items_in, self.items_out, self.busy_s)
+        return Stats(self.items_in, self.items_out, self.busy_s, cpu_s=time.process_time())
 
     # ---------------------------------------------------------------- main
 

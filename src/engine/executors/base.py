@@ -21,6 +21,8 @@ class NodeStats:
     items_in: int = 0
     items_out: int = 0
     busy_s: float = 0.0
+    #: CPU seconds; a process node reports its process's, a native node its busy time
+    cpu_s: float = 0.0
     dropped: int = 0
     extra: dict = field(default_factory=dict)
 

@@ -269,6 +269,7 @@ class ProcessRunner(NodeRunner):
         self._closing = False
         self._closed = False
         self._ctrl: AsyncChannel | None = None
+        self._ctrl_task: asyncio.Task | None = None
         self._pidfd: int | None = None
         self._exited: asyncio.Future | None = None
         self._failure: Failure | None = None
@@ -317,7 +318,7 @@ class ProcessRunner(NodeRunner):
                 break
             else:
                 raise await self._start_failure(msg, "initialize")
-        self.session.track(self._control_loop(), f"{self.node_id}:control")
+        self._ctrl_task = self.session.track(self._control_loop(), f"{self.node_id}:control")
         self.session.track(self._pump(), f"{self.node_id}:pump")
 
     def _open_channels(self, names: iox.ChannelNames, loop: asyncio.AbstractEventLoop) -> None:
@@ -413,6 +414,7 @@ class ProcessRunner(NodeRunner):
 
     def _merge(self, st: Stats) -> None:
         self.stats.busy_s = st.busy_s
+        self.stats.cpu_s = st.cpu_s
         self.stats.extra["process_items_in"] = st.items_in
         self.stats.extra["process_items_out"] = st.items_out
 
@@ -486,6 +488,27 @@ class ProcessRunner(NodeRunner):
             await asyncio.wait({self._exited}, timeout=wait)
         if not self._exited.done():  # pragma: no cover - SIGKILL did not end it
             self.log.error("node process %s did not exit after SIGKILL", self.pid)
+        await self._drain_control()
+
+    async def _drain_control(self) -> None:
+        # The session cancels its tasks (the control loop among them) before
+        # closing runners; the last Stats / ShutdownAck still sit in the
+        # socket of the exited process: read them so the final numbers count.
+        task = self._ctrl_task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._ctrl is None:
+            return
+        try:
+            async with asyncio.timeout(0.2):
+                while (msg := await self._ctrl.recv()) is not None:
+                    if isinstance(msg, Stats):
+                        self._merge(msg)
+                    elif isinstance(msg, ShutdownAck) and msg.stats is not None:
+                        self._merge(msg.stats)
+        except (TimeoutError, ValueError, pickle.UnpicklingError):
+            pass
 
     def _release(self) -> None:
         loop = asyncio.get_running_loop()

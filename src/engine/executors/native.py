@@ -107,7 +107,9 @@ class NativeRunner(NodeRunner):
             raise self._wrap(exc, "process" if frame is not None else "flush") from exc
         finally:
             # the node's own time: downstream work done while emitting is theirs
-            self.stats.busy_s += time.perf_counter() - started - emitting
+            busy = time.perf_counter() - started - emitting
+            self.stats.busy_s += busy
+            self.stats.cpu_s += busy
 
     async def push(self, frame: RuntimeData) -> None:
         async with self._lock:

@@ -55,6 +55,8 @@ class Stats:
     items_in: int
     items_out: int
     busy_s: float
+    #: CPU time of the whole node process (its one job is this node)
+    cpu_s: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
