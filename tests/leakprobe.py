@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -25,6 +26,7 @@ def snapshot() -> dict:
 def leaks(before: dict, settle_s: float = 3.0) -> dict:
     """Differences that persist (threads and fds get a moment to wind down)."""
     deadline = time.monotonic() + settle_s
+    gc.collect()  # objects kept alive only by reference cycles (e.g. a caught error's traceback)
     while True:
         after = snapshot()
         found = {

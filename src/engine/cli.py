@@ -122,6 +122,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              metrics_port=args.metrics_port))
 
 
+def _session_context(record: logging.LogRecord) -> bool:
+    # records of a session carry session_id/node_id (LoggerAdapter); others get "-"
+    if not hasattr(record, "session_id"):
+        record.session_id = "-"
+    if not hasattr(record, "node_id"):
+        record.node_id = "-"
+    return True
+
+
 def _install_uvloop() -> None:
     try:
         import uvloop
@@ -163,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.addFilter(_session_context)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s [session=%(session_id)s node=%(node_id)s] %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     return args.func(args)

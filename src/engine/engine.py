@@ -51,6 +51,9 @@ class Engine:
         self._sessions: dict[str, Session] = {}
         self._process_manager: Any = None
         self._closed = False
+        self._accepting = True
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._opened = False
 
     # ------------------------------------------------------------ lifecycle
@@ -76,9 +79,30 @@ class Engine:
             await self._process_manager.aclose()
             self._process_manager = None
 
+    def stop_accepting(self) -> None:
+        """Refuse new sessions (RESOURCE_LIMIT); running ones go on. For draining."""
+        self._accepting = False
+
+    async def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no session is running; False if `timeout` passed first."""
+        if self._idle.is_set():
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
     @property
     def sessions(self) -> Mapping[str, Session]:
         return self._sessions
+
+    @property
+    def process_count(self) -> int:
+        """Node processes alive now, across all sessions."""
+        pm = self._process_manager
+        return len(pm.live) if pm is not None else 0
 
     # ------------------------------------------------------------ manifests
 
@@ -112,7 +136,7 @@ class Engine:
         `limits` (optional) tighten this run's memory, duration and audio
         frame size below what the configuration allows.
         """
-        if self._closed:
+        if self._closed or not self._accepting:
             raise ResourceLimitError("engine is shutting down; not accepting sessions")
         m, plan, settings = self.plan(manifest, limits)
         if len(self._sessions) >= self.config.caps.max_sessions:
@@ -126,10 +150,13 @@ class Engine:
         session = Session(m, plan, settings, self._make_runner, on_progress=on_progress,
                           on_close=self._session_closed, session_id=session_id, observer=self.observer)
         self._sessions[session.id] = session
+        self._idle.clear()
         return session
 
     def _session_closed(self, session: Session) -> None:
         self._sessions.pop(session.id, None)
+        if not self._sessions:
+            self._idle.set()
 
     def _make_runner(self, session: Session, planned: PlannedNode) -> NodeRunner:
         if planned.executor == "multiprocess":

@@ -107,6 +107,7 @@ class Session:
         self._torn_down = asyncio.Event()
         self._teardown_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._start_tasks: list[asyncio.Task] = []
         self._send_times: dict[int, float] = {}
         self._started_at = time.perf_counter()
         self._observer = observer
@@ -140,8 +141,9 @@ class Session:
             for nid in self.plan.order:
                 self._runners[nid] = self._factory(self, self.plan.nodes[nid])
             async with asyncio.TaskGroup() as tg:
-                for runner in self._runners.values():
-                    tg.create_task(runner.start(self._progress))
+                self._start_tasks = [tg.create_task(r.start(self._progress)) for r in self._runners.values()]
+            if self._state == "closed":  # failed, cancelled or out of time while starting
+                raise self._error or SessionClosedError(f"session {self.id} was closed while starting")
         except BaseException as exc:
             err = self._error or _first_engine_error(exc)
             await self._teardown()
@@ -317,11 +319,11 @@ class Session:
         await self._torn_down.wait()
 
     async def cancel(self) -> None:
-        """Stop at once: nothing more is delivered; everything is torn down."""
-        if self._state == "closed":
-            return
-        self._outputs.clear()
-        self._outputs.put_terminal(_END)
+        """Stop at once: nothing more is delivered; returns once everything is torn down."""
+        if self._state != "closed":
+            self._outputs.clear()
+            self._outputs.put_terminal(_END)
+        # also when a teardown is already under way: wait for it to finish
         await self._teardown()
 
     async def _teardown(self) -> None:
@@ -342,6 +344,12 @@ class Session:
             for task in list(self._tasks):
                 if task is not current:
                     task.cancel()
+            # a node still starting is stopped first, then closed like the others
+            starting = [t for t in self._start_tasks if not t.done()]
+            for task in starting:
+                task.cancel()
+            if starting:
+                await asyncio.wait(starting)
             results = await asyncio.gather(*(r.aclose() for r in self._runners.values()),
                                            return_exceptions=True)
             for runner, res in zip(self._runners.values(), results, strict=True):

@@ -104,6 +104,10 @@ class ProcessManager:
 
     # ------------------------------------------------------------ zygote
 
+    @property
+    def zygote_pid(self) -> int | None:
+        return self._zygote.pid if self._zygote is not None else None
+
     async def ensure_started(self) -> None:
         async with self._start_lock:
             if self._zygote is not None:
@@ -180,9 +184,26 @@ class ProcessManager:
         self._pending[req] = fut
         socket.send_fds(self._zsock, [pickle.dumps({"op": "spawn", "req": req, "args": args})],
                         [child_sock.fileno()])
-        pid = await asyncio.wait_for(fut, self.config.session.spawn_timeout_secs)
+        try:
+            pid = await asyncio.wait_for(asyncio.shield(fut), self.config.session.spawn_timeout_secs)
+        except (asyncio.CancelledError, TimeoutError):
+            # the zygote forks anyway: kill that process as soon as its pid is known
+            fut.add_done_callback(self._kill_abandoned)
+            raise
         self.live.add(pid)
         return pid
+
+    def _kill_abandoned(self, fut: asyncio.Future) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        pid = fut.result()
+        if pid in self._exits:
+            return
+        self.live.add(pid)  # until the zygote reports its exit
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     async def exit_status(self, pid: int, wait_s: float) -> int | None:
         if pid in self._exits:
@@ -270,6 +291,7 @@ class ProcessRunner(NodeRunner):
         self._closed = False
         self._ctrl: AsyncChannel | None = None
         self._ctrl_task: asyncio.Task | None = None
+        self._ctrl_sock: socket.socket | None = None
         self._pidfd: int | None = None
         self._exited: asyncio.Future | None = None
         self._failure: Failure | None = None
@@ -295,6 +317,7 @@ class ProcessRunner(NodeRunner):
                           dict(self.planned.decl.params), m.space.root, m.space.prefix, names,
                           s.channel_capacity, s.process_timeout_secs)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._ctrl_sock = ours  # closed by _release() if start() stops before the channel owns it
         try:
             self.pid = await m.spawn(args, theirs)
         finally:
@@ -303,6 +326,7 @@ class ProcessRunner(NodeRunner):
         self._pidfd = os.pidfd_open(self.pid)
         loop.add_reader(self._pidfd, self._on_pidfd)
         self._ctrl = await AsyncChannel.open(ours)
+        self._ctrl_sock = None
 
         deadline = loop.time() + s.spawn_timeout_secs
         msg = await self._recv_until(deadline, "start (process alive, channels open)",
@@ -466,6 +490,9 @@ class ProcessRunner(NodeRunner):
         try:
             if self.pid is not None and self._exited is not None and not self._exited.done():
                 await self._stop_process(s.shutdown_timeout_secs)
+            if self.pid is not None:
+                # gone means reaped: wait for the zygote's report of the exit
+                await self.manager.exit_status(self.pid, 2.0)
         finally:
             self._release()
 
@@ -525,6 +552,9 @@ class ProcessRunner(NodeRunner):
         if self._ctrl is not None:
             self._ctrl.close()
             self._ctrl = None
+        if self._ctrl_sock is not None:
+            self._ctrl_sock.close()
+            self._ctrl_sock = None
         iox.delete(*self._iox)
         self._iox.clear()
         self._sender = self._receiver = None

@@ -1,0 +1,148 @@
+"""The engine as a remotemedia.v1 gRPC server.
+
+`EngineServer` wires the servicers, API-key auth, the standard health
+service, server reflection and the Prometheus endpoint around one `Engine`.
+It runs on whatever loop is running (the CLI installs uvloop); `serve()` is
+the CLI's main: it adds SIGTERM/SIGINT handlers that drain.
+
+Draining: health turns NOT_SERVING (and keeps answering), new sessions are
+refused with RESOURCE_LIMIT, running sessions get `drain_timeout_secs` to
+finish, then the remaining calls are cancelled and every session is torn
+down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .._proto import execution_pb2, execution_pb2_grpc, streaming_pb2, streaming_pb2_grpc
+from ..config import RuntimeConfig
+from ..engine import Engine
+from ..errors import ValidationError
+from .auth import ApiKeyInterceptor
+from .execution import PipelineExecutionServicer
+from .metrics import ServerMetrics
+from .streaming import StreamingPipelineServicer
+
+log = logging.getLogger("engine.server")
+
+SERVICE_NAMES = (
+    execution_pb2.DESCRIPTOR.services_by_name["PipelineExecutionService"].full_name,
+    streaming_pb2.DESCRIPTOR.services_by_name["StreamingPipelineService"].full_name,
+)
+
+
+class EngineServer:
+    def __init__(self, config: Any = None, *, host: str | None = None, port: int | None = None,
+                 metrics_port: int | None = None) -> None:
+        self.config = RuntimeConfig.load(config)
+        s = self.config.server
+        self.host = host if host is not None else s.host
+        self.port = port if port is not None else s.port
+        self.metrics_port = metrics_port if metrics_port is not None else s.metrics_port
+        self.metrics = ServerMetrics()
+        self.engine = Engine(self.config, observer=self.metrics)
+        self.metrics.bind(self.engine)
+        self.health = health.aio.HealthServicer()
+        self._server: aio.Server | None = None
+        self.bound_port = 0
+        self.bound_metrics_port = 0
+        self._stopped = False
+
+    async def start(self) -> int:
+        """Bind and start serving; returns the bound port (useful with port 0)."""
+        caps = self.config.caps
+        options = [
+            ("grpc.max_receive_message_length", caps.max_message_bytes),
+            ("grpc.max_send_message_length", caps.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+        ]
+        interceptors = [ApiKeyInterceptor(self.config.server.api_keys)] if self.config.server.api_keys else []
+        server = aio.server(options=options, interceptors=interceptors)
+        execution_pb2_grpc.add_PipelineExecutionServiceServicer_to_server(
+            PipelineExecutionServicer(self.engine, self.metrics), server)
+        streaming_pb2_grpc.add_StreamingPipelineServiceServicer_to_server(
+            StreamingPipelineServicer(self.engine, self.metrics, self.config.server), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = f"{self.host}:{self.port}"
+        try:
+            self.bound_port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ValidationError(f"cannot listen on {address}: {exc}") from None
+        if not self.bound_port:
+            raise ValidationError(f"cannot listen on {address} (address in use?)")
+        await self.engine.start()
+        await server.start()
+        self._server = server
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.metrics_port:
+            self.bound_metrics_port = self.metrics.serve_http(self.host, self.metrics_port)
+        log.info("serving remotemedia.v1 on %s:%d (auth %s)", self.host, self.bound_port,
+                 "on" if self.config.server.api_keys else "off")
+        return self.bound_port
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.bound_port}"
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop accepting, let running sessions finish (up to `timeout`), then tear everything down."""
+        if self._stopped:
+            return
+        self._stopped = True
+        timeout = self.config.server.drain_timeout_secs if timeout is None else timeout
+        await self.health.enter_graceful_shutdown()
+        self.engine.stop_accepting()
+        active = len(self.engine.sessions)
+        if active:
+            log.info("draining: waiting up to %.1f s for %d session(s)", timeout, active)
+        if not await self.engine.wait_idle(timeout):
+            log.warning("drain deadline passed with %d session(s) running; tearing them down",
+                        len(self.engine.sessions))
+        if self._server is not None:
+            # calls still open are cancelled; their sessions tear down in their own `finally`
+            await self._server.stop(grace=1.0)
+        await self.engine.aclose()
+        self.metrics.close()
+        log.info("server stopped")
+
+    async def aclose(self) -> None:
+        await self.drain(timeout=0)
+
+    async def __aenter__(self) -> EngineServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
+async def serve(config: Any = None, *, host: str | None = None, port: int | None = None,
+                metrics_port: int | None = None) -> int:
+    """Run the server until SIGTERM or SIGINT, then drain; returns the exit code."""
+    server = EngineServer(config, host=host, port=port, metrics_port=metrics_port)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("signal received: draining")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await server.drain()
+    return 0
+
+
+__all__ = ["SERVICE_NAMES", "EngineServer", "serve"]

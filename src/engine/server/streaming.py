@@ -1,0 +1,332 @@
+"""StreamingPipelineService: one bidirectional call drives one session.
+
+    init → (init_progress …) → ready → data chunks ⇄ results (+ metrics every
+    N chunks) → CLOSE → closed → status OK
+
+Three tasks serve a call, all owned by it and cancelled when it ends:
+
+- the *reader* takes requests off the wire, checks them (target node,
+  sequence order, declared sizes against bytes) and converts each buffer once
+  into a frame. Chunks that arrive while the pipeline is starting wait in a
+  bounded inbox; when it is full the reader stops reading, so gRPC flow
+  control slows the client down instead of anything being refused or lost.
+- the *driver* starts the session, answers `ready`, then feeds the inbox to
+  the session (CLOSE flushes, CANCEL stops at once).
+- the *forwarder* turns sink outputs into `result`s tagged with the input's
+  sequence.
+
+Everything they answer goes through one bounded outbox the call's generator
+drains. An `error`, `closed` or the end of the request stream is terminal:
+the generator sends it and returns, and its `finally` tears the session
+down. A client that goes away cancels the generator: the same `finally`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from grpc import aio
+
+from .. import wire
+from .._proto import streaming_pb2 as spb
+from .._proto import streaming_pb2_grpc as spb_grpc
+from ..config import ServerSettings
+from ..data import RuntimeData
+from ..engine import Engine
+from ..errors import EngineError, ValidationError, VersionMismatchError
+from ..fifo import BoundedFifo
+from ..session import InitProgress, Output, Session
+from .convert import (
+    check_client_version,
+    engine_error,
+    error_to_proto,
+    execution_metrics,
+    limits_from_proto,
+    stream_metrics,
+)
+from .metrics import ServerMetrics
+
+log = logging.getLogger("engine.server")
+
+_OUTBOX_CAPACITY = 256
+#: inputs whose arrival time is kept to report processing_time_ms per result
+_TIMING_WINDOW = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    node_id: str
+    sequence: int
+    frames: tuple[RuntimeData, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Close:
+    cancel: bool = False
+    reason: str = "closed by client"
+
+
+@dataclass(frozen=True, slots=True)
+class _Final:
+    """Terminal: send `response` (if any), then end the call."""
+
+    response: spb.StreamResponse | None
+
+
+class StreamingPipelineServicer(spb_grpc.StreamingPipelineServiceServicer):
+    def __init__(self, engine: Engine, metrics: ServerMetrics, settings: ServerSettings) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.settings = settings
+
+    async def StreamPipeline(self, request_iterator: AsyncIterator[spb.StreamRequest],
+                             context: aio.ServicerContext) -> AsyncIterator[spb.StreamResponse]:
+        call = StreamCall(self.engine, self.metrics, self.settings, request_iterator)
+        async for response in call.run():
+            yield response
+
+
+class StreamCall:
+    def __init__(self, engine: Engine, metrics: ServerMetrics, settings: ServerSettings,
+                 requests: AsyncIterator[spb.StreamRequest]) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.settings = settings
+        self.requests = requests
+        self.session: Session | None = None
+        self.outbox = BoundedFifo(_OUTBOX_CAPACITY)
+        self.inbox: asyncio.Queue[_Chunk | _Close] = asyncio.Queue(max(1, settings.pending_chunks_capacity))
+        self.tasks: list[asyncio.Task] = []
+        self.received_at: dict[int, float] = {}
+        self.chunks = 0
+        self.known_nodes: set[str] = set()
+        self.last_sequence = -1
+        self.started = time.perf_counter()
+        self.log: logging.LoggerAdapter = logging.LoggerAdapter(log, {"session_id": "-", "node_id": "-"})
+
+    # ------------------------------------------------------------ the call
+
+    async def run(self) -> AsyncIterator[spb.StreamResponse]:
+        try:
+            first = await self._first_init()
+            if first is None:
+                return
+            self._open_session(first)
+            loop = asyncio.get_running_loop()
+            self.tasks.append(loop.create_task(self._reader(), name="stream-reader"))
+            self.tasks.append(loop.create_task(self._driver(first), name="stream-driver"))
+            while True:
+                item = await self.outbox.get()
+                if isinstance(item, _Final):
+                    if item.response is not None:
+                        yield item.response
+                    return
+                yield item
+        except EngineError as err:
+            yield self._error_response(err)
+        finally:
+            await asyncio.shield(self._cleanup())
+
+    async def _first_init(self) -> spb.StreamInit | None:
+        try:
+            request = await anext(aiter(self.requests))
+        except StopAsyncIteration:
+            return None  # the client half-closed without a word
+        if request.WhichOneof("request") != "init":
+            raise ValidationError(f"the first message of a stream must be init, got "
+                                  f"{request.WhichOneof('request') or 'an empty request'} (STREAM_ERROR_INIT_REQUIRED)")
+        init = request.init
+        ok, message = check_client_version(init.client_version)
+        if not ok:
+            raise VersionMismatchError(message)
+        if not init.HasField("manifest"):
+            raise ValidationError("StreamInit.manifest is missing")
+        return init
+
+    def _open_session(self, init: spb.StreamInit) -> None:
+        self.session = self.engine.stream(init.manifest, on_progress=self._progress,
+                                          limits=limits_from_proto(init.resource_limits))
+        self.metrics.sessions.labels("stream").inc()
+        self.log = logging.LoggerAdapter(log, {"session_id": self.session.id, "node_id": "-"})
+        self.known_nodes = set(self.session.plan.order)
+
+    async def _cleanup(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        if self.session is not None:
+            await self.session.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------ responses
+
+    def _progress(self, ev: InitProgress) -> None:
+        resp = spb.StreamResponse()
+        p = resp.init_progress
+        p.node_id, p.phase, p.percent, p.message, p.elapsed_ms = (
+            ev.node_id, ev.phase, ev.percent, ev.message, ev.elapsed_ms)
+        self.outbox.put_terminal(resp)  # never waits: progress events are few
+
+    def _error_response(self, err: EngineError) -> spb.StreamResponse:
+        self.metrics.error(err.error_type.name)
+        self.log.info("stream error: %s", err)
+        resp = spb.StreamResponse()
+        error_to_proto(err, resp.error)
+        return resp
+
+    def _fail(self, exc: BaseException) -> None:
+        self.outbox.put_terminal(_Final(self._error_response(engine_error(exc))))
+
+    def _metrics_response(self) -> spb.StreamResponse:
+        assert self.session is not None
+        resp = spb.StreamResponse()
+        stream_metrics(self.session.snapshot(), resp.metrics)
+        return resp
+
+    # ------------------------------------------------------------ reader
+
+    async def _reader(self) -> None:
+        try:
+            async for request in self.requests:
+                item = self._parse(request)
+                await self.inbox.put(item)
+                if isinstance(item, _Close):
+                    return
+            await self.inbox.put(_Close(reason="client finished sending"))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._fail(exc)
+
+    def _parse(self, request: spb.StreamRequest) -> _Chunk | _Close:
+        which = request.WhichOneof("request")
+        if which == "data_chunk":
+            c = request.data_chunk
+            node_id = self._target(c.node_id)
+            seq = self._sequence(c.sequence, node_id)
+            frames: list[RuntimeData] = []
+            if c.HasField("buffer"):
+                frames.append(wire.from_proto(c.buffer, node_id=node_id))
+            for name in sorted(c.named_buffers):
+                frame = wire.from_proto(c.named_buffers[name], node_id=node_id)
+                frame.metadata.setdefault("input_name", name)
+                frames.append(frame)
+            if not frames:
+                raise ValidationError(f"data_chunk {seq} for node {node_id!r} carries no buffer", node_id=node_id)
+            return _Chunk(node_id, seq, tuple(frames))
+        if which == "audio_chunk":  # deprecated form, same meaning as a data_chunk of audio
+            c = request.audio_chunk
+            node_id = self._target(c.node_id)
+            seq = self._sequence(c.sequence, node_id)
+            return _Chunk(node_id, seq, (wire.audio_from_proto(c.buffer, {}, node_id),))
+        if which == "control":
+            command = request.control.command
+            if command == spb.StreamControl.COMMAND_CLOSE:
+                return _Close()
+            if command == spb.StreamControl.COMMAND_CANCEL:
+                return _Close(cancel=True, reason="cancelled by client")
+            raise ValidationError(f"unknown control command {command}")
+        if which == "init":
+            raise ValidationError("init sent twice: a stream runs one pipeline")
+        raise ValidationError("empty StreamRequest (no init, data_chunk, audio_chunk or control)")
+
+    def _target(self, node_id: str) -> str:
+        if node_id not in self.known_nodes:
+            raise ValidationError(f"unknown target node {node_id!r}; nodes: {', '.join(sorted(self.known_nodes))}",
+                                  node_id=node_id or None)
+        return node_id
+
+    def _sequence(self, seq: int, node_id: str) -> int:
+        if seq < self.last_sequence:
+            raise ValidationError(
+                f"sequence went backwards: {seq} after {self.last_sequence} (STREAM_ERROR_INVALID_SEQUENCE)",
+                node_id=node_id)
+        self.last_sequence = seq
+        self.chunks += 1
+        self.metrics.chunks.inc()
+        times = self.received_at
+        if seq not in times:
+            times[seq] = time.perf_counter()
+            if len(times) > _TIMING_WINDOW:
+                del times[next(iter(times))]
+        return seq
+
+    # ------------------------------------------------------------ driver
+
+    async def _driver(self, init: spb.StreamInit) -> None:
+        session = self.session
+        assert session is not None
+        forwarder: asyncio.Task | None = None
+        try:
+            await session.start()
+            ready = spb.StreamResponse()
+            ready.ready.session_id = session.id
+            ready.ready.recommended_chunk_size = init.expected_chunk_size
+            self.outbox.put_terminal(ready)
+            self.log.info("stream ready: %d nodes", len(session.plan.order))
+            forwarder = asyncio.get_running_loop().create_task(self._forwarder(), name="stream-forwarder")
+            self.tasks.append(forwarder)
+            for node_id, buf in init.data_inputs.items():
+                await session.send(self._target(node_id), wire.from_proto(buf, node_id=node_id), 0)
+            every = self.settings.metrics_every_n_chunks
+            sent = 0
+            while True:
+                item = await self.inbox.get()
+                if isinstance(item, _Close):
+                    break
+                for frame in item.frames:
+                    await session.send(item.node_id, frame, item.sequence)
+                sent += 1
+                if every and sent % every == 0:
+                    await self.outbox.put(self._metrics_response())
+            if item.cancel:
+                await session.cancel()
+                self.outbox.clear()  # stop at once: results not yet sent are dropped
+            else:
+                await session.close()
+                await forwarder  # every output delivered
+            await session.wait_closed()
+            closed = spb.StreamResponse()
+            closed.closed.session_id = session.id
+            closed.closed.reason = item.reason
+            snap = session.snapshot()
+            snap["wall_time_ms"] = (time.perf_counter() - self.started) * 1000
+            execution_metrics(snap, closed.closed.final_metrics)
+            self.outbox.put_terminal(_Final(closed))
+            self.log.info("stream closed (%s): %d chunks", item.reason, self.chunks)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._fail(session.error or exc)
+
+    async def _forwarder(self) -> None:
+        session = self.session
+        assert session is not None
+        try:
+            async for out in session:
+                await self.outbox.put(self._result(out))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._fail(exc)
+
+    def _result(self, out: Output) -> spb.StreamResponse:
+        resp = spb.StreamResponse()
+        r = resp.result
+        seq = out.sequence or 0
+        r.sequence = seq
+        wire.to_proto(out.data, r.data_outputs[out.node_id])
+        t0 = self.received_at.get(seq)
+        if t0 is not None:
+            elapsed = time.perf_counter() - t0
+            r.processing_time_ms = elapsed * 1000
+            self.metrics.chunk_latency.observe(elapsed)
+        assert self.session is not None
+        r.total_items_processed = self.session.metrics.outputs
+        self.metrics.results.inc()
+        return resp
