@@ -57,7 +57,13 @@ async def requests(*items: spb.StreamRequest) -> AsyncIterator[spb.StreamRequest
 
 
 async def collect(call: Any) -> list[spb.StreamResponse]:
-    return [resp async for resp in call]
+    """Every response until the end of the call (also after earlier `read()`s)."""
+    import grpc
+
+    out = []
+    while (resp := await call.read()) is not grpc.aio.EOF:
+        out.append(resp)
+    return out
 
 
 def kinds(responses: list[spb.StreamResponse]) -> list[str]:

@@ -144,7 +144,7 @@ async def test_unary_errors_are_typed_and_name_the_node(server, channel, case):
     assert err.error_type == error_type, err
     assert err.failing_node_id == node_id
     assert needle.lower() in (err.message + err.context).lower()
-    assert node_processes(server.engine._process_manager and server.engine.process_manager().zygote_pid) == set()
+    assert node_processes(server.engine.process_manager().zygote_pid) == set()
 
 
 async def test_unary_client_version_mismatch(channel):

@@ -83,16 +83,9 @@ class Engine:
         """Refuse new sessions (RESOURCE_LIMIT); running ones go on. For draining."""
         self._accepting = False
 
-    async def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until no session is running; False if `timeout` passed first."""
-        if self._idle.is_set():
-            return True
-        try:
-            async with asyncio.timeout(timeout):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
+    async def wait_idle(self) -> None:
+        """Wait until no session is running (bound it with asyncio.timeout)."""
+        await self._idle.wait()
 
     @property
     def sessions(self) -> Mapping[str, Session]:

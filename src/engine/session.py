@@ -22,9 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .config import SessionSettings
-from .data import RuntimeData
-from .data import DataKind
-from .errors import EngineError, InternalError, ResourceLimitError, SessionClosedError, ValidationError
+from .data import DataKind, RuntimeData
+from .errors import (
+    EngineError,
+    InternalError,
+    ResourceLimitError,
+    SessionClosedError,
+    ValidationError,
+)
 from .executors.base import NodeRunner
 from .fifo import BoundedFifo
 from .manifest import Manifest

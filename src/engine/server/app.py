@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from .._proto import execution_pb2, execution_pb2_grpc, streaming_pb2, streaming_pb2_grpc
 from ..config import RuntimeConfig
 from ..engine import Engine
-from ..errors import ValidationError
+from ..errors import ResourceLimitError, ValidationError
 from .auth import ApiKeyInterceptor
 from .execution import PipelineExecutionServicer
 from .metrics import ServerMetrics
@@ -94,20 +94,26 @@ class EngineServer:
     def address(self) -> str:
         return f"{self.host}:{self.bound_port}"
 
-    async def drain(self, timeout: float | None = None) -> None:
-        """Stop accepting, let running sessions finish (up to `timeout`), then tear everything down."""
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Stop accepting, let running sessions finish (up to `grace_s`), then tear everything down."""
         if self._stopped:
             return
         self._stopped = True
-        timeout = self.config.server.drain_timeout_secs if timeout is None else timeout
+        grace = self.config.server.drain_timeout_secs if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
         self.engine.stop_accepting()
-        active = len(self.engine.sessions)
-        if active:
-            log.info("draining: waiting up to %.1f s for %d session(s)", timeout, active)
-        if not await self.engine.wait_idle(timeout):
-            log.warning("drain deadline passed with %d session(s) running; tearing them down",
-                        len(self.engine.sessions))
+        if self.engine.sessions:
+            log.info("draining: waiting up to %.1f s for %d session(s)", grace, len(self.engine.sessions))
+            try:
+                async with asyncio.timeout(grace):
+                    await self.engine.wait_idle()
+            except TimeoutError:
+                sessions = list(self.engine.sessions.values())
+                log.warning("drain deadline passed with %d session(s) running; tearing them down", len(sessions))
+                # each stream answers this error and ends normally before the server stops
+                err = ResourceLimitError("server is shutting down: drain deadline passed",
+                                         context={"field": "drain_timeout_secs", "limit": grace})
+                await asyncio.gather(*(s.fail(err) for s in sessions), return_exceptions=True)
         if self._server is not None:
             # calls still open are cancelled; their sessions tear down in their own `finally`
             await self._server.stop(grace=1.0)
@@ -116,7 +122,7 @@ class EngineServer:
         log.info("server stopped")
 
     async def aclose(self) -> None:
-        await self.drain(timeout=0)
+        await self.drain(grace_s=0)
 
     async def __aenter__(self) -> EngineServer:
         await self.start()

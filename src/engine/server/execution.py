@@ -23,7 +23,13 @@ from .._proto import execution_pb2 as epb
 from .._proto import execution_pb2_grpc as epb_grpc
 from ..engine import Engine
 from ..errors import EngineError, ValidationError, VersionMismatchError
-from .convert import check_client_version, engine_error, error_to_proto, execution_metrics, limits_from_proto
+from .convert import (
+    check_client_version,
+    engine_error,
+    error_to_proto,
+    execution_metrics,
+    limits_from_proto,
+)
 from .convert import version_info as fill_version_info
 from .metrics import ServerMetrics
 

@@ -1,0 +1,142 @@
+"""`remotemedia-engine serve` as a real process: SIGTERM drains, exit code 0, nothing left."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+
+import grpc
+import numpy as np
+import psutil
+from conftest import TEST_IPC_ROOT
+from grpc_client import CLOSE, chunk, collect, init, kinds, proto_manifest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine import RuntimeData, wire
+from engine._proto import common_pb2 as pb
+from engine._proto import streaming_pb2_grpc as spb_grpc
+
+
+class ServeProcess:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.address = ""
+        self._pump: asyncio.Task | None = None
+
+    @classmethod
+    async def start(cls, tmp_path, **server: object) -> ServeProcess:
+        cfg = tmp_path / "runtime.toml"
+        body = "\n".join(f"{k} = {v!r}" for k, v in server.items())
+        cfg.write_text(f'ipc_root = "{TEST_IPC_ROOT}"\ntest_nodes = true\n[server]\n{body}\n')
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "engine", "serve", "--port", "0", "--config", str(cfg),
+            stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+        self = cls(proc)
+        async with asyncio.timeout(60):
+            while not self.address:
+                line = (await proc.stderr.readline()).decode()
+                assert line, "server exited: " + "".join(self.lines)
+                self.lines.append(line)
+                if m := re.search(r"serving remotemedia\.v1 on (\S+):(\d+)", line):
+                    self.address = f"{m.group(1)}:{m.group(2)}"
+        self._pump = asyncio.get_running_loop().create_task(self._read_rest())
+        return self
+
+    async def _read_rest(self) -> None:
+        assert self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.lines.append(line.decode())
+
+    async def wait(self) -> int:
+        async with asyncio.timeout(60):
+            code = await self.proc.wait()
+            if self._pump is not None:
+                await self._pump
+        return code
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        if self._pump is not None:
+            await self._pump
+
+
+def _alive(pids: set[int]) -> set[int]:
+    return {p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+
+
+async def test_sigterm_drains_running_sessions_then_exits_zero(tmp_path):
+    srv = await ServeProcess.start(tmp_path, drain_timeout_secs=60.0)
+    try:
+        async with grpc.aio.insecure_channel(srv.address) as ch:
+            queue: asyncio.Queue = asyncio.Queue()
+
+            async def gen():
+                while (item := await queue.get()) is not None:
+                    yield item
+
+            stub = spb_grpc.StreamingPipelineServiceStub(ch)
+            call = stub.StreamPipeline(gen())
+            queue.put_nowait(init(proto_manifest([("sum", "ChecksumNode")])))
+            assert (await call.read()).WhichOneof("response") == "ready"
+            queue.put_nowait(chunk("sum", RuntimeData.audio(np.ones(64, np.float32), 16000), 0))
+            first = await call.read()
+            node_pid = wire.from_proto(first.result.data_outputs["sum"]).value["pid"]
+            assert _alive({node_pid})
+
+            srv.proc.send_signal(signal.SIGTERM)
+            health = health_pb2_grpc.HealthStub(ch)
+            async with asyncio.timeout(30):
+                # health is what a load balancer polls; so does this test
+                while (await health.Check(health_pb2.HealthCheckRequest())).status != \
+                        health_pb2.HealthCheckResponse.NOT_SERVING:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            # new sessions are refused while draining ...
+            refused = await collect(stub.StreamPipeline(iter([init(proto_manifest([("e", "EchoNode")])), CLOSE])))
+            assert kinds(refused) == ["error"]
+            assert refused[0].error.error_type == pb.ERROR_TYPE_RESOURCE_LIMIT
+            # ... the running one finishes normally
+            queue.put_nowait(chunk("sum", RuntimeData.audio(np.ones(64, np.float32), 16000), 1))
+            queue.put_nowait(CLOSE)
+            rest = await collect(call)
+            queue.put_nowait(None)
+            assert kinds(rest) == ["result", "closed"]
+            assert await call.code() == grpc.StatusCode.OK
+        assert await srv.wait() == 0
+    finally:
+        await srv.kill()
+    assert not _alive({node_pid})
+    assert any("draining" in line for line in srv.lines)
+
+
+async def test_drain_deadline_tears_down_sessions_that_do_not_finish(tmp_path):
+    srv = await ServeProcess.start(tmp_path, drain_timeout_secs=0.5)
+    try:
+        async with grpc.aio.insecure_channel(srv.address) as ch:
+            hold = asyncio.Event()
+
+            async def gen():
+                yield init(proto_manifest([("sum", "ChecksumNode")]))
+                yield chunk("sum", RuntimeData.text("x"), 0)
+                await hold.wait()
+
+            call = spb_grpc.StreamingPipelineServiceStub(ch).StreamPipeline(gen())
+            assert (await call.read()).WhichOneof("response") == "ready"
+            node_pid = wire.from_proto((await call.read()).result.data_outputs["sum"]).value["pid"]
+            srv.proc.send_signal(signal.SIGINT)
+            rest = await collect(call)  # the server ends the call once the deadline passes
+            hold.set()
+            assert kinds(rest)[-1] == "error"
+            assert "shutting down" in rest[-1].error.message
+            assert await call.code() == grpc.StatusCode.OK
+        assert await srv.wait() == 0
+    finally:
+        await srv.kill()
+    assert not _alive({node_pid})
+    assert any("tearing them down" in line for line in srv.lines)
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"rme{srv.proc.pid}x")]
