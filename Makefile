@@ -14,9 +14,9 @@ $(STAMP): pyproject.toml setup.py src/engine/_fastpath.pyx
 
 setup: $(STAMP)
 
-## the main job: the engine's pipeline runner on generated audio
+## the main job: the remotemedia.v1 gRPC server, built-in defaults, 127.0.0.1:50051
 run: $(STAMP)
-	$(BIN)/remotemedia-engine run examples/audio_pipeline.json
+	$(BIN)/remotemedia-engine serve
 
 ## the whole test suite
 test: $(STAMP)

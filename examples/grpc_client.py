@@ -1,0 +1,84 @@
+"""A remotemedia.v1 client: version, one unary run, one stream.
+
+    make run                                  # in one shell: the server on 127.0.0.1:50051
+    .venv/bin/python examples/grpc_client.py  # in another
+
+Any grpcio client built from proto/ works the same way; this one uses the
+stubs that ship with the engine.
+"""
+
+import json
+import sys
+
+import grpc
+import numpy as np
+
+from engine._proto import common_pb2 as pb
+from engine._proto import execution_pb2 as epb
+from engine._proto import execution_pb2_grpc
+from engine._proto import streaming_pb2 as spb
+from engine._proto import streaming_pb2_grpc
+
+ADDRESS = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051"
+METADATA = ()  # with api_keys set on the server: (("authorization", "Bearer <key>"),)
+
+
+def manifest_from_json(path: str) -> epb.PipelineManifest:
+    doc = json.load(open(path))
+    m = epb.PipelineManifest(version=doc["version"])
+    m.metadata.name = doc["metadata"]["name"]
+    for n in doc["nodes"]:
+        m.nodes.add(id=n["id"], node_type=n["node_type"], params=json.dumps(n.get("params", {})))
+    for c in doc["connections"]:
+        m.connections.add(**{"from": c["from"], "to": c["to"]})
+    return m
+
+
+def audio(seconds: float, rate: int = 48_000) -> pb.DataBuffer:
+    t = np.arange(int(seconds * rate)) / rate
+    samples = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    return pb.DataBuffer(audio=pb.AudioBuffer(samples=samples.tobytes(), sample_rate=rate, channels=1,
+                                              format=pb.AUDIO_FORMAT_F32, num_samples=samples.size))
+
+
+def main() -> None:
+    manifest = manifest_from_json("examples/audio_pipeline.json")
+    with grpc.insecure_channel(ADDRESS) as channel:
+        unary = execution_pb2_grpc.PipelineExecutionServiceStub(channel)
+        version = unary.GetVersion(epb.VersionRequest(client_version="v1"), metadata=METADATA)
+        print(f"server {version.version_info.runtime_version}, protocol {version.version_info.protocol_version}, "
+              f"{len(version.version_info.supported_node_types)} node types")
+
+        request = epb.ExecuteRequest(manifest=manifest)
+        request.data_inputs["chunker"].CopyFrom(audio(1.0))
+        response = unary.ExecutePipeline(request, metadata=METADATA)
+        if response.WhichOneof("outcome") == "error":
+            sys.exit(f"error: {response.error.message}")
+        out = response.result.data_outputs["output"].audio
+        print(f"unary: {out.num_samples} samples @ {out.sample_rate} Hz in "
+              f"{response.result.metrics.wall_time_ms:.1f} ms")
+
+        def requests():
+            yield spb.StreamRequest(init=spb.StreamInit(manifest=manifest))
+            for seq in range(10):  # 10 chunks of 20 ms
+                chunk = spb.DataChunk(node_id="chunker", buffer=audio(0.02), sequence=seq)
+                yield spb.StreamRequest(data_chunk=chunk)
+            yield spb.StreamRequest(control=spb.StreamControl(command=spb.StreamControl.COMMAND_CLOSE))
+
+        stream = streaming_pb2_grpc.StreamingPipelineServiceStub(channel)
+        for resp in stream.StreamPipeline(requests(), metadata=METADATA):
+            kind = resp.WhichOneof("response")
+            if kind == "ready":
+                print(f"stream: session {resp.ready.session_id} ready")
+            elif kind == "result":
+                buf = resp.result.data_outputs["output"].audio
+                print(f"  result for chunk {resp.result.sequence}: {buf.num_samples} samples "
+                      f"({resp.result.processing_time_ms:.2f} ms in the engine)")
+            elif kind == "error":
+                sys.exit(f"error: {resp.error.message}")
+            elif kind == "closed":
+                print(f"stream closed: {resp.closed.reason}")
+
+
+if __name__ == "__main__":
+    main()
