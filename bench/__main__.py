@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from bench import (
+from bench import (  # noqa: F401, E401
     harness,
     scenarios_foundation,  # noqa: F401  (registers scenarios)
+    scenarios_multiprocess,
+    scenarios_server,
 )
-
-try:
-    from bench import scenarios_multiprocess  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
 
 
 def main(argv: list[str] | None = None) -> int:

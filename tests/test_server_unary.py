@@ -243,3 +243,18 @@ async def test_prometheus_metrics(make_server):
     assert 'remotemedia_sessions_total{rpc="execute"} 2.0' in text
     assert 'remotemedia_node_output_latency_seconds_count{node_type="EchoNode"} 1.0' in text
     assert "remotemedia_execute_latency_seconds_count 1.0" in text
+
+
+def test_validated_manifests_are_cached_by_content():
+    from engine import Engine
+    from engine.errors import ValidationError
+
+    engine = Engine({"test_nodes": True})
+    m1 = proto_manifest([("a", "PassThroughNode")])
+    first = engine.validate(m1)
+    assert engine.validate(proto_manifest([("a", "PassThroughNode")])) is first
+    assert engine.validate(proto_manifest([("b", "PassThroughNode")])) is not first
+    bad = proto_manifest([("a", "NoSuchNode")])
+    for _ in range(2):  # a failing manifest is checked (and fails) every time
+        with pytest.raises(ValidationError):
+            engine.validate(bad)

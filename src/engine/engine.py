@@ -33,6 +33,18 @@ from .session import InitProgress, Observer, Session
 
 log = logging.getLogger("engine")
 
+_MANIFEST_CACHE = 256
+
+
+def _cache_key(manifest: Any) -> Any:
+    if isinstance(manifest, bytes):
+        return manifest
+    if isinstance(manifest, str):  # JSON text; a path is read again (the file may change)
+        return manifest if manifest.lstrip().startswith("{") else None
+    if hasattr(manifest, "SerializeToString"):
+        return (type(manifest).__name__, manifest.SerializeToString(deterministic=True))
+    return None
+
 
 @dataclass
 class ExecutionResult:
@@ -49,6 +61,7 @@ class Engine:
         self.observer = observer
         self.registry = registry or default_registry(test_nodes=self.config.test_nodes)
         self._sessions: dict[str, Session] = {}
+        self._manifests: collections.OrderedDict[Any, Manifest] = collections.OrderedDict()
         self._process_manager: Any = None
         self._closed = False
         self._accepting = True
@@ -100,9 +113,26 @@ class Engine:
     # ------------------------------------------------------------ manifests
 
     def validate(self, manifest: Any) -> Manifest:
+        """Validate (or take from the cache) a manifest: dict, JSON, path, proto or Manifest.
+
+        Clients send the same manifest again and again; a validated Manifest
+        is immutable, so it is cached by its exact text/bytes (LRU). Only
+        valid manifests are cached; a failing one is checked every time.
+        """
         if isinstance(manifest, Manifest):
             return manifest
-        return validate(manifest, self.registry)
+        key = _cache_key(manifest)
+        if key is not None:
+            hit = self._manifests.get(key)
+            if hit is not None:
+                self._manifests.move_to_end(key)
+                return hit
+        m = validate(manifest, self.registry)
+        if key is not None:
+            self._manifests[key] = m
+            if len(self._manifests) > _MANIFEST_CACHE:
+                self._manifests.popitem(last=False)
+        return m
 
     def plan(self, manifest: Any, limits: ClientLimits | None = None) -> tuple[Manifest, ExecutionPlan, Any]:
         m = self.validate(manifest)
