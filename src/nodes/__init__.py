@@ -8,8 +8,14 @@ from engine.node import Node
 def builtin_nodes() -> list[type[Node]]:
     from .audio import AudioChunkerNode, AudioFormatNode, AudioResampleNode
     from .basic import PassThroughNode
+    from .speech.accumulator import AudioBufferAccumulatorNode
+    from .speech.llm import LFM2Node, LlamaCppNode
+    from .speech.tts import PiperTTSNode
+    from .speech.vad import SileroVADNode
+    from .speech.whisper import WhisperNode
 
-    return [PassThroughNode, AudioChunkerNode, AudioResampleNode, AudioFormatNode]
+    return [PassThroughNode, AudioChunkerNode, AudioResampleNode, AudioFormatNode,
+            SileroVADNode, AudioBufferAccumulatorNode, WhisperNode, LlamaCppNode, LFM2Node, PiperTTSNode]
 
 
 def test_nodes() -> list[type[Node]]:

@@ -15,7 +15,7 @@ from engine.node import Node
 AUDIO = (DataKind.AUDIO,)
 
 
-def _require_audio(node: Node, frame: RuntimeData) -> AudioData:
+def require_audio(node: Node, frame: RuntimeData) -> AudioData:
     if not isinstance(frame, AudioData):
         raise TypeValidationError(f"{node.node_type} takes audio, got {frame.kind.name.lower()}",
                                   node_id=node.node_id)
@@ -47,7 +47,7 @@ class AudioChunkerNode(Node):
         self._template: AudioData | None = None
 
     def process(self, frame: RuntimeData) -> list[AudioData]:
-        audio = _require_audio(self, frame)
+        audio = require_audio(self, frame)
         out: list[AudioData] = []
         fmt = (audio.sample_rate, audio.channels, audio.samples.dtype)
         if self._fmt is not None and fmt != self._fmt:
@@ -122,7 +122,7 @@ class AudioResampleNode(Node):
         return out
 
     def process(self, frame: RuntimeData) -> list[AudioData]:
-        audio = _require_audio(self, frame)
+        audio = require_audio(self, frame)
         if audio.sample_rate == self.target:
             out = self.flush()
             out.append(audio)
@@ -173,7 +173,7 @@ class AudioFormatNode(Node):
         self.target = SampleFormat[str(params["format"]).upper()]
 
     def process(self, frame: RuntimeData) -> AudioData:
-        audio = _require_audio(self, frame)
+        audio = require_audio(self, frame)
         src = audio.format
         if src is self.target:
             return audio

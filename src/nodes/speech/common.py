@@ -1,0 +1,56 @@
+"""Small helpers shared by the speech nodes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import soxr
+
+from engine.data import AudioData, DataKind, JsonData, RuntimeData, SampleFormat
+from engine.errors import TypeValidationError
+from engine.node import Node
+
+from ..audio import require_audio
+
+AUDIO = (DataKind.AUDIO,)
+TEXT = (DataKind.TEXT,)
+CONTROL = (DataKind.JSON,)
+
+_SCALE = {SampleFormat.I16: 1 / 32768, SampleFormat.I32: 1 / 2147483648}
+
+
+def mono_f32(node: Node, frame: RuntimeData, rate: int | None = None) -> np.ndarray:
+    """Audio as mono float32, resampled to `rate` if given (a whole utterance at once)."""
+    audio = require_audio(node, frame)
+    x = audio.samples
+    if audio.format is not SampleFormat.F32:
+        x = x.astype(np.float32) * np.float32(_SCALE[audio.format])
+    if audio.channels > 1:
+        x = x.reshape(-1, audio.channels).mean(axis=1, dtype=np.float32)
+    if rate is not None and audio.sample_rate != rate:
+        x = soxr.resample(x, audio.sample_rate, rate).astype(np.float32, copy=False)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def utterance_of(frame: RuntimeData) -> str:
+    return frame.metadata.get("utterance_id", "")
+
+
+def control(event: str, utterance_id: str, **extra: Any) -> JsonData:
+    """A turn-control frame (commit / cancel) for the nodes downstream."""
+    return JsonData({"event": event, "utterance_id": utterance_id, **extra}, schema_type="turn_control",
+                    metadata={"utterance_id": utterance_id})
+
+
+def as_control(frame: RuntimeData) -> dict[str, Any] | None:
+    if isinstance(frame, JsonData) and frame.schema_type == "turn_control" and isinstance(frame.value, dict):
+        return frame.value
+    return None
+
+
+def check_mono_rate(node: Node, audio: AudioData, rate: int) -> None:
+    if audio.sample_rate != rate:
+        raise TypeValidationError(
+            f"{node.node_type} expects {rate} Hz audio (param sampling_rate), got {audio.sample_rate} Hz; "
+            "put an AudioResampleNode in front", node_id=node.node_id)
