@@ -27,7 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench all
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench examples
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py

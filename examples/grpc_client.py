@@ -15,9 +15,8 @@ import numpy as np
 
 from engine._proto import common_pb2 as pb
 from engine._proto import execution_pb2 as epb
-from engine._proto import execution_pb2_grpc
+from engine._proto import execution_pb2_grpc, streaming_pb2_grpc
 from engine._proto import streaming_pb2 as spb
-from engine._proto import streaming_pb2_grpc
 
 ADDRESS = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051"
 METADATA = ()  # with api_keys set on the server: (("authorization", "Bearer <key>"),)
