@@ -7,7 +7,6 @@ Any grpcio client built from proto/ works the same way; this one uses the
 stubs that ship with the engine.
 """
 
-import json
 import sys
 
 import grpc
@@ -17,20 +16,10 @@ from engine._proto import common_pb2 as pb
 from engine._proto import execution_pb2 as epb
 from engine._proto import execution_pb2_grpc, streaming_pb2_grpc
 from engine._proto import streaming_pb2 as spb
+from engine.manifest import to_proto
 
 ADDRESS = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051"
 METADATA = ()  # with api_keys set on the server: (("authorization", "Bearer <key>"),)
-
-
-def manifest_from_json(path: str) -> epb.PipelineManifest:
-    doc = json.load(open(path))
-    m = epb.PipelineManifest(version=doc["version"])
-    m.metadata.name = doc["metadata"]["name"]
-    for n in doc["nodes"]:
-        m.nodes.add(id=n["id"], node_type=n["node_type"], params=json.dumps(n.get("params", {})))
-    for c in doc["connections"]:
-        m.connections.add(**{"from": c["from"], "to": c["to"]})
-    return m
 
 
 def audio(seconds: float, rate: int = 48_000) -> pb.DataBuffer:
@@ -41,7 +30,7 @@ def audio(seconds: float, rate: int = 48_000) -> pb.DataBuffer:
 
 
 def main() -> None:
-    manifest = manifest_from_json("examples/audio_pipeline.json")
+    manifest = to_proto("examples/audio_pipeline.json")  # or build the proto by hand
     with grpc.insecure_channel(ADDRESS) as channel:
         unary = execution_pb2_grpc.PipelineExecutionServiceStub(channel)
         version = unary.GetVersion(epb.VersionRequest(client_version="v1"), metadata=METADATA)

@@ -9,7 +9,6 @@ Audio goes out as 32 ms chunks at the pace of real speech, followed by a
 second of silence so the VAD hears the end of the turn.
 """
 
-import json
 import sys
 import threading
 import time
@@ -19,21 +18,11 @@ import grpc
 import numpy as np
 
 from engine._proto import common_pb2 as pb
-from engine._proto import execution_pb2 as epb
 from engine._proto import streaming_pb2 as spb
 from engine._proto import streaming_pb2_grpc
+from engine.manifest import to_proto
 
 CHUNK = 512  # samples at 16 kHz = 32 ms
-
-
-def manifest(path: str) -> epb.PipelineManifest:
-    doc = json.load(open(path))
-    m = epb.PipelineManifest(version=doc["version"], metadata=epb.ManifestMetadata(name=doc["metadata"]["name"]))
-    for n in doc["nodes"]:
-        m.nodes.add(id=n["id"], node_type=n["node_type"], params=json.dumps(n.get("params", {})))
-    for c in doc["connections"]:
-        m.connections.add(**{"from": c["from"], "to": c["to"]})
-    return m
 
 
 def main() -> None:
@@ -48,7 +37,7 @@ def main() -> None:
     sent_all = {}
 
     def requests():
-        yield spb.StreamRequest(init=spb.StreamInit(manifest=manifest("examples/speech_to_speech.json")))
+        yield spb.StreamRequest(init=spb.StreamInit(manifest=to_proto("examples/speech_to_speech.json")))
         ready.wait()
         start = time.perf_counter()
         for seq, i in enumerate(range(0, samples.size, CHUNK)):

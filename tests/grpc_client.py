@@ -41,12 +41,9 @@ def proto_manifest(nodes: list[tuple[str, str, dict[str, Any]] | tuple[str, str]
 
 def proto_manifest_from_dict(doc: dict[str, Any]) -> epb.PipelineManifest:
     """A JSON manifest as the proto a gRPC client sends."""
-    m = epb.PipelineManifest(version=doc["version"], metadata=epb.ManifestMetadata(name=doc["metadata"]["name"]))
-    for n in doc["nodes"]:
-        m.nodes.add(id=n["id"], node_type=n["node_type"], params=json.dumps(n.get("params", {})))
-    for c in doc["connections"]:
-        m.connections.add(**{"from": c["from"], "to": c["to"]})
-    return m
+    from engine.manifest import to_proto
+
+    return to_proto(doc)
 
 
 def buffer(frame: RuntimeData) -> pb.DataBuffer:

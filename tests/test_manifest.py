@@ -188,3 +188,22 @@ def test_proto_manifest_goes_through_the_same_validation():
     pm.nodes[0].node_type = "Nope"
     found = issues_of(pm)
     assert {i.code for i in found} >= {"params.json", "unknown_node_type"}
+
+
+def test_to_proto_round_trips_through_validation():
+    from engine.manifest import proto_to_dict, to_proto, validate
+    from engine.registry import default_registry
+
+    doc = {"version": "v1", "metadata": {"name": "rt", "createdAt": "2026-01-01T00:00:00Z",
+                                         "multiprocess": {"channelCapacity": 8}},
+           "nodes": [{"id": "c", "nodeType": "AudioChunkerNode", "params": {"chunkSize": 256}},
+                     {"id": "p", "node_type": "PassThroughNode", "executor": "native"}],
+           "connections": [{"from": "c", "to": "p"}]}
+    proto = to_proto(doc)
+    back = proto_to_dict(proto)
+    assert back["metadata"]["multiprocess"] == {"channel_capacity": 8}
+    registry = default_registry()
+    a, b = validate(doc, registry), validate(proto, registry)
+    assert [(n.id, n.node_type, dict(n.params), n.executor) for n in a.nodes] == \
+        [(n.id, n.node_type, dict(n.params), n.executor) for n in b.nodes]
+    assert a.connections == b.connections

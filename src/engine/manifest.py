@@ -196,6 +196,36 @@ def proto_to_dict(pm: Any) -> dict[str, Any]:
     }
 
 
+
+def to_proto(source: Any) -> Any:
+    """A JSON manifest (dict, JSON text or path) → the remotemedia.v1 PipelineManifest a client sends.
+
+    The inverse of proto_to_dict for what the proto can carry; not validated
+    (the server validates what it receives).
+    """
+    from ._proto import execution_pb2 as epb
+
+    doc = normalize(load_document(source))
+    md = doc.get("metadata") or {}
+    m = epb.PipelineManifest(version=str(doc.get("version", "")))
+    m.metadata.name = str(md.get("name", ""))
+    m.metadata.description = str(md.get("description", ""))
+    m.metadata.created_at = str(md.get("created_at", ""))
+    if md.get("multiprocess"):
+        m.metadata.multiprocess_json = orjson.dumps(md["multiprocess"]).decode()
+    for n in doc.get("nodes") or []:
+        node = m.nodes.add(id=str(n.get("id", "")), node_type=str(n.get("node_type", "")),
+                           params=orjson.dumps(n.get("params") or {}).decode(),
+                           is_streaming=bool(n.get("is_streaming", False)))
+        if n.get("executor"):
+            node.executor = str(n["executor"])
+        if n.get("host"):
+            node.host = str(n["host"])
+    for c in doc.get("connections") or []:
+        m.connections.add(**{"from": str(c.get("from", "")), "to": str(c.get("to", ""))})
+    return m
+
+
 # ---------------------------------------------------------------- schema
 
 @cache
