@@ -97,7 +97,11 @@ async def test_sigterm_drains_running_sessions_then_exits_zero(tmp_path):
                         health_pb2.HealthCheckResponse.NOT_SERVING:  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
             # new sessions are refused while draining ...
-            refused = await collect(stub.StreamPipeline(iter([init(proto_manifest([("e", "EchoNode")])), CLOSE])))
+            async def only_init():
+                yield init(proto_manifest([("e", "EchoNode")]))
+                await asyncio.Event().wait()  # nothing more to say: the server ends the call
+
+            refused = await collect(stub.StreamPipeline(only_init()))
             assert kinds(refused) == ["error"]
             assert refused[0].error.error_type == pb.ERROR_TYPE_RESOURCE_LIMIT
             # ... the running one finishes normally

@@ -231,7 +231,11 @@ async def test_session_cap_refuses_before_starting(make_server):
 
         first = _stub(ch).StreamPipeline(first_gen())
         assert (await first.read()).WhichOneof("response") == "ready"
-        second = await collect(_stub(ch).StreamPipeline(requests(init(proto_manifest([("e", "EchoNode")])), CLOSE)))
+        async def second_gen():
+            yield init(proto_manifest([("e", "EchoNode")]))
+            await hold.wait()  # writes after the server's error would race its end of call
+
+        second = await collect(_stub(ch).StreamPipeline(second_gen()))
         assert kinds(second) == ["error"]
         assert second[0].error.error_type == pb.ERROR_TYPE_RESOURCE_LIMIT
         assert "max_sessions" in second[0].error.context
