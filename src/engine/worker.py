@@ -15,6 +15,7 @@ import asyncio
 import importlib
 import inspect
 import os
+import signal
 import socket
 import threading
 import time
@@ -74,7 +75,6 @@ class Worker:
         self.stopping = False
         self.items_in = self.items_out = 0
         self.busy_s = 0.0
-        self._busy_since: float | None = None
         self._busy_seq: int | None = None
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -97,16 +97,16 @@ class Worker:
                 if loop is not None:
                     loop.call_soon_threadsafe(self._wake.set)
 
-    def _watchdog_thread(self) -> None:
-        limit = self.args.process_timeout_secs
-        while True:
-            time.sleep(min(0.05, limit / 4))
-            since = self._busy_since
-            if since is not None and time.monotonic() - since > limit:
-                self.ctrl.send(Failure("timeout", ErrorType.NODE_EXECUTION.name,
-                                       f"process() exceeded process_timeout_secs={limit:g} "
-                                       f"(sequence {self._busy_seq})", sequence=self._busy_seq))
-                os._exit(71)
+    def _arm(self) -> None:
+        # The process() deadline: SIGALRM with its default action ends the
+        # process even when process() is stuck in native code holding the
+        # GIL; the engine reports that death as the timeout. A timer costs a
+        # syscall per call and nothing while idle (a watchdog thread polled).
+        signal.setitimer(signal.ITIMER_REAL, self.args.process_timeout_secs)
+
+    @staticmethod
+    def _disarm() -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
     def stats(self) -> Stats:
         return Stats(self.items_in, self.items_out, self.busy_s, cpu_s=time.process_time())
@@ -157,7 +157,7 @@ class Worker:
                 await result
             self.node = node
             self.ctrl.send(Ready())
-            threading.Thread(target=self._watchdog_thread, name="watchdog", daemon=True).start()
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
             while not self.stopping:
                 self._wake.clear()
                 self._drain_events()
@@ -197,20 +197,20 @@ class Worker:
         seq = frame.sequence if frame is not None else self._busy_seq
         self._busy_seq = seq
         t0 = time.monotonic()
-        self._busy_since = t0
+        self._arm()
         try:
             result = fn(frame) if frame is not None else fn()
             if inspect.isawaitable(result):
                 result = await result
             async for out in iterate_outputs(result):
-                self._busy_since = None
+                self._disarm()  # waiting for the consumer is not the node's time
                 out.sequence = seq
                 out.source = self.args.node_id
                 self.items_out += 1
                 await sender.send(codec.prepare(out))
-                self._busy_since = time.monotonic()
+                self._arm()
         finally:
-            self._busy_since = None
+            self._disarm()
             self.busy_s += time.monotonic() - t0
 
 
