@@ -301,7 +301,11 @@ async def test_total_process_cap():
 async def test_memory_limit_fails_session(mp_engine):
     m = manifest([{"id": "echo", "node_type": "EchoNode"}],
                  multiprocess={"max_session_memory_mb": 1})
-    async with mp_engine.stream(m) as s:
-        with pytest.raises(ResourceLimitError, match="max_session_memory_mb"):
-            async for _ in s:
+    # sampling starts with the process, so the limit may strike while the node
+    # is still starting (start() raises) or once it runs (iteration raises)
+    session = mp_engine.stream(m)
+    with pytest.raises(ResourceLimitError, match="max_session_memory_mb"):
+        async with session:
+            async for _ in session:
                 pass
+    await session.wait_closed()

@@ -17,7 +17,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from .executors.native import NativeRunner
 from .manifest import Manifest, validate
 from .plan import ExecutionPlan, PlannedNode, build_plan
 from .registry import ExecutorRegistry, default_registry
-from .session import InitProgress, Observer, Session
+from .session import InitProgress, Observer, Output, Session
 
 log = logging.getLogger("engine")
 
@@ -153,11 +153,15 @@ class Engine:
     # ------------------------------------------------------------ sessions
 
     def stream(self, manifest: Any, *, on_progress: Callable[[InitProgress], Any] | None = None,
-               session_id: str | None = None, limits: ClientLimits | None = None) -> Session:
+               session_id: str | None = None, limits: ClientLimits | None = None,
+               output_sink: Callable[[Output], Awaitable[None]] | None = None) -> Session:
         """A streaming session; `async with` starts it (all nodes ready) and tears it down.
 
         `limits` (optional) tighten this run's memory, duration and audio
-        frame size below what the configuration allows.
+        frame size below what the configuration allows. With `output_sink`,
+        sink outputs are awaited into it as they are produced (its waiting
+        is the backpressure) instead of being queued for iteration; the
+        session's end and error are then seen through `wait_closed()`/`error`.
         """
         if self._closed or not self._accepting:
             raise ResourceLimitError("engine is shutting down; not accepting sessions")
@@ -171,7 +175,8 @@ class Engine:
         if n_proc:
             self.process_manager().check_capacity(n_proc)
         session = Session(m, plan, settings, self._make_runner, on_progress=on_progress,
-                          on_close=self._session_closed, session_id=session_id, observer=self.observer)
+                          on_close=self._session_closed, session_id=session_id, observer=self.observer,
+                          output_sink=output_sink)
         self._sessions[session.id] = session
         self._idle.clear()
         return session

@@ -17,7 +17,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -93,6 +93,7 @@ class Session:
         on_close: Callable[[Session], Any] | None = None,
         session_id: str | None = None,
         observer: Observer | None = None,
+        output_sink: Callable[[Output], Awaitable[None]] | None = None,
     ) -> None:
         self.id = session_id or uuid.uuid4().hex[:16]
         self.manifest = manifest
@@ -116,6 +117,7 @@ class Session:
         self._send_times: dict[int, float] = {}
         self._started_at = time.perf_counter()
         self._observer = observer
+        self._sink = output_sink
         self._deadline: asyncio.TimerHandle | None = None
         self.memory_watched = False  # set once a process executor samples this session
         self.log = logging.LoggerAdapter(log, {"session_id": self.id, "node_id": "-"})
@@ -228,7 +230,11 @@ class Session:
             if t0 is not None:
                 self.metrics.latency_sum_s += time.perf_counter() - t0
                 self.metrics.latency_count += 1
-            await self._outputs.put(Output(node_id, frame.sequence, frame))
+            out = Output(node_id, frame.sequence, frame)
+            if self._sink is not None:
+                await self._sink(out)
+            else:
+                await self._outputs.put(out)
             return
         for target in planned.downstream:
             await self._runners[target].push(frame)

@@ -3,22 +3,25 @@
     init → (init_progress …) → ready → data chunks ⇄ results (+ metrics every
     N chunks) → CLOSE → closed → status OK
 
-Three tasks serve a call, all owned by it and cancelled when it ends:
+Two tasks serve a call, both owned by it and cancelled when it ends:
 
 - the *reader* takes requests off the wire, checks them (target node,
   sequence order, declared sizes against bytes) and converts each buffer once
-  into a frame. Chunks that arrive while the pipeline is starting wait in a
-  bounded inbox; when it is full the reader stops reading, so gRPC flow
-  control slows the client down instead of anything being refused or lost.
-- the *driver* starts the session, answers `ready`, then feeds the inbox to
-  the session (CLOSE flushes, CANCEL stops at once).
-- the *forwarder* turns sink outputs into `result`s tagged with the input's
-  sequence.
+  into a frame. While the pipeline starts, chunks wait in a bounded inbox;
+  when it is full the reader stops reading, so gRPC flow control slows the
+  client down instead of anything being refused or lost. Once the pipeline
+  runs, the reader feeds the session itself (one task hop less per chunk);
+  CLOSE flushes, CANCEL stops at once.
+- the *driver* starts the session, answers `ready`, feeds what was queued
+  meanwhile, then hands over to the reader.
 
-Everything they answer goes through one bounded outbox the call's generator
-drains. An `error`, `closed` or the end of the request stream is terminal:
-the generator sends it and returns, and its `finally` tears the session
-down. A client that goes away cancels the generator: the same `finally`.
+Sink outputs come straight from the session (its output sink) as `result`s
+tagged with the input's sequence. Everything the call answers goes through
+one bounded outbox that the call's generator drains; the outbox being full
+is what slows the pipeline down for a slow reader. An `error`, `closed` or
+the end of the request stream is terminal: the generator sends it and
+returns, and its `finally` tears the session down. A client that goes away
+cancels the generator: the same `finally`.
 """
 
 from __future__ import annotations
@@ -103,6 +106,8 @@ class StreamCall:
         self.tasks: list[asyncio.Task] = []
         self.received_at: dict[int, float] = {}
         self.chunks = 0
+        self.sent = 0
+        self.live = False  # the pipeline is up and the queue of early chunks is drained
         self.known_nodes: set[str] = set()
         self.last_sequence = -1
         self.started = time.perf_counter()
@@ -149,7 +154,8 @@ class StreamCall:
 
     def _open_session(self, init: spb.StreamInit) -> None:
         self.session = self.engine.stream(init.manifest, on_progress=self._progress,
-                                          limits=limits_from_proto(init.resource_limits))
+                                          limits=limits_from_proto(init.resource_limits),
+                                          output_sink=self._deliver)
         self.metrics.sessions.labels("stream").inc()
         self.log = logging.LoggerAdapter(log, {"session_id": self.session.id, "node_id": "-"})
         self.known_nodes = set(self.session.plan.order)
@@ -192,15 +198,23 @@ class StreamCall:
     async def _reader(self) -> None:
         try:
             async for request in self.requests:
-                item = self._parse(request)
-                await self.inbox.put(item)
-                if isinstance(item, _Close):
+                if not await self._submit(self._parse(request)):
                     return
-            await self.inbox.put(_Close(reason="client finished sending"))
+            await self._submit(_Close(reason="client finished sending"))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._fail(exc)
+            self._fail((self.session.error if self.session else None) or exc)
+
+    async def _submit(self, item: _Chunk | _Close) -> bool:
+        """Queue while the pipeline starts, handle in place once it runs; False once closed."""
+        if not self.live:
+            await self.inbox.put(item)
+            if not self.live:
+                return not isinstance(item, _Close)
+            # it went live while this waited for room: what is queued is this task's to handle now
+            return await self._drain_inbox()
+        return await self._handle(item)
 
     def _parse(self, request: spb.StreamRequest) -> _Chunk | _Close:
         which = request.WhichOneof("request")
@@ -258,9 +272,9 @@ class StreamCall:
     # ------------------------------------------------------------ driver
 
     async def _driver(self, init: spb.StreamInit) -> None:
+        """Start the session, answer ready, feed what was queued meanwhile, then hand over to the reader."""
         session = self.session
         assert session is not None
-        forwarder: asyncio.Task | None = None
         try:
             await session.start()
             ready = spb.StreamResponse()
@@ -268,51 +282,67 @@ class StreamCall:
             ready.ready.recommended_chunk_size = init.expected_chunk_size
             self.outbox.put_terminal(ready)
             self.log.info("stream ready: %d nodes", len(session.plan.order))
-            forwarder = asyncio.get_running_loop().create_task(self._forwarder(), name="stream-forwarder")
-            self.tasks.append(forwarder)
+            self.tasks.append(asyncio.get_running_loop().create_task(self._watch(), name="stream-watch"))
             for node_id, buf in init.data_inputs.items():
                 await session.send(self._target(node_id), wire.from_proto(buf, node_id=node_id), 0)
-            every = self.settings.metrics_every_n_chunks
-            sent = 0
-            while True:
-                item = await self.inbox.get()
-                if isinstance(item, _Close):
-                    break
-                for frame in item.frames:
-                    await session.send(item.node_id, frame, item.sequence)
-                sent += 1
-                if every and sent % every == 0:
-                    await self.outbox.put(self._metrics_response())
-            if item.cancel:
-                await session.cancel()
-                self.outbox.clear()  # stop at once: results not yet sent are dropped
-            else:
-                await session.close()
-                await forwarder  # every output delivered
-            await session.wait_closed()
-            closed = spb.StreamResponse()
-            closed.closed.session_id = session.id
-            closed.closed.reason = item.reason
-            snap = session.snapshot()
-            snap["wall_time_ms"] = (time.perf_counter() - self.started) * 1000
-            execution_metrics(snap, closed.closed.final_metrics)
-            self.outbox.put_terminal(_Final(closed))
-            self.log.info("stream closed (%s): %d chunks", item.reason, self.chunks)
+            if await self._drain_inbox():
+                self.live = True  # no await since the inbox was seen empty: nothing slips between
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self._fail(session.error or exc)
 
-    async def _forwarder(self) -> None:
+    async def _drain_inbox(self) -> bool:
+        while not self.inbox.empty():
+            if not await self._handle(self.inbox.get_nowait()):
+                return False
+        return True
+
+    async def _handle(self, item: _Chunk | _Close) -> bool:
         session = self.session
         assert session is not None
-        try:
-            async for out in session:
-                await self.outbox.put(self._result(out))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._fail(exc)
+        if isinstance(item, _Close):
+            await self._finish(item)
+            return False
+        for frame in item.frames:
+            await session.send(item.node_id, frame, item.sequence)
+        self.sent += 1
+        every = self.settings.metrics_every_n_chunks
+        if every and self.sent % every == 0:
+            await self.outbox.put(self._metrics_response())
+        return True
+
+    async def _finish(self, item: _Close) -> None:
+        session = self.session
+        assert session is not None
+        if item.cancel:
+            await session.cancel()
+            self.outbox.clear()  # stop at once: results not yet sent are dropped
+        else:
+            await session.close()  # flushes; every output is delivered before the teardown
+        await session.wait_closed()
+        if session.error is not None and not item.cancel:
+            self._fail(session.error)
+            return
+        closed = spb.StreamResponse()
+        closed.closed.session_id = session.id
+        closed.closed.reason = item.reason
+        snap = session.snapshot()
+        snap["wall_time_ms"] = (time.perf_counter() - self.started) * 1000
+        execution_metrics(snap, closed.closed.final_metrics)
+        self.outbox.put_terminal(_Final(closed))
+        self.log.info("stream closed (%s): %d chunks", item.reason, self.chunks)
+
+    async def _watch(self) -> None:
+        """A session that fails on its own (a node crashed, a limit) ends the call with its error."""
+        assert self.session is not None
+        await self.session.wait_closed()
+        if self.session.error is not None:
+            self._fail(self.session.error)
+
+    async def _deliver(self, out: Output) -> None:
+        """The session's sink: each output becomes a result (waits while the outbox is full)."""
+        await self.outbox.put(self._result(out))
 
     def _result(self, out: Output) -> spb.StreamResponse:
         resp = spb.StreamResponse()
