@@ -19,8 +19,16 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/remotemedia-engine serve
 
+NODE_CLIENT := tests/node_client
+NODE_STAMP := $(NODE_CLIENT)/node_modules/.installed
+
+# the Node.js client of tests/test_node_client.py (locked npm dependencies)
+$(NODE_STAMP): $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
+	cd $(NODE_CLIENT) && npm ci --silent --no-audit --no-fund
+	touch $(NODE_STAMP)
+
 ## the whole test suite
-test: $(STAMP)
+test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
@@ -33,4 +41,4 @@ proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/engine/_fastpath.c src/engine/_fastpath*.so
+	rm -rf $(VENV) $(NODE_CLIENT)/node_modules build src/*.egg-info src/engine/_fastpath.c src/engine/_fastpath*.so
