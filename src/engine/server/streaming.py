@@ -108,6 +108,7 @@ class StreamCall:
         self.chunks = 0
         self.sent = 0
         self.live = False  # the pipeline is up and the queue of early chunks is drained
+        self.failed = False
         self.known_nodes: set[str] = set()
         self.last_sequence = -1
         self.started = time.perf_counter()
@@ -185,6 +186,9 @@ class StreamCall:
         return resp
 
     def _fail(self, exc: BaseException) -> None:
+        if self.failed:  # a crash is seen by more than one task; it is answered once
+            return
+        self.failed = True
         self.outbox.put_terminal(_Final(self._error_response(engine_error(exc))))
 
     def _metrics_response(self) -> spb.StreamResponse:
