@@ -1,11 +1,12 @@
 """The main loop of a node process: one node instance of one session.
 
-Forked from the zygote. Opens its side of the node's shared-memory channels,
+Forked from the zygote. Creates its loop and iceoryx2 node while the engine
+creates the node's services, opens its side of them once told they exist,
 says Hello, imports and initializes the node (reporting progress), says
 Ready, then processes frames as they arrive, woken by iceoryx2 events on its
 own asyncio loop. Control (ping, shutdown) is read by a thread so it is
-never stuck behind data. A watchdog fails the node when one process() call
-exceeds its deadline. The process exits when the engine closes the control
+never stuck behind data. A timer (SIGALRM) ends the process when one
+process() call exceeds its deadline. The process exits when the engine closes the control
 socket (engine gone) and, through PR_SET_PDEATHSIG, when the zygote dies.
 """
 
@@ -27,6 +28,7 @@ from .errors import EngineError, ErrorType
 from .ipc import codec, iox
 from .ipc.channel import EOS, FrameReceiver, FrameSender, Inbox
 from .ipc.control import (
+    ChannelsReady,
     Failure,
     Hello,
     Ping,
@@ -39,6 +41,11 @@ from .ipc.control import (
     SyncChannel,
 )
 from .node import Node, iterate_outputs
+
+try:  # imported here so the zygote preloads it (an import in the child costs ~6 ms a start)
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a declared dependency
+    uvloop = None  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ class Worker:
         self.busy_s = 0.0
         self._busy_seq: int | None = None
         self._wake = asyncio.Event()
+        self._channels_ready = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---------------------------------------------------------------- control
@@ -91,6 +99,10 @@ class Worker:
                 os._exit(0)
             if isinstance(msg, Ping):
                 self.ctrl.send(Pong(msg.token))
+            elif isinstance(msg, ChannelsReady):
+                loop = self._loop
+                if loop is not None:
+                    loop.call_soon_threadsafe(self._channels_ready.set)
             elif isinstance(msg, Shutdown):
                 self.stopping = True
                 loop = self._loop
@@ -116,8 +128,10 @@ class Worker:
     async def main(self) -> int:
         a = self.args
         self._loop = asyncio.get_running_loop()
+        threading.Thread(target=self._control_thread, name="control", daemon=True).start()
         space = iox.IpcSpace(a.space_root, a.space_prefix)
         ionode = space.node(f"w{os.getpid()}")
+        await self._channels_ready.wait()  # bounded by the engine's spawn timeout, which kills us
         in_svc = iox.open_frames_service(ionode, a.names.inputs, a.capacity)
         out_svc = iox.open_frames_service(ionode, a.names.outputs, a.capacity)
         eng_ev = iox.open_event_service(ionode, a.names.engine_inbox)
@@ -136,7 +150,6 @@ class Worker:
 
         inbox = Inbox(listener, fd, on_events)
         inbox.attach(self._loop)
-        threading.Thread(target=self._control_thread, name="control", daemon=True).start()
         self.ctrl.send(Hello(os.getpid()))
         self._inbox = inbox
         try:
@@ -219,8 +232,8 @@ def run(ctrl_fd: int, args: WorkerArgs) -> int:
     ctrl = SyncChannel(sock)
     worker = Worker(ctrl, args)
     try:
-        import uvloop
-
+        if uvloop is None:  # pragma: no cover
+            return asyncio.run(worker.main())
         return uvloop.run(worker.main())
     except Exception as exc:
         try:

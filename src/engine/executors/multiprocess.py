@@ -35,6 +35,7 @@ from ..ipc import codec, iox
 from ..ipc.channel import EOS, FrameReceiver, FrameSender, Inbox
 from ..ipc.control import (
     AsyncChannel,
+    ChannelsReady,
     Failure,
     Hello,
     Pong,
@@ -328,6 +329,7 @@ class ProcessRunner(NodeRunner):
         self._sender: FrameSender | None = None
         self._receiver: FrameReceiver | None = None
         self._iox: list[Any] = []
+        self._services: tuple[Any, ...] = ()
         self.log = logging.LoggerAdapter(log, {"session_id": session.id, "node_id": self.node_id})
 
     # ------------------------------------------------------------ start
@@ -338,7 +340,6 @@ class ProcessRunner(NodeRunner):
         assert m.space is not None
         loop = asyncio.get_running_loop()
         names = iox.ChannelNames.for_node(self.session.id, self.node_id)
-        self._open_channels(names, loop)
         spec = self.planned.spec
         args = WorkerArgs(self.session.id, self.node_id, spec.node_type, spec.module, spec.qualname,
                           dict(self.planned.decl.params), m.space.root, m.space.prefix, names,
@@ -354,6 +355,11 @@ class ProcessRunner(NodeRunner):
         loop.add_reader(self._pidfd, self._on_pidfd)
         self._ctrl = await AsyncChannel.open(ours)
         self._ctrl_sock = None
+        # The process starts its loop and iceoryx2 node meanwhile; it opens
+        # the services once told they are complete, while ports are made here.
+        self._open_services(names)
+        self._ctrl.send(ChannelsReady())
+        self._open_ports(loop)
 
         deadline = loop.time() + s.spawn_timeout_secs
         msg = await self._recv_until(deadline, "start (process alive, channels open)",
@@ -372,23 +378,31 @@ class ProcessRunner(NodeRunner):
         self._ctrl_task = self.session.track(self._control_loop(), f"{self.node_id}:control")
         self.session.track(self._pump(), f"{self.node_id}:pump")
 
-    def _open_channels(self, names: iox.ChannelNames, loop: asyncio.AbstractEventLoop) -> None:
-        # Kept out of start(): a traceback holding start()'s frame must not
-        # keep iceoryx2 services (and their fds and files) alive.
+    # Kept out of start(): a traceback holding start()'s frame must not keep
+    # iceoryx2 services (and their fds and files) alive.
+
+    def _open_services(self, names: iox.ChannelNames) -> None:
+        s = self.session.settings
+        node = self.manager.ionode
+        self._services = (iox.open_frames_service(node, names.inputs, s.channel_capacity),
+                          iox.open_frames_service(node, names.outputs, s.channel_capacity),
+                          iox.open_event_service(node, names.engine_inbox),
+                          iox.open_event_service(node, names.node_inbox))
+        self._iox = list(self._services)
+
+    def _open_ports(self, loop: asyncio.AbstractEventLoop) -> None:
         m, s = self.manager, self.session.settings
         assert m.space is not None
-        node = m.ionode
-        in_svc = iox.open_frames_service(node, names.inputs, s.channel_capacity)
-        out_svc = iox.open_frames_service(node, names.outputs, s.channel_capacity)
-        eng_ev = iox.open_event_service(node, names.engine_inbox)
-        node_ev = iox.open_event_service(node, names.node_inbox)
+        in_svc, out_svc, eng_ev, node_ev = self._services
+        self._services = ()
         to_node = node_ev.notifier_builder().create()
         self._sender = FrameSender(iox.publisher(in_svc), to_node)
         self._receiver = FrameReceiver(iox.subscriber(out_svc, s.channel_capacity), to_node)
         listener, fd = iox.make_listener(eng_ev, m.space)
         self._inbox = Inbox(listener, fd, self._on_events)
         self._inbox.attach(loop)
-        self._iox = [self._sender.pub, self._receiver.sub, to_node, listener, in_svc, out_svc, eng_ev, node_ev]
+        # ports before services: delete() drops them in this order
+        self._iox = [self._sender.pub, self._receiver.sub, to_node, listener, *self._iox]
 
     async def _recv_until(self, deadline: float, what: str, key: str, value: float) -> Any:
         assert self._ctrl is not None

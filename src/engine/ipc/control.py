@@ -21,6 +21,16 @@ MAX_MESSAGE = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
+class ChannelsReady:
+    """Engine → node process: the node's services exist; open them.
+
+    The engine creates them while the process starts (its loop and its
+    iceoryx2 node), so neither waits for the other and the process only
+    opens services that are complete.
+    """
+
+
+@dataclass(frozen=True)
 class Hello:
     """Node process → engine: alive, channels open."""
 
