@@ -6,6 +6,7 @@ gRPC service needs.
 
 from __future__ import annotations
 
+import functools
 import re
 import traceback
 from collections.abc import Mapping
@@ -68,6 +69,7 @@ def check_client_version(client_version: str) -> tuple[bool, str]:
     return True, f"client {client_version} is compatible with {PROTOCOL_VERSION}"
 
 
+@functools.cache
 def build_timestamp() -> str:
     """When the installed engine was built: the compiled extension's modification time."""
     from .. import _fastpath
