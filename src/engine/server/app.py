@@ -29,7 +29,7 @@ from ..errors import ResourceLimitError, ValidationError
 from .auth import ApiKeyInterceptor
 from .execution import PipelineExecutionServicer
 from .metrics import ServerMetrics
-from .streaming import StreamingPipelineServicer
+from .streaming import LINGER_S, StreamingPipelineServicer
 
 log = logging.getLogger("engine.server")
 
@@ -115,8 +115,10 @@ class EngineServer:
                                          context={"field": "drain_timeout_secs", "limit": grace})
                 await asyncio.gather(*(s.fail(err) for s in sessions), return_exceptions=True)
         if self._server is not None:
-            # calls still open are cancelled; their sessions tear down in their own `finally`
-            await self._server.stop(grace=1.0)
+            # Calls that answered get their linger (see StreamCall._let_client_finish)
+            # and a little more; those still open then are cancelled, and their
+            # sessions tear down in their own `finally`.
+            await self._server.stop(grace=LINGER_S + 1.0)
         await self.engine.aclose()
         self.metrics.close()
         log.info("server stopped")

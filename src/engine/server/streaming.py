@@ -56,6 +56,8 @@ from .metrics import ServerMetrics
 log = logging.getLogger("engine.server")
 
 _OUTBOX_CAPACITY = 256
+#: how long an ending call keeps reading what the client still sends
+LINGER_S = 1.0
 #: inputs whose arrival time is kept to report processing_time_ms per result
 _TIMING_WINDOW = 4096
 
@@ -108,7 +110,7 @@ class StreamCall:
         self.chunks = 0
         self.sent = 0
         self.live = False  # the pipeline is up and the queue of early chunks is drained
-        self.failed = False
+        self.ending = False  # a terminal answer is queued: the reader drops what still comes
         self.known_nodes: set[str] = set()
         self.last_sequence = -1
         self.started = time.perf_counter()
@@ -130,12 +132,32 @@ class StreamCall:
                 if isinstance(item, _Final):
                     if item.response is not None:
                         yield item.response
+                    await self._let_client_finish(self.tasks[0])
                     return
                 yield item
         except EngineError as err:
             yield self._error_response(err)
+            await self._let_client_finish(None)
         finally:
             await asyncio.shield(self._cleanup())
+
+    async def _let_client_finish(self, reader: asyncio.Task | None) -> None:
+        """Keep reading (and dropping) what the client still sends, briefly, before ending the call.
+
+        Clients send init, every chunk and CLOSE without waiting for answers;
+        ending the call while they write makes their own write fail, and the
+        client then sees an INTERNAL error instead of this call's answer. A
+        client that half-closes ends this at once; `LINGER_S` bounds the rest.
+        """
+        try:
+            async with asyncio.timeout(LINGER_S):
+                if reader is not None:
+                    await asyncio.wait({reader})
+                else:
+                    async for _ in self.requests:
+                        pass
+        except (TimeoutError, Exception):  # noqa: BLE001 - the answer is sent; this is courtesy
+            pass
 
     async def _first_init(self) -> spb.StreamInit | None:
         try:
@@ -186,10 +208,15 @@ class StreamCall:
         return resp
 
     def _fail(self, exc: BaseException) -> None:
-        if self.failed:  # a crash is seen by more than one task; it is answered once
+        if self.ending:  # a crash is seen by more than one task; the call answers once
             return
-        self.failed = True
-        self.outbox.put_terminal(_Final(self._error_response(engine_error(exc))))
+        self._end(_Final(self._error_response(engine_error(exc))))
+
+    def _end(self, final: _Final) -> None:
+        self.ending = True
+        self.outbox.put_terminal(final)
+        while not self.inbox.empty():  # early chunks are moot now; a reader waiting for room goes on
+            self.inbox.get_nowait()
 
     def _metrics_response(self) -> spb.StreamResponse:
         assert self.session is not None
@@ -200,15 +227,23 @@ class StreamCall:
     # ------------------------------------------------------------ reader
 
     async def _reader(self) -> None:
-        try:
-            async for request in self.requests:
-                if not await self._submit(self._parse(request)):
-                    return
-            await self._submit(_Close(reason="client finished sending"))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._fail((self.session.error if self.session else None) or exc)
+        """Requests → the session; once the call is ending, read on and drop (see _let_client_finish)."""
+        async for request in self.requests:
+            if self.ending:
+                continue
+            try:
+                await self._submit(self._parse(request))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._fail((self.session.error if self.session else None) or exc)
+        if not self.ending:
+            try:
+                await self._submit(_Close(reason="client finished sending"))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._fail((self.session.error if self.session else None) or exc)
 
     async def _submit(self, item: _Chunk | _Close) -> bool:
         """Queue while the pipeline starts, handle in place once it runs; False once closed."""
@@ -334,7 +369,7 @@ class StreamCall:
         snap = session.snapshot()
         snap["wall_time_ms"] = (time.perf_counter() - self.started) * 1000
         execution_metrics(snap, closed.closed.final_metrics)
-        self.outbox.put_terminal(_Final(closed))
+        self._end(_Final(closed))
         self.log.info("stream closed (%s): %d chunks", item.reason, self.chunks)
 
     async def _watch(self) -> None:
