@@ -45,6 +45,7 @@ async def test_node_client_works_unchanged(server):
     assert s["kinds"][0] == "ready" and s["kinds"][-1] == "closed", s["kinds"]
     assert [r["sequence"] for r in s["results"]] == list(range(8))
     assert [r["value"]["checksum"] for r in s["results"]] == [_expected_checksum(i) for i in range(8)]
+    assert seen["stream_error"] == {"kinds": ["error"], "error_type": "ERROR_TYPE_VALIDATION", "node": "sum"}
 
 
 async def test_node_client_with_api_key(make_server):

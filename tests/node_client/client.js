@@ -43,7 +43,7 @@ function audio(n, seed) {
   return { samples: buf, sample_rate: 16000, channels: 1, format: 'AUDIO_FORMAT_F32', num_samples: n };
 }
 
-function stream(n) {
+function stream(n, nodes) {
   return new Promise((resolve, reject) => {
     const seen = { kinds: [], results: [], error: null };
     const call = streaming.StreamPipeline(metadata());
@@ -59,7 +59,7 @@ function stream(n) {
     call.on('error', reject);
     call.on('end', () => resolve(seen));
     // everything at once, as one existing client does
-    call.write({ init: { manifest: manifest([['echo', 'EchoNode'], ['sum', 'ChecksumNode']], [['echo', 'sum']]) } });
+    call.write({ init: { manifest: manifest(nodes, [['echo', 'sum']]) } });
     for (let i = 0; i < n; i++) {
       if (i % 2) call.write({ data_chunk: { node_id: 'echo', buffer: { audio: audio(320, i) }, sequence: i } });
       else call.write({ audio_chunk: { node_id: 'echo', buffer: audio(320, i), sequence: i } });  // the deprecated form
@@ -82,7 +82,11 @@ function stream(n) {
                   status: res.result && res.result.status };
     const bad = await unary('ExecutePipeline', { manifest: manifest([['x', 'NoSuchNode']], []) });
     out.unary_error = { outcome: bad.outcome, error_type: bad.error.error_type, node: bad.error.failing_node_id };
-    out.stream = await stream(8);
+    out.stream = await stream(8, [['echo', 'EchoNode'], ['sum', 'ChecksumNode']]);
+    // a pipeline that cannot start, with everything already sent: the error, then a clean end
+    const failed = await stream(8, [['echo', 'EchoNode'], ['sum', 'NoSuchNode']]);
+    out.stream_error = { kinds: failed.kinds, error_type: failed.error && failed.error.error_type,
+                         node: failed.error && failed.error.failing_node_id };
   } catch (err) {
     out.failure = { code: err.code, details: err.details };
   }
