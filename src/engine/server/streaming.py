@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from grpc import aio
@@ -229,31 +229,26 @@ class StreamCall:
     async def _reader(self) -> None:
         """Requests → the session; once the call is ending, read on and drop (see _let_client_finish)."""
         async for request in self.requests:
-            if self.ending:
-                continue
-            try:
-                await self._submit(self._parse(request))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._fail((self.session.error if self.session else None) or exc)
+            if not self.ending:
+                await self._submit(lambda r=request: self._parse(r))
         if not self.ending:
-            try:
-                await self._submit(_Close(reason="client finished sending"))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._fail((self.session.error if self.session else None) or exc)
+            await self._submit(lambda: _Close(reason="client finished sending"))
 
-    async def _submit(self, item: _Chunk | _Close) -> bool:
-        """Queue while the pipeline starts, handle in place once it runs; False once closed."""
-        if not self.live:
-            await self.inbox.put(item)
+    async def _submit(self, make: Callable[[], _Chunk | _Close]) -> None:
+        """Queue while the pipeline starts, handle in place once it runs; a failure ends the call."""
+        try:
+            item = make()
             if not self.live:
-                return not isinstance(item, _Close)
-            # it went live while this waited for room: what is queued is this task's to handle now
-            return await self._drain_inbox()
-        return await self._handle(item)
+                await self.inbox.put(item)
+                if self.live:
+                    # it went live while this waited for room: what is queued is this task's now
+                    await self._drain_inbox()
+            else:
+                await self._handle(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._fail((self.session.error if self.session else None) or exc)
 
     def _parse(self, request: spb.StreamRequest) -> _Chunk | _Close:
         which = request.WhichOneof("request")

@@ -76,7 +76,6 @@ class LlamaCppNode(Node):
     param_aliases = {"modelPath": "model_path", "model": "model_path", "systemPrompt": "system_prompt",
                      "maxTokens": "max_tokens", "max_new_tokens": "max_tokens", "contextSize": "context_size",
                      "n_ctx": "context_size", "historyTurns": "history_turns"}
-    default_model_name = "SmolLM2-135M-Instruct"
 
     def __init__(self, node_id: str, params: dict[str, Any]) -> None:
         super().__init__(node_id, params)
@@ -221,7 +220,6 @@ class LFM2Node(LlamaCppNode):
     """The LLM node for Liquid AI's LFM2 GGUF models (none ships on PyPI: give `model_path`)."""
 
     node_type = "LFM2Node"
-    default_model_name = "LFM2"
 
     def model_file(self) -> str:
         path = self.params.get("model_path") or ""
