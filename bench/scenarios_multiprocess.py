@@ -28,12 +28,13 @@ def ratio_line(a: float, b: float) -> float:
 
 @scenario("spawn_to_ready")
 def spawn_to_ready() -> dict:
-    async def go() -> list[float]:
+    async def go(prewarm: int) -> list[float]:
         out = []
-        async with Engine(CFG) as engine:
+        async with Engine({**CFG, "prewarm_processes": prewarm}) as engine:
             async with engine.stream(one("EchoNode")):
                 pass  # warm the zygote (once per engine)
             for _ in range(40):
+                await asyncio.sleep(0.05)  # sessions arrive apart; the pool refills meanwhile
                 t = time.perf_counter()
                 s = engine.stream(one("EchoNode"))
                 await s.start()
@@ -41,10 +42,12 @@ def spawn_to_ready() -> dict:
                 await s.cancel()
         return out
 
-    v = asyncio.run(go())
-    return {"series": {"session start → 1 node ready (fork, iceoryx2 ports, initialize)": {"values": v, "unit": "s"}},
-            "targets": {"p50 ≤ 15 ms": f"{'met' if pct(v, .5) <= 0.015 else 'MISSED'} ({pct(v, .5) * 1e3:.2f} ms)",
-                        "prewarmed p50 ≤ 5 ms": "not measured: prewarmed processes are not implemented"}}
+    cold, warm = asyncio.run(go(0)), asyncio.run(go(2))
+    return {"series": {"session start → 1 node ready (fork, iceoryx2 ports, initialize)": {"values": cold, "unit": "s"},
+                       "session start → 1 node ready, prewarm_processes = 2": {"values": warm, "unit": "s"}},
+            "targets": {"p50 ≤ 15 ms": f"{'met' if pct(cold, .5) <= 0.015 else 'MISSED'} ({pct(cold, .5) * 1e3:.2f} ms)",
+                        "prewarmed p50 ≤ 5 ms": f"{'met' if pct(warm, .5) <= 0.005 else 'MISSED'} "
+                                                f"({pct(warm, .5) * 1e3:.2f} ms)"}}
 
 
 async def _engine_hops(payload: RuntimeData, n: int) -> list[float]:

@@ -24,8 +24,9 @@ pytestmark = pytest.mark.multiprocess
 
 
 def shm_session_files(engine) -> list[str]:
-    space = engine._process_manager.space
-    return [f for f in space.files() if "/services/" in f or f.startswith("/dev/shm")]
+    pm = engine._process_manager
+    return [f for f in pm.space.files() if ("/services/" in f or f.startswith("/dev/shm"))
+            and f not in pm.engine_files]
 
 
 async def collect(session):

@@ -80,6 +80,8 @@ class Engine:
 
     async def start(self) -> None:
         self._opened = True
+        if self.config.prewarm_processes and self.config.session.multiprocess_enabled:
+            await self.process_manager().prewarm()
 
     async def aclose(self) -> None:
         """Tear down every session, then the process pool."""

@@ -1,10 +1,11 @@
 """The main loop of a node process: one node instance of one session.
 
 Forked from the zygote. Creates its loop and iceoryx2 node while the engine
-creates the node's services, opens its side of them once told they exist,
-says Hello, imports and initializes the node (reporting progress), says
-Ready, then processes frames as they arrive, woken by iceoryx2 events on its
-own asyncio loop. Control (ping, shutdown) is read by a thread so it is
+creates the process's services, opens its side of them once told they
+exist, says Hello, and waits to be assigned its node (at once for a session
+that is starting; later for a prewarmed process). Then it imports and
+initializes the node (reporting progress), says Ready, and processes frames
+as they arrive, woken by iceoryx2 events on its own asyncio loop. Control (ping, shutdown) is read by a thread so it is
 never stuck behind data. A timer (SIGALRM) ends the process when one
 process() call exceeds its deadline. The process exits when the engine closes the control
 socket (engine gone) and, through PR_SET_PDEATHSIG, when the zygote dies.
@@ -28,6 +29,7 @@ from .errors import EngineError, ErrorType
 from .ipc import codec, iox
 from .ipc.channel import EOS, FrameReceiver, FrameSender, Inbox
 from .ipc.control import (
+    Assign,
     ChannelsReady,
     Failure,
     Hello,
@@ -49,18 +51,16 @@ except ImportError:  # pragma: no cover - uvloop is a declared dependency
 
 
 @dataclass(frozen=True)
-class WorkerArgs:
-    session_id: str
-    node_id: str
-    node_type: str
-    module: str
-    qualname: str
-    params: dict
+class ProcessArgs:
+    """What a node process needs before it knows its node: where its channels are."""
+
     space_root: str
     space_prefix: str
     names: iox.ChannelNames
     capacity: int
-    process_timeout_secs: float
+    #: this process's slot on the engine's inbox, and that inbox's size
+    slot: int
+    inbox_slots: int
 
 
 def load_class(module: str, qualname: str) -> type[Node]:
@@ -75,9 +75,11 @@ def _error_type(exc: BaseException) -> str:
 
 
 class Worker:
-    def __init__(self, ctrl: SyncChannel, args: WorkerArgs) -> None:
+    def __init__(self, ctrl: SyncChannel, args: ProcessArgs) -> None:
         self.ctrl = ctrl
         self.args = args
+        self.assigned: Assign | None = None
+        self._assign = threading.Event()
         self.node: Node | None = None
         self.stopping = False
         self.items_in = self.items_out = 0
@@ -103,6 +105,12 @@ class Worker:
                 loop = self._loop
                 if loop is not None:
                     loop.call_soon_threadsafe(self._channels_ready.set)
+            elif isinstance(msg, Assign):
+                self.assigned = msg
+                self._assign.set()
+                loop = self._loop
+                if loop is not None:
+                    loop.call_soon_threadsafe(self._wake.set)
             elif isinstance(msg, Shutdown):
                 self.stopping = True
                 loop = self._loop
@@ -114,7 +122,7 @@ class Worker:
         # process even when process() is stuck in native code holding the
         # GIL; the engine reports that death as the timeout. A timer costs a
         # syscall per call and nothing while idle (a watchdog thread polled).
-        signal.setitimer(signal.ITIMER_REAL, self.args.process_timeout_secs)
+        signal.setitimer(signal.ITIMER_REAL, self._timeout)
 
     @staticmethod
     def _disarm() -> None:
@@ -131,15 +139,16 @@ class Worker:
         threading.Thread(target=self._control_thread, name="control", daemon=True).start()
         space = iox.IpcSpace(a.space_root, a.space_prefix)
         ionode = space.node(f"w{os.getpid()}")
+        # The engine's inbox exists since the engine started, and this
+        # process's own inbox is made here, while the engine creates the
+        # frame services: the engine opens it after Hello.
+        to_engine = iox.open_event_service(ionode, iox.ENGINE_INBOX, a.inbox_slots).notifier_builder().create()
+        listener, fd = iox.make_listener(iox.open_event_service(ionode, a.names.node_inbox), space)
         await self._channels_ready.wait()  # bounded by the engine's spawn timeout, which kills us
         in_svc = iox.open_frames_service(ionode, a.names.inputs, a.capacity)
         out_svc = iox.open_frames_service(ionode, a.names.outputs, a.capacity)
-        eng_ev = iox.open_event_service(ionode, a.names.engine_inbox)
-        my_ev = iox.open_event_service(ionode, a.names.node_inbox)
-        to_engine = eng_ev.notifier_builder().create()
-        receiver = FrameReceiver(iox.subscriber(in_svc, a.capacity), to_engine)
-        sender = FrameSender(iox.publisher(out_svc), to_engine)
-        listener, fd = iox.make_listener(my_ev, space)
+        receiver = FrameReceiver(iox.subscriber(in_svc, a.capacity), to_engine, a.slot)
+        sender = FrameSender(iox.publisher(out_svc), to_engine, a.slot)
 
         def on_events(ids: set[int]) -> None:
             if iox.EV_WANT_CREDIT in ids:
@@ -153,13 +162,22 @@ class Worker:
         self.ctrl.send(Hello(os.getpid()))
         self._inbox = inbox
         try:
+            while not self._assign.is_set():  # a prewarmed process waits here
+                if self.stopping:
+                    self.ctrl.send(ShutdownAck(self.stats()))
+                    return 0
+                self._wake.clear()
+                await self._wake.wait()
             return await self._serve(receiver, sender)
         finally:
             inbox.detach()
             iox.delete(receiver.sub, sender.pub, to_engine, listener)
 
     async def _serve(self, receiver: FrameReceiver, sender: FrameSender) -> int:
-        a = self.args
+        a = self.assigned
+        assert a is not None
+        self._timeout = a.process_timeout_secs
+        self._node_id = a.node_id
         where = "initialize"
         try:
             cls = load_class(a.module, a.qualname)
@@ -218,7 +236,7 @@ class Worker:
             async for out in iterate_outputs(result):
                 self._disarm()  # waiting for the consumer is not the node's time
                 out.sequence = seq
-                out.source = self.args.node_id
+                out.source = self._node_id
                 self.items_out += 1
                 await sender.send(codec.prepare(out))
                 self._arm()
@@ -227,7 +245,7 @@ class Worker:
             self.busy_s += time.monotonic() - t0
 
 
-def run(ctrl_fd: int, args: WorkerArgs) -> int:
+def run(ctrl_fd: int, args: ProcessArgs) -> int:
     sock = socket.socket(fileno=ctrl_fd)
     ctrl = SyncChannel(sock)
     worker = Worker(ctrl, args)

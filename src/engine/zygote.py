@@ -9,7 +9,7 @@ pages copy-on-write. It holds no iceoryx2 object itself (one must never
 cross a fork).
 
 Protocol on its SOCK_SEQPACKET socket with the engine (pickled dicts):
-  engine → zygote  {"op": "spawn", "req": n, "args": WorkerArgs} + the child's control fd
+  engine → zygote  {"op": "spawn", "req": n, "args": worker.ProcessArgs} + the child's control fd
   zygote → engine  {"op": "spawned", "req": n, "pid": pid}
                    {"op": "exited", "pid": pid, "status": wait status}
                    {"op": "error", "req": n, "message": str}

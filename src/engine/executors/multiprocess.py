@@ -1,16 +1,19 @@
 """Multiprocess executor: each node in its own process, frames over iceoryx2.
 
 `ProcessManager` (one per engine) owns the zygote, the engine's iceoryx2
-node and space, and the service-wide process count. `ProcessRunner` is the
-supervisor of one node process of one session: spawn → hello (spawn
-timeout) → progress … ready (init timeout) → supervise → graceful close →
-SIGTERM → SIGKILL of the process group. The engine learns of a death at once
-through a pidfd watched by the loop, not by polling.
+node and space, the service-wide process count and the pool of prewarmed
+processes. `NodeProcess` is one forked process with the engine's ends of
+its channels. `ProcessRunner` supervises the process of one node of one
+session: launch (or take a prewarmed one) → hello (spawn timeout) → assign →
+progress … ready (init timeout) → supervise → graceful close → SIGTERM →
+SIGKILL of the process group. The engine learns of a death at once through
+a pidfd watched by the loop, not by polling.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
 import os
@@ -18,6 +21,7 @@ import pickle
 import signal
 import socket
 import subprocess
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -34,11 +38,11 @@ from ..errors import (
 from ..ipc import codec, iox
 from ..ipc.channel import EOS, FrameReceiver, FrameSender, Inbox
 from ..ipc.control import (
+    Assign,
     AsyncChannel,
     ChannelsReady,
     Failure,
     Hello,
-    Pong,
     Progress,
     Ready,
     Shutdown,
@@ -47,7 +51,7 @@ from ..ipc.control import (
 )
 from ..plan import PlannedNode
 from ..registry import ExecutorRegistry
-from ..worker import WorkerArgs
+from ..worker import ProcessArgs
 from .base import NodeRunner, NodeStats
 from .base import Progress as ProgressFn
 
@@ -118,7 +122,18 @@ class ProcessManager:
         self._exit_waiters: dict[int, list[asyncio.Future]] = {}
         self._start_lock = asyncio.Lock()
         self.live: set[int] = set()
+        self.engine_files: frozenset[str] = frozenset()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox: Inbox | None = None  # the engine's one inbox for all its node processes
+        self._inbox_objs: list[Any] = []
+        self._slots: dict[int, NodeProcess] = {}  # inbox slot → process
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+        self._pool: list[NodeProcess] = []  # prewarmed, never assigned
+        self._filling: set[asyncio.Task] = set()
+        self._retiring: set[asyncio.Task] = set()
+        self._pool_failures = 0
+        self._closing = False
 
     # ------------------------------------------------------------ zygote
 
@@ -138,6 +153,9 @@ class ProcessManager:
                 log.info("removed %d shared-memory files left by dead engines", len(removed))
             self.space = iox.IpcSpace.for_engine(self.config.ipc_root)
             self.ionode = self.space.node(f"engine{os.getpid()}")
+            self._open_inbox()
+            #: files the engine itself holds while it runs; anything else belongs to a session
+            self.engine_files = frozenset(self.space.files())
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             modules = self.registry.multiprocess_modules()
             env = dict(os.environ)
@@ -153,6 +171,52 @@ class ProcessManager:
             ours.setblocking(False)
             self._zsock = ours
             self._loop.add_reader(ours.fileno(), self._zygote_readable)
+            self._refill()
+
+    @property
+    def inbox_slots(self) -> int:
+        # room for prewarmed processes being retired while the cap is reached
+        return 2 * self.config.caps.max_total_processes + 8
+
+    def _open_inbox(self) -> None:
+        assert self.space is not None and self._loop is not None
+        service = iox.open_event_service(self.ionode, iox.ENGINE_INBOX, self.inbox_slots)
+        listener, fd = iox.make_listener(service, self.space)
+        self._inbox_objs = [listener, service]
+        self._inbox = Inbox(listener, fd, self._dispatch)
+        self._inbox.attach(self._loop)
+
+    def _dispatch(self, ids: set[int]) -> None:
+        if len(ids) == 1:
+            slot, ev = divmod(next(iter(ids)), iox.EV_SPAN)
+            proc = self._slots.get(slot)
+            if proc is not None:
+                proc.on_events({ev})
+            return
+        by_slot: dict[int, set[int]] = {}
+        for i in ids:
+            slot, ev = divmod(i, iox.EV_SPAN)
+            by_slot.setdefault(slot, set()).add(ev)
+        for slot, evs in by_slot.items():
+            proc = self._slots.get(slot)
+            if proc is not None:
+                proc.on_events(evs)
+
+    def take_slot(self, proc: NodeProcess) -> int:
+        if self._free_slots:
+            slot = heapq.heappop(self._free_slots)
+        elif self._next_slot < self.inbox_slots:
+            slot = self._next_slot
+            self._next_slot += 1
+        else:
+            raise ResourceLimitError("no free event slot for another node process",
+                                     context={"field": "max_total_processes"})
+        self._slots[slot] = proc
+        return slot
+
+    def free_slot(self, slot: int) -> None:
+        if self._slots.pop(slot, None) is not None:
+            heapq.heappush(self._free_slots, slot)
 
     def _zygote_readable(self) -> None:
         assert self._zsock is not None
@@ -194,7 +258,7 @@ class ProcessManager:
                 fut.set_exception(InternalError("the node-process zygote exited"))
         self._pending.clear()
 
-    async def spawn(self, args: WorkerArgs, child_sock: socket.socket) -> int:
+    async def spawn(self, args: ProcessArgs, child_sock: socket.socket) -> int:
         await self.ensure_started()
         assert self._zsock is not None and self._loop is not None
         req = next(self._reqs)
@@ -236,12 +300,87 @@ class ProcessManager:
 
     def check_capacity(self, wanted: int) -> None:
         cap = self.config.caps.max_total_processes
-        if len(self.live) + wanted > cap:
+        running = len(self.live) - len(self._pool)  # idle prewarmed processes are there to be used
+        if running + wanted > cap:
             raise ResourceLimitError(
-                f"engine-wide process cap reached: {len(self.live)} running, "
+                f"engine-wide process cap reached: {running} running, "
                 f"{wanted} more requested, cap {cap}",
                 context={"field": "max_total_processes", "limit": cap},
             )
+
+    # ------------------------------------------------------------ prewarmed pool
+
+    async def prewarm(self) -> None:
+        """Start the zygote and fill the pool now (rather than at the first session)."""
+        await self.ensure_started()
+        if self._filling:
+            await asyncio.gather(*self._filling, return_exceptions=True)
+
+    def take_prewarmed(self, capacity: int) -> NodeProcess | None:
+        """A prewarmed process whose channels fit, or None (then the caller launches one)."""
+        if capacity == self.config.session.channel_capacity:
+            while self._pool:
+                proc = self._pool.pop(0)
+                if proc.alive:
+                    proc.on_exit = None
+                    assert self._loop is not None
+                    self._loop.call_soon(self._refill)
+                    return proc
+        elif self._pool and len(self.live) >= self.config.caps.max_total_processes:
+            self._retire(self._pool.pop(0))  # make room under the cap for a process that fits
+        return None
+
+    def _refill(self) -> None:
+        if self._closing or self._loop is None or self._pool_failures >= 3:
+            return
+        want = self.config.prewarm_processes - len(self._pool) - len(self._filling)
+        room = self.config.caps.max_total_processes - len(self.live) - len(self._filling)
+        for _ in range(min(want, room)):
+            task = self._loop.create_task(self._fill_one(), name="prewarm")
+            self._filling.add(task)
+            task.add_done_callback(self._filling.discard)
+
+    async def _fill_one(self) -> None:
+        s = self.config.session
+        proc = NodeProcess(self, iox.ChannelNames.for_prewarmed(os.urandom(6).hex()), s.channel_capacity)
+        proc.on_exit = lambda: self._pool_exit(proc)
+        try:
+            await proc.launch()
+            assert self._loop is not None
+            msg = await proc.hello(self._loop.time() + s.spawn_timeout_secs, None)
+            if not isinstance(msg, Hello):
+                raise InternalError(f"prewarmed process {proc.pid} failed to start: {msg!r}")
+        except BaseException as exc:
+            await self._dispose(proc)
+            if not isinstance(exc, asyncio.CancelledError):
+                self._pool_failures += 1
+                log.warning("could not prewarm a node process: %s", exc)
+                return
+            raise
+        self._pool_failures = 0
+        self._pool.append(proc)
+
+    def _pool_exit(self, proc: NodeProcess) -> None:
+        if proc in self._pool:
+            self._pool.remove(proc)
+            self._pool_failures += 1
+            log.warning("prewarmed node process %s exited", proc.pid)
+            self._retire(proc)
+            self._refill()
+
+    def _retire(self, proc: NodeProcess) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(self._dispose(proc), name="prewarm-retire")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    @staticmethod
+    async def _dispose(proc: NodeProcess) -> None:
+        try:
+            await proc.stop(1.0)
+            await proc.reaped()
+        finally:
+            proc.release()
 
     def cleanup_dead(self) -> None:
         if self.ionode is not None:
@@ -251,6 +390,12 @@ class ProcessManager:
                 log.exception("iceoryx2 dead-node cleanup failed")
 
     async def aclose(self) -> None:
+        self._closing = True
+        for task in self._filling:
+            task.cancel()
+        await asyncio.gather(*self._filling, *self._retiring, return_exceptions=True)
+        pool, self._pool = self._pool, []
+        await asyncio.gather(*(self._dispose(p) for p in pool), return_exceptions=True)
         if self._zsock is not None:
             if self._loop is not None:
                 try:
@@ -266,6 +411,11 @@ class ProcessManager:
                 self._zygote.kill()
                 await asyncio.to_thread(self._zygote.wait)
             self._zygote = None
+        if self._inbox is not None:
+            self._inbox.detach()
+            self._inbox = None
+        iox.delete(*self._inbox_objs)
+        self._inbox_objs.clear()
         self.cleanup_dead()
         self.ionode = None
         if self.space is not None:
@@ -304,71 +454,227 @@ class ProcessManager:
                 )
 
 
+class NodeProcess:
+    """One forked node process, with the engine's ends of its channels and control lane.
+
+    Launched generic (it knows its channels, not its node); a ProcessRunner
+    assigns it one node of one session, at once or later when it is taken
+    from the prewarmed pool. It owns the pid (watched through a pidfd on the
+    loop), the control channel and every iceoryx2 object the engine made for
+    it, and releases all of them.
+    """
+
+    def __init__(self, manager: ProcessManager, names: iox.ChannelNames, capacity: int) -> None:
+        self.manager = manager
+        self.names = names
+        self.capacity = capacity
+        self.pid: int | None = None
+        self.ctrl: AsyncChannel | None = None
+        self.sender: FrameSender | None = None
+        self.receiver: FrameReceiver | None = None
+        self.data = asyncio.Event()  # frames (or a credit request) from the process
+        self.exited: asyncio.Future | None = None
+        #: called once, on the loop, when the process is gone
+        self.on_exit: Callable[[], None] | None = None
+        self.slot: int | None = None
+        self._pidfd: int | None = None
+        self._ctrl_sock: socket.socket | None = None
+        self._iox: list[Any] = []
+        self._services: tuple[Any, ...] = ()
+        self._ports: tuple[Any, ...] = ()
+
+    @property
+    def alive(self) -> bool:
+        return self.exited is not None and not self.exited.done()
+
+    async def launch(self) -> None:
+        """Fork the process and make the engine's ends of its channels (then await hello())."""
+        m = self.manager
+        await m.ensure_started()
+        assert m.space is not None
+        loop = asyncio.get_running_loop()
+        self.slot = m.take_slot(self)
+        args = ProcessArgs(m.space.root, m.space.prefix, self.names, self.capacity, self.slot, m.inbox_slots)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._ctrl_sock = ours  # closed by release() if launch() stops before the channel owns it
+        try:
+            self.pid = await m.spawn(args, theirs)
+        finally:
+            theirs.close()
+        self.exited = loop.create_future()
+        self._pidfd = os.pidfd_open(self.pid)
+        loop.add_reader(self._pidfd, self._on_pidfd)
+        self.ctrl = await AsyncChannel.open(ours)
+        self._ctrl_sock = None
+        # The process starts its loop and iceoryx2 node and makes its inbox
+        # meanwhile; it opens the frame services once told they are complete,
+        # while the ports are made here.
+        self._open_services()
+        self.ctrl.send(ChannelsReady())
+        self._open_ports()
+
+    async def hello(self, deadline: float, node_id: str | None) -> Any:
+        """Wait for the process's Hello and connect to its inbox; returns any other message instead."""
+        s = self.manager.config.session
+        msg = await self.recv(deadline, "start (process alive, channels open)", "spawn_timeout_secs",
+                              s.spawn_timeout_secs, node_id)
+        if isinstance(msg, Hello):
+            self._connect()
+        return msg
+
+    # Kept out of launch(): a traceback holding launch()'s frame must not keep
+    # iceoryx2 services (and their fds and files) alive.
+
+    def _open_services(self) -> None:
+        node, names = self.manager.ionode, self.names
+        self._services = (iox.open_frames_service(node, names.inputs, self.capacity),
+                          iox.open_frames_service(node, names.outputs, self.capacity))
+        self._iox = list(self._services)
+
+    def _open_ports(self) -> None:
+        in_svc, out_svc = self._services
+        self._ports = (iox.publisher(in_svc), iox.subscriber(out_svc, self.capacity))
+        # ports before services: delete() drops them in this order
+        self._iox = [*self._ports, *self._iox]
+
+    def _connect(self) -> None:
+        node_ev = iox.open_event_service(self.manager.ionode, self.names.node_inbox)
+        to_node = node_ev.notifier_builder().create()
+        pub, sub = self._ports
+        self.sender = FrameSender(pub, to_node)
+        self.receiver = FrameReceiver(sub, to_node)
+        self._iox = [to_node, *self._iox, node_ev]
+
+    async def recv(self, deadline: float, what: str, key: str, value: float, node_id: str | None) -> Any:
+        """The next control message, or a typed error once `deadline` (loop time) passes."""
+        assert self.ctrl is not None
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(self.ctrl.recv(), max(0.0, remaining))
+        except TimeoutError:
+            raise NodeExecutionError(f"{what} did not finish within {key}={value:g}s",
+                                     node_id=node_id, context={"field": key}) from None
+
+    def on_events(self, ids: set[int]) -> None:
+        if iox.EV_DATA in ids:
+            self.data.set()
+        if iox.EV_CREDIT in ids and self.sender is not None:
+            self.sender.on_credit()
+        if iox.EV_WANT_CREDIT in ids and self.receiver is not None:
+            self.receiver.want_credit = True
+            self.data.set()
+
+    def _on_pidfd(self) -> None:
+        if self._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+        if self.exited is not None and not self.exited.done():
+            self.exited.set_result(None)
+            if self.on_exit is not None:
+                self.on_exit()
+
+    async def stop(self, grace: float) -> None:
+        """Shutdown request → exit within `grace`, else SIGTERM, then SIGKILL of its process group."""
+        if self.pid is None or not self.alive:
+            return
+        assert self.exited is not None
+        if self.ctrl is not None:
+            self.ctrl.send(Shutdown())
+            await asyncio.wait({self.exited}, timeout=grace)
+        for sig, wait in ((signal.SIGTERM, 0.5), (signal.SIGKILL, 5.0)):
+            if self.exited.done():
+                break
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                break
+            except PermissionError:  # pragma: no cover
+                os.kill(self.pid, sig)
+            await asyncio.wait({self.exited}, timeout=wait)
+        if not self.exited.done():  # pragma: no cover - SIGKILL did not end it
+            log.error("node process %s did not exit after SIGKILL", self.pid)
+
+    async def reaped(self) -> None:
+        """Return once the zygote has reaped the process (gone means gone)."""
+        if self.pid is not None:
+            await self.manager.exit_status(self.pid, 2.0)
+
+    def release(self) -> None:
+        self.on_exit = None
+        loop = asyncio.get_running_loop()
+        if self._pidfd is not None:
+            try:
+                loop.remove_reader(self._pidfd)
+            except (ValueError, RuntimeError):
+                pass
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self.slot is not None:
+            self.manager.free_slot(self.slot)
+            self.slot = None
+        if self.ctrl is not None:
+            self.ctrl.close()
+            self.ctrl = None
+        if self._ctrl_sock is not None:
+            self._ctrl_sock.close()
+            self._ctrl_sock = None
+        iox.delete(*self._iox)
+        self._iox.clear()
+        self._services = self._ports = ()
+        self.sender = self.receiver = None
+        self.manager.cleanup_dead()
+
+
 class ProcessRunner(NodeRunner):
+    """Supervises the node process running one node of one session."""
+
     def __init__(self, manager: ProcessManager, session: Any, planned: PlannedNode) -> None:
         self.manager = manager
         self.session = session
         self.planned = planned
         self.node_id = planned.id
         self.stats = NodeStats()
-        self.pid: int | None = None
+        self.proc: NodeProcess | None = None
         s = session.settings
         self._drop = (not s.enable_backpressure) or s.overflow_policy != "block"
         self._pending_ends = max(1, len(planned.upstream))
         self._closing = False
         self._closed = False
-        self._ctrl: AsyncChannel | None = None
         self._ctrl_task: asyncio.Task | None = None
-        self._ctrl_sock: socket.socket | None = None
-        self._pidfd: int | None = None
-        self._exited: asyncio.Future | None = None
         self._failure: Failure | None = None
-        self._ack: asyncio.Future | None = None
-        self._data = asyncio.Event()
-        self._inbox: Inbox | None = None
-        self._sender: FrameSender | None = None
-        self._receiver: FrameReceiver | None = None
-        self._iox: list[Any] = []
-        self._services: tuple[Any, ...] = ()
         self.log = logging.LoggerAdapter(log, {"session_id": session.id, "node_id": self.node_id})
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
     # ------------------------------------------------------------ start
 
     async def start(self, progress: ProgressFn) -> None:
         m, s = self.manager, self.session.settings
-        await m.ensure_started()
-        assert m.space is not None
         loop = asyncio.get_running_loop()
-        names = iox.ChannelNames.for_node(self.session.id, self.node_id)
         spec = self.planned.spec
-        args = WorkerArgs(self.session.id, self.node_id, spec.node_type, spec.module, spec.qualname,
-                          dict(self.planned.decl.params), m.space.root, m.space.prefix, names,
-                          s.channel_capacity, s.process_timeout_secs)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._ctrl_sock = ours  # closed by _release() if start() stops before the channel owns it
-        try:
-            self.pid = await m.spawn(args, theirs)
-        finally:
-            theirs.close()
-        self._exited = loop.create_future()
-        self._pidfd = os.pidfd_open(self.pid)
-        loop.add_reader(self._pidfd, self._on_pidfd)
-        self._ctrl = await AsyncChannel.open(ours)
-        self._ctrl_sock = None
-        # The process starts its loop and iceoryx2 node meanwhile; it opens
-        # the services once told they are complete, while ports are made here.
-        self._open_services(names)
-        self._ctrl.send(ChannelsReady())
-        self._open_ports(loop)
-
-        deadline = loop.time() + s.spawn_timeout_secs
-        msg = await self._recv_until(deadline, "start (process alive, channels open)",
-                                     "spawn_timeout_secs", s.spawn_timeout_secs)
-        if not isinstance(msg, Hello):
-            raise await self._start_failure(msg, "start")
+        assign = Assign(self.session.id, self.node_id, spec.node_type, spec.module, spec.qualname,
+                        dict(self.planned.decl.params), s.process_timeout_secs)
+        proc = m.take_prewarmed(s.channel_capacity)
+        if proc is not None:
+            self.proc = proc
+            proc.on_exit = self._on_exit
+            self.log.debug("runs in prewarmed process %s (channels %s)", proc.pid, proc.names.inputs)
+            assert proc.ctrl is not None
+            proc.ctrl.send(assign)
+        else:
+            proc = self.proc = NodeProcess(m, iox.ChannelNames.for_node(self.session.id, self.node_id),
+                                           s.channel_capacity)
+            proc.on_exit = self._on_exit
+            await proc.launch()
+            assert proc.ctrl is not None
+            proc.ctrl.send(assign)  # read by the process right after its Hello: no extra round trip
+            msg = await proc.hello(loop.time() + s.spawn_timeout_secs, self.node_id)
+            if not isinstance(msg, Hello):
+                raise await self._start_failure(msg, "start")
         deadline = loop.time() + s.init_timeout_secs
         while True:
-            msg = await self._recv_until(deadline, "initialize()", "init_timeout_secs", s.init_timeout_secs)
+            msg = await proc.recv(deadline, "initialize()", "init_timeout_secs", s.init_timeout_secs, self.node_id)
             if isinstance(msg, Progress):
                 progress(self.node_id, msg.phase, msg.percent, msg.message)
             elif isinstance(msg, Ready):
@@ -378,45 +684,10 @@ class ProcessRunner(NodeRunner):
         self._ctrl_task = self.session.track(self._control_loop(), f"{self.node_id}:control")
         self.session.track(self._pump(), f"{self.node_id}:pump")
 
-    # Kept out of start(): a traceback holding start()'s frame must not keep
-    # iceoryx2 services (and their fds and files) alive.
-
-    def _open_services(self, names: iox.ChannelNames) -> None:
-        s = self.session.settings
-        node = self.manager.ionode
-        self._services = (iox.open_frames_service(node, names.inputs, s.channel_capacity),
-                          iox.open_frames_service(node, names.outputs, s.channel_capacity),
-                          iox.open_event_service(node, names.engine_inbox),
-                          iox.open_event_service(node, names.node_inbox))
-        self._iox = list(self._services)
-
-    def _open_ports(self, loop: asyncio.AbstractEventLoop) -> None:
-        m, s = self.manager, self.session.settings
-        assert m.space is not None
-        in_svc, out_svc, eng_ev, node_ev = self._services
-        self._services = ()
-        to_node = node_ev.notifier_builder().create()
-        self._sender = FrameSender(iox.publisher(in_svc), to_node)
-        self._receiver = FrameReceiver(iox.subscriber(out_svc, s.channel_capacity), to_node)
-        listener, fd = iox.make_listener(eng_ev, m.space)
-        self._inbox = Inbox(listener, fd, self._on_events)
-        self._inbox.attach(loop)
-        # ports before services: delete() drops them in this order
-        self._iox = [self._sender.pub, self._receiver.sub, to_node, listener, *self._iox]
-
-    async def _recv_until(self, deadline: float, what: str, key: str, value: float) -> Any:
-        assert self._ctrl is not None
-        remaining = deadline - asyncio.get_running_loop().time()
-        try:
-            return await asyncio.wait_for(self._ctrl.recv(), max(0.0, remaining))
-        except TimeoutError:
-            raise NodeExecutionError(f"{what} did not finish within {key}={value:g}s",
-                                     node_id=self.node_id, context={"field": key}) from None
-
     async def _start_failure(self, msg: Any, where: str) -> EngineError:
         if isinstance(msg, Failure):
             return self._error_from(msg)
-        status = await self.manager.exit_status(self.pid or -1, 1.0) if self.pid else None
+        status = await self.manager.exit_status(self.pid, 1.0) if self.pid else None
         return NodeExecutionError(f"node process {self.pid} {describe_status(status)} during {where}",
                                   node_id=self.node_id)
 
@@ -428,21 +699,7 @@ class ProcessRunner(NodeRunner):
 
     # ------------------------------------------------------------ supervise
 
-    def _on_events(self, ids: set[int]) -> None:
-        if iox.EV_DATA in ids:
-            self._data.set()
-        if iox.EV_CREDIT in ids and self._sender is not None:
-            self._sender.on_credit()
-        if iox.EV_WANT_CREDIT in ids and self._receiver is not None:
-            self._receiver.want_credit = True
-            self._data.set()
-
-    def _on_pidfd(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._pidfd is not None:
-            loop.remove_reader(self._pidfd)
-        if self._exited is not None and not self._exited.done():
-            self._exited.set_result(None)
+    def _on_exit(self) -> None:
         if not self._closing:
             self.session.track(self._report_death(), f"{self.node_id}:death")
 
@@ -464,9 +721,10 @@ class ProcessRunner(NodeRunner):
         self.session.fail_soon(err)
 
     async def _control_loop(self) -> None:
-        assert self._ctrl is not None
+        assert self.proc is not None and self.proc.ctrl is not None
+        ctrl = self.proc.ctrl
         while True:
-            msg = await self._ctrl.recv()
+            msg = await ctrl.recv()
             if msg is None:
                 return
             if isinstance(msg, Failure):
@@ -478,10 +736,6 @@ class ProcessRunner(NodeRunner):
             elif isinstance(msg, ShutdownAck):
                 if msg.stats is not None:
                     self._merge(msg.stats)
-                if self._ack is not None and not self._ack.done():
-                    self._ack.set_result(None)
-            elif isinstance(msg, Pong):
-                pass
 
     def _merge(self, st: Stats) -> None:
         self.stats.busy_s = st.busy_s
@@ -491,12 +745,13 @@ class ProcessRunner(NodeRunner):
 
     async def _pump(self) -> None:
         """Outputs of the node process → the session, in order; ends at EOS."""
-        receiver = self._receiver
+        assert self.proc is not None
+        receiver, data = self.proc.receiver, self.proc.data
         assert receiver is not None
         emit = self.session.emit
         while True:
-            await self._data.wait()
-            self._data.clear()
+            await data.wait()
+            data.clear()
             n = 0
             while True:
                 item = receiver.receive()
@@ -515,16 +770,17 @@ class ProcessRunner(NodeRunner):
     # ------------------------------------------------------------ data in
 
     async def push(self, frame: Any) -> None:
-        if self._sender is None or self._closing:
+        sender = self.proc.sender if self.proc is not None else None
+        if sender is None or self._closing:
             raise InternalError("node process is not running", node_id=self.node_id)
         self.stats.items_in += 1
-        if not await self._sender.send(codec.prepare(frame), drop_when_full=self._drop):
+        if not await sender.send(codec.prepare(frame), drop_when_full=self._drop):
             self.stats.dropped += 1
 
     async def end(self) -> None:
         self._pending_ends -= 1
-        if self._pending_ends == 0 and self._sender is not None:
-            await self._sender.send(codec.eos_prepared())
+        if self._pending_ends == 0 and self.proc is not None and self.proc.sender is not None:
+            await self.proc.sender.send(codec.eos_prepared())
 
     # ------------------------------------------------------------ teardown
 
@@ -533,36 +789,15 @@ class ProcessRunner(NodeRunner):
             return
         self._closed = True
         self._closing = True
-        s = self.session.settings
+        proc = self.proc
+        if proc is None:
+            return
         try:
-            if self.pid is not None and self._exited is not None and not self._exited.done():
-                await self._stop_process(s.shutdown_timeout_secs)
-            if self.pid is not None:
-                # gone means reaped: wait for the zygote's report of the exit
-                await self.manager.exit_status(self.pid, 2.0)
+            await proc.stop(self.session.settings.shutdown_timeout_secs)
+            await self._drain_control()
+            await proc.reaped()
         finally:
-            self._release()
-
-    async def _stop_process(self, grace: float) -> None:
-        assert self._exited is not None and self.pid is not None
-        loop = asyncio.get_running_loop()
-        if self._ctrl is not None:
-            self._ack = loop.create_future()
-            self._ctrl.send(Shutdown())
-            await asyncio.wait({self._exited}, timeout=grace)
-        for sig, wait in ((signal.SIGTERM, 0.5), (signal.SIGKILL, 5.0)):
-            if self._exited.done():
-                break
-            try:
-                os.killpg(self.pid, sig)
-            except ProcessLookupError:
-                break
-            except PermissionError:  # pragma: no cover
-                os.kill(self.pid, sig)
-            await asyncio.wait({self._exited}, timeout=wait)
-        if not self._exited.done():  # pragma: no cover - SIGKILL did not end it
-            self.log.error("node process %s did not exit after SIGKILL", self.pid)
-        await self._drain_control()
+            proc.release()
 
     async def _drain_control(self) -> None:
         # The session cancels its tasks (the control loop among them) before
@@ -572,37 +807,15 @@ class ProcessRunner(NodeRunner):
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        if self._ctrl is None:
+        ctrl = self.proc.ctrl if self.proc is not None else None
+        if ctrl is None:
             return
         try:
             async with asyncio.timeout(0.2):
-                while (msg := await self._ctrl.recv()) is not None:
+                while (msg := await ctrl.recv()) is not None:
                     if isinstance(msg, Stats):
                         self._merge(msg)
                     elif isinstance(msg, ShutdownAck) and msg.stats is not None:
                         self._merge(msg.stats)
         except (TimeoutError, ValueError, pickle.UnpicklingError):
             pass
-
-    def _release(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._pidfd is not None:
-            try:
-                loop.remove_reader(self._pidfd)
-            except (ValueError, RuntimeError):
-                pass
-            os.close(self._pidfd)
-            self._pidfd = None
-        if self._inbox is not None:
-            self._inbox.detach()
-            self._inbox = None
-        if self._ctrl is not None:
-            self._ctrl.close()
-            self._ctrl = None
-        if self._ctrl_sock is not None:
-            self._ctrl_sock.close()
-            self._ctrl_sock = None
-        iox.delete(*self._iox)
-        self._iox.clear()
-        self._sender = self._receiver = None
-        self.manager.cleanup_dead()

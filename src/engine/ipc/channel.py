@@ -21,11 +21,7 @@ import threading
 from collections.abc import Callable
 
 from . import codec
-from .iox import EV_CREDIT, EV_DATA, EV_WANT_CREDIT, event_id
-
-_EV_DATA = event_id(EV_DATA)
-_EV_CREDIT = event_id(EV_CREDIT)
-_EV_WANT = event_id(EV_WANT_CREDIT)
+from .iox import EV_CREDIT, EV_DATA, EV_SPAN, EV_WANT_CREDIT, event_id
 
 
 class Inbox:
@@ -82,12 +78,14 @@ class Inbox:
 
 
 class FrameSender:
-    """Producer end: publisher + a notifier on the consumer's inbox."""
+    """Producer end: publisher + a notifier on the consumer's inbox (as inbox slot `slot`)."""
 
-    def __init__(self, pub, notifier) -> None:
+    def __init__(self, pub, notifier, slot: int = 0) -> None:
         self.pub = pub
         self.notifier = notifier
         self.credit = asyncio.Event()
+        self._ev_data = event_id(slot * EV_SPAN + EV_DATA)
+        self._ev_want = event_id(slot * EV_SPAN + EV_WANT_CREDIT)
 
     def try_send(self, p: codec.Prepared) -> bool:
         size = p.size
@@ -95,7 +93,7 @@ class FrameSender:
         codec.write_to_address(sample.payload_ptr, size, p)
         if sample.assume_init().send() == 0:
             return False
-        self.notifier.notify_with_custom_event_id(_EV_DATA)
+        self.notifier.notify_with_custom_event_id(self._ev_data)
         return True
 
     async def send(self, p: codec.Prepared, *, drop_when_full: bool = False) -> bool:
@@ -108,7 +106,7 @@ class FrameSender:
             if drop_when_full:
                 return False
             self.credit.clear()
-            self.notifier.notify_with_custom_event_id(_EV_WANT)
+            self.notifier.notify_with_custom_event_id(self._ev_want)
             await self.credit.wait()
         return True
 
@@ -117,12 +115,13 @@ class FrameSender:
 
 
 class FrameReceiver:
-    """Consumer end: subscriber + a notifier on the producer's inbox."""
+    """Consumer end: subscriber + a notifier on the producer's inbox (as inbox slot `slot`)."""
 
-    def __init__(self, sub, notifier) -> None:
+    def __init__(self, sub, notifier, slot: int = 0) -> None:
         self.sub = sub
         self.notifier = notifier
         self.want_credit = False
+        self._ev_credit = event_id(slot * EV_SPAN + EV_CREDIT)
 
     def receive(self):
         """Next frame (copied out of shared memory), codec.EOS, or None when empty."""
@@ -139,7 +138,7 @@ class FrameReceiver:
     def freed(self) -> None:
         if self.want_credit:
             self.want_credit = False
-            self.notifier.notify_with_custom_event_id(_EV_CREDIT)
+            self.notifier.notify_with_custom_event_id(self._ev_credit)
 
 
 class _Eos:

@@ -32,9 +32,26 @@ class ChannelsReady:
 
 @dataclass(frozen=True)
 class Hello:
-    """Node process → engine: alive, channels open."""
+    """Node process → engine: alive, channels open; waiting for its node."""
 
     pid: int
+
+
+@dataclass(frozen=True)
+class Assign:
+    """Engine → node process: the one node this process will run, for one session.
+
+    Sent once. A process is launched generic (its channels and control lane
+    only), so one can be started before any session asks for it (prewarmed).
+    """
+
+    session_id: str
+    node_id: str
+    node_type: str
+    module: str
+    qualname: str
+    params: dict
+    process_timeout_secs: float
 
 
 @dataclass(frozen=True)

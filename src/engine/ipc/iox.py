@@ -25,10 +25,13 @@ iox2.set_log_level(iox2.LogLevel.Error)
 
 PREFIX_RE = re.compile(r"^rme(\d+)x([0-9a-f]+)_")
 
-# event ids on a process's inbox
+# event ids on an inbox. A node process has its own inbox; the engine has
+# one for all its node processes, where process slot k uses k * EV_SPAN + id.
 EV_DATA = 1  # samples are waiting in a channel
 EV_CREDIT = 2  # the consumer freed space (answer to EV_WANT_CREDIT)
 EV_WANT_CREDIT = 3  # the producer found the channel full and waits
+EV_SPAN = 4
+ENGINE_INBOX = "rm/engine/inbox"
 
 
 @dataclass(frozen=True)
@@ -121,13 +124,20 @@ class ChannelNames:
 
     inputs: str  # engine → node frames
     outputs: str  # node → engine frames
-    engine_inbox: str  # events the engine listens to for this node
-    node_inbox: str  # events the node listens to
+    node_inbox: str  # events the node listens to (the process creates it)
 
     @classmethod
     def for_node(cls, session_id: str, node_id: str) -> ChannelNames:
-        base = f"rm/{session_id}/{node_id}"
-        return cls(f"{base}/in", f"{base}/out", f"{base}/ev-engine", f"{base}/ev-node")
+        return cls.under(f"rm/{session_id}/{node_id}")
+
+    @classmethod
+    def for_prewarmed(cls, token: str) -> ChannelNames:
+        """A prewarmed process's channels: made before its session exists, used by that one session only."""
+        return cls.under(f"rm/prewarm/{token}")
+
+    @classmethod
+    def under(cls, base: str) -> ChannelNames:
+        return cls(f"{base}/in", f"{base}/out", f"{base}/ev-node")
 
 
 def open_frames_service(node: iox2.Node, name: str, capacity: int):
@@ -142,9 +152,12 @@ def open_frames_service(node: iox2.Node, name: str, capacity: int):
             .open_or_create())
 
 
-def open_event_service(node: iox2.Node, name: str):
+def open_event_service(node: iox2.Node, name: str, notifiers: int = 2):
+    """An event service with one listener and up to `notifiers` notifiers
+    (each with ids for EV_SPAN-wide slots 0 … notifiers-1)."""
     return (node.service_builder(iox2.ServiceName.new(name)).event()
-            .max_notifiers(2).max_listeners(1).max_nodes(2).event_id_max_value(8)
+            .max_notifiers(notifiers).max_listeners(1).max_nodes(notifiers + 1)
+            .event_id_max_value(notifiers * EV_SPAN)
             .open_or_create())
 
 

@@ -1,0 +1,123 @@
+"""Prewarmed node processes: started before any session, each used by one session only.
+
+Every test closes its engine under the leak probe: prewarmed processes and
+their channels must go with the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import leakprobe
+import numpy as np
+import psutil
+import pytest
+from conftest import TEST_IPC_ROOT, manifest
+
+from engine import Engine, RuntimeData
+from engine.errors import ValidationError
+from nodes.testing import checksum
+
+pytestmark = pytest.mark.multiprocess
+
+
+def node_processes(engine: Engine) -> set[int]:
+    zygote = psutil.Process(engine.process_manager().zygote_pid)
+    return {p.pid for p in zygote.children() if p.status() != psutil.STATUS_ZOMBIE}
+
+
+async def wait_for(predicate, what: str) -> None:
+    """Wait for state outside this process (another process's exit) to show."""
+    try:
+        async with asyncio.timeout(10):
+            while not predicate():  # noqa: ASYNC110 - nothing to await: it is another process's state
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+@pytest.fixture
+async def prewarmed():
+    before = leakprobe.snapshot()
+    engine = Engine({"test_nodes": True, "ipc_root": TEST_IPC_ROOT, "prewarm_processes": 2})
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.aclose()
+    assert leakprobe.leaks(before) == {}
+
+
+def pool_pids(engine: Engine) -> set[int]:
+    return {p.pid for p in engine.process_manager()._pool}
+
+
+async def test_engine_start_fills_the_pool(prewarmed):
+    assert len(pool_pids(prewarmed)) == 2
+    assert node_processes(prewarmed) == pool_pids(prewarmed)
+    assert prewarmed.process_count == 2
+
+
+async def test_a_session_runs_in_a_prewarmed_process_used_once(prewarmed):
+    warm = pool_pids(prewarmed)
+    frame = RuntimeData.audio(np.arange(4096, dtype=np.float32), 16000)
+    async with prewarmed.stream(manifest([{"id": "sum", "node_type": "ChecksumNode"}])) as s:
+        pid = s.runners["sum"].pid
+        assert pid in warm
+        await s.send("sum", frame)
+        await s.close()
+        outs = [o async for o in s]
+    assert outs[0].data.value["checksum"] == checksum(frame)
+    # the used process is gone, never handed to another session; the pool is refilled
+    await wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+                   "the used process to exit")
+    await wait_for(lambda: len(pool_pids(prewarmed)) == 2, "the pool to refill")
+    assert pid not in pool_pids(prewarmed)
+
+
+async def test_sessions_beyond_the_pool_start_their_own_processes(prewarmed):
+    warm = pool_pids(prewarmed)
+    m = manifest([{"id": f"e{i}", "node_type": "EchoNode"} for i in range(3)])
+    async with prewarmed.stream(m) as s:
+        pids = {r.pid for r in s.runners.values()}
+        assert len(pids & warm) == 2 and len(pids) == 3
+        for i in range(3):
+            await s.send(f"e{i}", RuntimeData.text(f"t{i}"))
+        await s.close()
+        assert sorted([d.text async for d in _data(s)]) == ["t0", "t1", "t2"]
+
+
+async def test_other_channel_capacity_does_not_use_the_pool(prewarmed):
+    warm = pool_pids(prewarmed)
+    m = manifest([{"id": "e", "node_type": "EchoNode"}], multiprocess={"channel_capacity": 7})
+    async with prewarmed.stream(m) as s:
+        assert s.runners["e"].pid not in warm
+        await s.send("e", RuntimeData.text("x"))
+        await s.close()
+        assert [d.text async for d in _data(s)] == ["x"]
+    assert pool_pids(prewarmed) == warm
+
+
+async def _data(session):
+    async for o in session:
+        yield o.data
+
+
+async def test_a_dead_prewarmed_process_is_replaced(prewarmed):
+    victim = next(iter(pool_pids(prewarmed)))
+    os.kill(victim, signal.SIGKILL)
+    await wait_for(lambda: victim not in pool_pids(prewarmed) and len(pool_pids(prewarmed)) == 2,
+                   "a replacement")
+    async with prewarmed.stream(manifest([{"id": "e", "node_type": "EchoNode"}])) as s:
+        await s.send("e", RuntimeData.text("ok"))
+        await s.close()
+        assert [d.text async for d in _data(s)] == ["ok"]
+
+
+async def test_prewarm_processes_is_validated():
+    with pytest.raises(ValidationError, match="prewarm_processes"):
+        Engine({"prewarm_processes": 9, "caps": {"max_total_processes": 4}})
+    with pytest.raises(ValidationError, match="prewarm_processes"):
+        Engine({"prewarm_processes": -1})
