@@ -52,9 +52,9 @@ class SampleFormat(enum.IntEnum):
 
     @classmethod
     def from_dtype(cls, dtype: np.dtype) -> SampleFormat:
-        for fmt, dt in _SAMPLE_DTYPES.items():
-            if dt == dtype:
-                return fmt
+        fmt = _SAMPLE_FORMATS.get(dtype)
+        if fmt is not None:
+            return fmt
         raise TypeValidationError(
             f"unsupported audio sample dtype {dtype}; use float32, int16 or int32"
         )
@@ -65,6 +65,7 @@ _SAMPLE_DTYPES = {
     SampleFormat.I16: np.dtype("<i2"),
     SampleFormat.I32: np.dtype("<i4"),
 }
+_SAMPLE_FORMATS = {dt: fmt for fmt, dt in _SAMPLE_DTYPES.items()}
 
 
 class PixelFormat(enum.IntEnum):
@@ -104,9 +105,9 @@ class TensorDtype(enum.IntEnum):
 
     @classmethod
     def from_dtype(cls, dtype: np.dtype) -> TensorDtype:
-        for t, dt in _TENSOR_DTYPES.items():
-            if dt == dtype:
-                return t
+        t = _TENSOR_KINDS.get(dtype)
+        if t is not None:
+            return t
         raise TypeValidationError(
             f"unsupported tensor dtype {dtype}; use float32, float16, int32, int8 or uint8"
         )
@@ -119,6 +120,7 @@ _TENSOR_DTYPES = {
     TensorDtype.I8: np.dtype("i1"),
     TensorDtype.U8: np.dtype("u1"),
 }
+_TENSOR_KINDS = {dt: t for t, dt in _TENSOR_DTYPES.items()}
 
 
 class RuntimeData:

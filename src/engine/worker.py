@@ -25,6 +25,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from .data import RuntimeData
 from .errors import EngineError, ErrorType
 from .ipc import codec, iox
 from .ipc.channel import EOS, FrameReceiver, FrameSender, Inbox
@@ -85,6 +86,7 @@ class Worker:
         self.items_in = self.items_out = 0
         self.busy_s = 0.0
         self._busy_seq: int | None = None
+        self._armed = False
         self._wake = asyncio.Event()
         self._channels_ready = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -123,10 +125,12 @@ class Worker:
         # GIL; the engine reports that death as the timeout. A timer costs a
         # syscall per call and nothing while idle (a watchdog thread polled).
         signal.setitimer(signal.ITIMER_REAL, self._timeout)
+        self._armed = True
 
-    @staticmethod
-    def _disarm() -> None:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+    def _disarm(self) -> None:
+        if self._armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self._armed = False
 
     def stats(self) -> Stats:
         return Stats(self.items_in, self.items_out, self.busy_s, cpu_s=time.process_time())
@@ -231,6 +235,17 @@ class Worker:
         self._arm()
         try:
             result = fn(frame) if frame is not None else fn()
+            if result is None:
+                return
+            if isinstance(result, RuntimeData):  # the common case, without generator machinery
+                self._disarm()
+                result.sequence = seq
+                result.source = self._node_id
+                self.items_out += 1
+                p = codec.prepare(result)
+                if not sender.try_send(p):
+                    await sender.send(p)
+                return
             if inspect.isawaitable(result):
                 result = await result
             async for out in iterate_outputs(result):

@@ -140,24 +140,42 @@ def decode_from_address(address: int, length: int, owner: Any = None) -> Runtime
     return build(header, payload)
 
 
+def _shell(cls: type, meta: dict, seq: int) -> Any:
+    """A frame object with only its common fields set: for payloads this
+    codec encoded from an already validated frame, so no re-validation."""
+    obj = cls.__new__(cls)
+    obj.metadata = meta.get("md", {})
+    obj.sequence = None if seq == NO_SEQUENCE else seq
+    obj.source = meta.get("src")
+    return obj
+
+
 def build(header: tuple, payload: Any) -> RuntimeData | None:
     kind, elem, seq, ts, a, b, extra, _flags, shape, meta_b, _off, _plen = header
     if kind == KIND_EOS:
         return None
     meta = orjson.loads(meta_b) if meta_b else {}
-    common = {
-        "metadata": meta.get("md", {}),
-        "sequence": None if seq == NO_SEQUENCE else seq,
-        "timestamp_us": ts,
-        "source": meta.get("src"),
-    }
     try:
         if kind == DataKind.AUDIO:
-            arr = np.frombuffer(payload, dtype=SampleFormat(elem).dtype)
-            return AudioData(arr, a, b, **common)
+            audio = _shell(AudioData, meta, seq)
+            audio.timestamp_us = ts
+            audio.samples = np.frombuffer(payload, dtype=SampleFormat(elem).dtype)
+            if a <= 0 or b < 1 or audio.samples.size % b:
+                raise ValueError(f"audio header rate={a} channels={b} for {audio.samples.size} samples")
+            audio.sample_rate, audio.channels = a, b
+            return audio
         if kind == DataKind.TENSOR:
-            arr = np.frombuffer(payload, dtype=TensorDtype(elem).dtype).reshape(shape)
-            return TensorData(arr, meta.get("layout", ""), **common)
+            tensor = _shell(TensorData, meta, seq)
+            tensor.timestamp_us = ts
+            tensor.array = np.frombuffer(payload, dtype=TensorDtype(elem).dtype).reshape(shape)
+            tensor.layout = meta.get("layout", "")
+            return tensor
+        common = {
+            "metadata": meta.get("md", {}),
+            "sequence": None if seq == NO_SEQUENCE else seq,
+            "timestamp_us": ts,
+            "source": meta.get("src"),
+        }
         if kind == DataKind.VIDEO:
             return VideoData(np.frombuffer(payload, dtype=np.uint8), a, b, PixelFormat(elem),
                              extra, **common)
