@@ -23,10 +23,13 @@ from nodes.testing import checksum
 pytestmark = pytest.mark.multiprocess
 
 
-def shm_session_files(engine) -> list[str]:
-    pm = engine._process_manager
-    return [f for f in pm.space.files() if ("/services/" in f or f.startswith("/dev/shm"))
-            and f not in pm.engine_files]
+def session_services(engine, session) -> list[str]:
+    """iceoryx2 services (by name) still there that belong to this session."""
+    import iceoryx2 as iox2
+
+    space = engine._process_manager.space
+    names = [d.name().to_string() for d in iox2.Service.list(space.config(), iox2.ServiceType.Ipc)]
+    return [n for n in names if n.startswith(f"rm/{session.id}/")]
 
 
 async def collect(session):
@@ -124,6 +127,7 @@ async def test_crash_modes_give_typed_error_and_clean_teardown(mp_engine, mode, 
                   {"id": "crash", "node_type": "CrashNode", "params": {"after": 2, "mode": mode}}])
     async with mp_engine.stream(m) as s:
         pids = [r.pid for r in s.runners.values()]
+        assert len(session_services(mp_engine, s)) == 6  # 2 frame services + 1 inbox per node
         with pytest.raises(NodeExecutionError) as info:
             async for _ in s:
                 pass
@@ -133,7 +137,7 @@ async def test_crash_modes_give_typed_error_and_clean_teardown(mp_engine, mode, 
     assert expect in str(info.value) or expect in info.value.traceback_text
     await s.wait_closed()
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
-    assert shm_session_files(mp_engine) == []
+    assert session_services(mp_engine, s) == []
 
 
 @pytest.fixture(autouse=True)
@@ -171,7 +175,7 @@ async def test_kill_minus_9_mid_stream(mp_engine):
         assert info.value.node_id == "echo"
         await s.wait_closed()
     assert not psutil.pid_exists(s.runners["slow"].pid) or psutil.Process(s.runners["slow"].pid).status() == psutil.STATUS_ZOMBIE
-    assert shm_session_files(mp_engine) == []
+    assert session_services(mp_engine, s) == []
 
 
 async def test_hang_past_process_deadline(mp_engine):

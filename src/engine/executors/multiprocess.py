@@ -122,7 +122,6 @@ class ProcessManager:
         self._exit_waiters: dict[int, list[asyncio.Future]] = {}
         self._start_lock = asyncio.Lock()
         self.live: set[int] = set()
-        self.engine_files: frozenset[str] = frozenset()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: Inbox | None = None  # the engine's one inbox for all its node processes
         self._inbox_objs: list[Any] = []
@@ -154,8 +153,6 @@ class ProcessManager:
             self.space = iox.IpcSpace.for_engine(self.config.ipc_root)
             self.ionode = self.space.node(f"engine{os.getpid()}")
             self._open_inbox()
-            #: files the engine itself holds while it runs; anything else belongs to a session
-            self.engine_files = frozenset(self.space.files())
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             modules = self.registry.multiprocess_modules()
             env = dict(os.environ)
