@@ -86,40 +86,50 @@ cpdef size_t encoded_size(size_t ndim, size_t meta_len, size_t payload_len):
     return payload_offset(ndim, meta_len) + payload_len
 
 
+cdef size_t _write_header(uint8_t* dst, size_t capacity, int kind, int elem, uint64_t sequence,
+                         uint64_t timestamp_us, uint32_t a, uint32_t b, uint64_t extra,
+                         uint64_t flags, tuple shape, bytes meta, size_t plen) except? 0:
+    """Write the header of a frame whose payload is (or will be) at its offset; returns the offset."""
+    cdef size_t ndim = len(shape)
+    cdef size_t meta_len = len(meta)
+    cdef size_t off, i
+    if ndim > MAX_NDIM:
+        raise FrameError(f"too many dimensions: {ndim} > {MAX_NDIM}")
+    off = payload_offset(ndim, meta_len)
+    if off + plen > capacity:
+        raise FrameError(f"buffer too small: need {off + plen} bytes, have {capacity}")
+    _put_u32(dst, MAGIC)
+    dst[4] = VERSION
+    dst[5] = <uint8_t>kind
+    dst[6] = <uint8_t>elem
+    dst[7] = <uint8_t>ndim
+    _put_u64(dst + 8, sequence)
+    _put_u64(dst + 16, timestamp_us)
+    _put_u32(dst + 24, a)
+    _put_u32(dst + 28, b)
+    _put_u32(dst + 32, <uint32_t>meta_len)
+    _put_u64(dst + 40, plen)
+    _put_u64(dst + 48, extra)
+    _put_u64(dst + 56, flags)
+    for i in range(ndim):
+        _put_u64(dst + FIXED + 8 * i, <uint64_t>shape[i])
+    if meta_len:
+        memcpy(dst + FIXED + 8 * ndim, <const char*>meta, meta_len)
+    _put_u32(dst + 36, _header_checksum(dst, 8 * ndim + meta_len))
+    return off
+
+
 cdef size_t _encode(uint8_t* dst, size_t capacity, int kind, int elem, uint64_t sequence,
                     uint64_t timestamp_us, uint32_t a, uint32_t b, uint64_t extra,
                     uint64_t flags, tuple shape, bytes meta, object payload) except? 0:
     cdef Py_buffer pb
-    cdef size_t ndim = len(shape)
-    cdef size_t meta_len = len(meta)
-    cdef size_t off, i, plen
+    cdef size_t off, plen
     cdef const uint8_t* src
-    if ndim > MAX_NDIM:
-        raise FrameError(f"too many dimensions: {ndim} > {MAX_NDIM}")
     PyObject_GetBuffer(payload, &pb, PyBUF_SIMPLE | PyBUF_ANY_CONTIGUOUS)
     try:
         plen = <size_t>pb.len
-        off = payload_offset(ndim, meta_len)
-        if off + plen > capacity:
-            raise FrameError(f"buffer too small: need {off + plen} bytes, have {capacity}")
-        _put_u32(dst, MAGIC)
-        dst[4] = VERSION
-        dst[5] = <uint8_t>kind
-        dst[6] = <uint8_t>elem
-        dst[7] = <uint8_t>ndim
-        _put_u64(dst + 8, sequence)
-        _put_u64(dst + 16, timestamp_us)
-        _put_u32(dst + 24, a)
-        _put_u32(dst + 28, b)
-        _put_u32(dst + 32, <uint32_t>meta_len)
-        _put_u64(dst + 40, plen)
-        _put_u64(dst + 48, extra)
-        _put_u64(dst + 56, flags)
-        for i in range(ndim):
-            _put_u64(dst + FIXED + 8 * i, <uint64_t>shape[i])
-        if meta_len:
-            memcpy(dst + FIXED + 8 * ndim, <const char*>meta, meta_len)
-        _put_u32(dst + 36, _header_checksum(dst, 8 * ndim + meta_len))
+        off = _write_header(dst, capacity, kind, elem, sequence, timestamp_us, a, b, extra, flags,
+                            shape, meta, plen)
         src = <const uint8_t*>pb.buf
         with nogil:
             if plen:
@@ -127,6 +137,17 @@ cdef size_t _encode(uint8_t* dst, size_t capacity, int kind, int elem, uint64_t 
         return off + plen
     finally:
         PyBuffer_Release(&pb)
+
+
+def header_to_address(size_t address, size_t capacity, int kind, int elem, uint64_t sequence,
+                      uint64_t timestamp_us, uint32_t a, uint32_t b, uint64_t extra,
+                      uint64_t flags, tuple shape, bytes meta, size_t payload_len):
+    """Write only the header at a raw address whose payload was written in place; returns
+    the payload offset (the caller checks it is where the payload is)."""
+    if address == 0:
+        raise FrameError("null destination address")
+    return _write_header(<uint8_t*>address, capacity, kind, elem, sequence, timestamp_us,
+                         a, b, extra, flags, shape, meta, payload_len)
 
 
 def encode_into(object dst, int kind, int elem, uint64_t sequence, uint64_t timestamp_us,
@@ -213,31 +234,34 @@ def copy_from_address(size_t address, object dst):
 
 
 cdef class SharedView:
-    """Read-only buffer over foreign memory that keeps its owner alive.
+    """Buffer over foreign memory that keeps its owner alive.
 
-    Receive-side shared memory is mapped read-only; exposing it writable would
-    let numpy write into it and crash the process.
+    Read-only unless `writable`: receive-side shared memory is mapped
+    read-only, and exposing it writable would let numpy write into it and
+    crash the process. A loaned (send-side) sample is writable.
     """
     cdef size_t address
     cdef Py_ssize_t length
     cdef object owner
+    cdef bint writable
     cdef Py_ssize_t shape[1]
     cdef Py_ssize_t strides[1]
 
-    def __cinit__(self, size_t address, Py_ssize_t length, object owner):
+    def __cinit__(self, size_t address, Py_ssize_t length, object owner, bint writable=False):
         self.address = address
         self.length = length
         self.owner = owner
+        self.writable = writable
 
     def __getbuffer__(self, Py_buffer* view, int flags):
-        if flags & PyBUF_WRITABLE:
+        if (flags & PyBUF_WRITABLE) and not self.writable:
             raise BufferError("shared frame memory is read-only")
         self.shape[0] = self.length
         self.strides[0] = 1
         view.buf = <void*>self.address
         view.obj = self
         view.len = self.length
-        view.readonly = 1
+        view.readonly = 0 if self.writable else 1
         view.itemsize = 1
         view.format = "B"
         view.ndim = 1

@@ -10,6 +10,11 @@ implements:
 - `flush()`        end of stream: emit what is buffered (same return forms);
 - `cleanup()`      release resources.
 
+A node that computes a large output can ask for the frame first
+(`new_tensor`, `new_audio`) and write its result into it: in a node process
+the array lies in the shared-memory sample that will carry it, so returning
+it sends it without a copy, whatever its size.
+
 The same class runs in the engine process or in a worker process; outputs
 must be identical either way.
 """
@@ -20,9 +25,22 @@ import inspect
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, ClassVar
 
-from .data import DataKind, RuntimeData
+import numpy as np
+
+from .data import AudioData, DataKind, RuntimeData, TensorData
 
 ProgressCallback = Callable[[str, float, str], None]
+
+
+class FrameMemory:
+    """Where a node's new output frames live: the heap. A node process
+    installs one that lends shared memory instead (see worker.LoanedMemory)."""
+
+    def array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        return np.empty(shape, dtype)
+
+
+HEAP = FrameMemory()
 
 
 class Node:
@@ -43,6 +61,7 @@ class Node:
         self.node_id = node_id
         self.params = params
         self._progress: ProgressCallback | None = None
+        self._memory: FrameMemory = HEAP
 
     def report_progress(self, phase: str, percent: float, message: str = "") -> None:
         """Report initialization progress to the session's caller."""
@@ -52,6 +71,18 @@ class Node:
     def initialize(self) -> Any:
         """Load models and allocate resources (sync or async)."""
         return None
+
+    def new_tensor(self, shape: Iterable[int], dtype: Any = np.float32, layout: str = "") -> TensorData:
+        """An output tensor frame to fill in place (its values are uninitialized).
+
+        Return it from process() (once) and it is sent without a copy; after
+        that it belongs to the engine: do not keep or write to its array.
+        """
+        return TensorData(self._memory.array(tuple(int(d) for d in shape), np.dtype(dtype)), layout)
+
+    def new_audio(self, samples: int, sample_rate: int, channels: int = 1, dtype: Any = np.float32) -> AudioData:
+        """An output audio frame of `samples` interleaved samples to fill in place (see new_tensor)."""
+        return AudioData(self._memory.array((int(samples),), np.dtype(dtype)), sample_rate, channels)
 
     def process(self, frame: RuntimeData) -> Any:
         raise NotImplementedError

@@ -25,6 +25,9 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from . import _fastpath
 from .data import RuntimeData
 from .errors import EngineError, ErrorType
 from .ipc import codec, iox
@@ -43,7 +46,7 @@ from .ipc.control import (
     Stats,
     SyncChannel,
 )
-from .node import Node, iterate_outputs
+from .node import FrameMemory, Node, iterate_outputs
 
 try:  # imported here so the zygote preloads it (an import in the child costs ~6 ms a start)
     import uvloop
@@ -62,6 +65,69 @@ class ProcessArgs:
     #: this process's slot on the engine's inbox, and that inbox's size
     slot: int
     inbox_slots: int
+
+
+#: bytes kept for a frame's meta (JSON: metadata, source, layout) in front of
+#: an in-place payload; a frame whose meta outgrows it is sent by copy
+META_ROOM = 1024
+
+
+class Loan:
+    """A loaned output sample whose payload a node writes in place."""
+
+    __slots__ = ("sample", "address", "offset", "nbytes", "__weakref__")
+
+    def __init__(self, sample: Any, offset: int, nbytes: int) -> None:
+        self.sample = sample
+        self.address = sample.payload_ptr
+        self.offset = offset
+        self.nbytes = nbytes
+
+
+class LoanedMemory(FrameMemory):
+    """New output frames in the output channel's shared memory (see Node.new_tensor).
+
+    Falls back to the heap when no sample can be loaned (the publisher's
+    loan limit; the frame is then sent by copy like any other).
+    """
+
+    def __init__(self, sender: FrameSender) -> None:
+        self.sender = sender
+
+    def array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        offset = _fastpath.payload_offset(len(shape), META_ROOM)
+        try:
+            sample = self.sender.pub.loan_slice_uninit(offset + nbytes)
+        except Exception:  # noqa: BLE001 - loan limit or memory: the heap will do
+            return super().array(shape, dtype)
+        loan = Loan(sample, offset, nbytes)
+        view = _fastpath.SharedView(loan.address + offset, nbytes, loan, True)
+        return np.frombuffer(view, dtype=dtype, count=nbytes // dtype.itemsize if dtype.itemsize else 0).reshape(shape)
+
+
+def _array_of(frame: RuntimeData) -> np.ndarray | None:
+    arr = getattr(frame, "array", None)  # TensorData
+    return getattr(frame, "samples", None) if arr is None else arr  # AudioData
+
+
+def loan_of(frame: RuntimeData) -> Loan | None:
+    """The loan a frame's payload lies in, if the whole payload is exactly that loan."""
+    arr = _array_of(frame)
+    if arr is None:
+        return None
+    base = arr
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    if not isinstance(base, _fastpath.SharedView) or not isinstance(base.owner, Loan):
+        return None
+    loan = base.owner
+    if loan.sample is None or arr.ctypes.data != loan.address + loan.offset or arr.nbytes != loan.nbytes \
+            or not arr.flags.c_contiguous:
+        return None
+    return loan
 
 
 def load_class(module: str, qualname: str) -> type[Node]:
@@ -85,6 +151,8 @@ class Worker:
         self.stopping = False
         self.items_in = self.items_out = 0
         self.busy_s = 0.0
+        self.send_s = 0.0  # CPU spent handing outputs to the channel (encoding, copying)
+        self.sent_in_place = 0
         self._busy_seq: int | None = None
         self._armed = False
         self._wake = asyncio.Event()
@@ -133,7 +201,8 @@ class Worker:
             self._armed = False
 
     def stats(self) -> Stats:
-        return Stats(self.items_in, self.items_out, self.busy_s, cpu_s=time.process_time())
+        return Stats(self.items_in, self.items_out, self.busy_s, cpu_s=time.process_time(),
+                     extra={"send_s": self.send_s, "sent_in_place": self.sent_in_place})
 
     # ---------------------------------------------------------------- main
 
@@ -187,6 +256,7 @@ class Worker:
             cls = load_class(a.module, a.qualname)
             node = cls(a.node_id, dict(a.params))
             node._progress = lambda phase, pct, msg: self.ctrl.send(Progress(phase, pct, msg))
+            node._memory = LoanedMemory(sender)
             result = node.initialize()
             if inspect.isawaitable(result):
                 await result
@@ -239,25 +309,51 @@ class Worker:
                 return
             if isinstance(result, RuntimeData):  # the common case, without generator machinery
                 self._disarm()
-                result.sequence = seq
-                result.source = self._node_id
-                self.items_out += 1
-                p = codec.prepare(result)
-                if not sender.try_send(p):
-                    await sender.send(p)
+                await self._send(result, seq, sender)
                 return
             if inspect.isawaitable(result):
                 result = await result
             async for out in iterate_outputs(result):
                 self._disarm()  # waiting for the consumer is not the node's time
-                out.sequence = seq
-                out.source = self._node_id
-                self.items_out += 1
-                await sender.send(codec.prepare(out))
+                await self._send(out, seq, sender)
                 self._arm()
         finally:
             self._disarm()
             self.busy_s += time.monotonic() - t0
+
+
+    async def _send(self, out: RuntimeData, seq: int | None, sender: FrameSender) -> None:
+        t0 = time.thread_time()
+        out.sequence = seq
+        out.source = self._node_id
+        self.items_out += 1
+        p = codec.prepare(out)
+        loan = loan_of(out)
+        if loan is not None and self._send_in_place(p, loan, out, sender):
+            self.sent_in_place += 1
+        elif not sender.try_send(p):
+            await sender.send(p)
+        self.send_s += time.thread_time() - t0
+
+    @staticmethod
+    def _send_in_place(p: codec.Prepared, loan: Loan, out: RuntimeData, sender: FrameSender) -> bool:
+        """Send a frame whose payload was written into its loaned sample; False = send it by copy."""
+        if len(p.meta) > META_ROOM:
+            return False  # the loan stays valid as the copy's source until it is collected
+        payload_at = loan.address + loan.offset
+        _fastpath.header_to_address(loan.address, loan.offset + loan.nbytes, p.kind, p.elem, p.sequence,
+                                    p.timestamp_us, p.a, p.b, p.extra, 0, p.shape,
+                                    p.meta.ljust(META_ROOM), loan.nbytes)  # JSON allows trailing blanks
+        sample, loan.sample = loan.sample, None
+        _array_of(out).flags.writeable = False  # type: ignore[union-attr]  # it is the consumer's now
+        if sender.send_loaned(sample):
+            return True
+        # The channel was full, and the sample went back to the pool unsent.
+        # Nothing in this process loans before this line, so the payload is
+        # still there: take a copy and send it the usual way (with credit).
+        p.payload = bytearray(loan.nbytes)
+        _fastpath.copy_from_address(payload_at, p.payload)
+        return False
 
 
 def run(ctrl_fd: int, args: ProcessArgs) -> int:

@@ -20,6 +20,14 @@ def builtin_nodes() -> list[type[Node]]:
 
 def test_nodes() -> list[type[Node]]:
     """Nodes for tests and benchmarks; registered only when test nodes are enabled."""
-    from .testing import ChecksumNode, CpuBurnNode, CrashNode, EchoNode, SleepNode, SlowInitNode
+    from .testing import (
+        ChecksumNode,
+        CpuBurnNode,
+        CrashNode,
+        EchoNode,
+        GenerateNode,
+        SleepNode,
+        SlowInitNode,
+    )
 
-    return [EchoNode, SleepNode, CpuBurnNode, CrashNode, SlowInitNode, ChecksumNode]
+    return [EchoNode, SleepNode, CpuBurnNode, CrashNode, SlowInitNode, ChecksumNode, GenerateNode]

@@ -11,6 +11,7 @@ import signal
 import time
 from typing import Any
 
+import numpy as np
 import orjson
 import xxhash
 
@@ -173,3 +174,33 @@ class ChecksumNode(_ProcessNode):
     def process(self, frame: RuntimeData) -> JsonData:
         return JsonData({"checksum": checksum(frame), "kind": frame.kind.name.lower(),
                          "bytes": frame.nbytes, "pid": os.getpid()})
+
+
+class GenerateNode(_ProcessNode):
+    """For each input, a uint8 tensor of `bytes` bytes, every byte (sequence % 251).
+
+    With `in_place` it asks for the output frame first and fills it where it
+    will be sent from (Node.new_tensor); otherwise it fills a new array that
+    is then sent by copy. `meta` (optional) goes into the frame's metadata.
+    """
+
+    node_type = "GenerateNode"
+    output_types = (TensorData.kind,)
+    params_schema = {
+        "type": "object",
+        "properties": {"bytes": {"type": "integer", "minimum": 0, "maximum": 1 << 30, "default": 1024},
+                       "in_place": {"type": "boolean", "default": True},
+                       "meta": {"type": "string", "default": ""}},
+        "additionalProperties": False,
+    }
+
+    def process(self, frame: RuntimeData) -> TensorData:
+        n, value = self.params["bytes"], (frame.sequence or 0) % 251
+        if self.params["in_place"]:
+            out = self.new_tensor((n,), np.uint8)
+        else:
+            out = TensorData(np.empty(n, np.uint8))
+        out.array.fill(value)
+        if self.params["meta"]:
+            out.metadata["note"] = self.params["meta"]
+        return out

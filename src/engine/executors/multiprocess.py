@@ -739,6 +739,8 @@ class ProcessRunner(NodeRunner):
         self.stats.cpu_s = st.cpu_s
         self.stats.extra["process_items_in"] = st.items_in
         self.stats.extra["process_items_out"] = st.items_out
+        for key, value in st.extra.items():
+            self.stats.extra[f"process_{key}"] = value
 
     async def _pump(self) -> None:
         """Outputs of the node process → the session, in order; ends at EOS."""

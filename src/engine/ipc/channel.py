@@ -87,6 +87,14 @@ class FrameSender:
         self._ev_data = event_id(slot * EV_SPAN + EV_DATA)
         self._ev_want = event_id(slot * EV_SPAN + EV_WANT_CREDIT)
 
+    def send_loaned(self, sample) -> bool:
+        """Send a loaned sample already holding an encoded frame; False = the
+        consumer's buffer was full (the sample is gone back to the pool)."""
+        if sample.assume_init().send() == 0:
+            return False
+        self.notifier.notify_with_custom_event_id(self._ev_data)
+        return True
+
     def try_send(self, p: codec.Prepared) -> bool:
         size = p.size
         sample = self.pub.loan_slice_uninit(size)

@@ -164,7 +164,7 @@ def open_event_service(node: iox2.Node, name: str, notifiers: int = 2):
 def publisher(service, initial_bytes: int = 64 * 1024):
     return (service.publisher_builder().initial_max_slice_len(initial_bytes)
             .allocation_strategy(iox2.AllocationStrategy.PowerOfTwo)
-            .max_loaned_samples(2)
+            .max_loaned_samples(4)  # one to send with, the rest for frames written in place
             .backpressure_strategy(iox2.BackpressureStrategy.DiscardData)
             .create())
 
