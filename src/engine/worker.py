@@ -170,7 +170,7 @@ class Worker:
             if msg is None:  # the engine is gone: nobody to serve
                 os._exit(0)
             if isinstance(msg, Ping):
-                self.ctrl.send(Pong(msg.token))
+                self.ctrl.send(Pong(msg.token, self.stats()))
             elif isinstance(msg, ChannelsReady):
                 loop = self._loop
                 if loop is not None:

@@ -43,6 +43,8 @@ from ..ipc.control import (
     ChannelsReady,
     Failure,
     Hello,
+    Ping,
+    Pong,
     Progress,
     Ready,
     Shutdown,
@@ -638,6 +640,8 @@ class ProcessRunner(NodeRunner):
         self._closed = False
         self._ctrl_task: asyncio.Task | None = None
         self._failure: Failure | None = None
+        self._pings: dict[int, asyncio.Future] = {}
+        self._ping_tokens = itertools.count(1)
         self.log = logging.LoggerAdapter(log, {"session_id": session.id, "node_id": self.node_id})
 
     @property
@@ -733,6 +737,27 @@ class ProcessRunner(NodeRunner):
             elif isinstance(msg, ShutdownAck):
                 if msg.stats is not None:
                     self._merge(msg.stats)
+            elif isinstance(msg, Pong):
+                if msg.stats is not None:
+                    self._merge(msg.stats)
+                fut = self._pings.pop(msg.token, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+
+    async def refresh_stats(self, timeout: float = 1.0) -> None:
+        """Bring `stats` up to date with the node process's own counters (a ping round trip)."""
+        ctrl = self.proc.ctrl if self.proc is not None else None
+        if ctrl is None or self._closing:
+            return
+        token = next(self._ping_tokens)
+        fut = self._pings[token] = asyncio.get_running_loop().create_future()
+        ctrl.send(Ping(token))
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._pings.pop(token, None)
 
     def _merge(self, st: Stats) -> None:
         self.stats.busy_s = st.busy_s

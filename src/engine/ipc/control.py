@@ -89,12 +89,15 @@ class Stats:
 
 @dataclass(frozen=True)
 class Ping:
+    """Engine → node process: answer with a Pong carrying your current Stats."""
+
     token: int
 
 
 @dataclass(frozen=True)
 class Pong:
     token: int
+    stats: Stats | None = None
 
 
 @dataclass(frozen=True)
