@@ -9,12 +9,16 @@ import signal
 import time
 
 import numpy as np
+import uvloop
 
 from bench import peers
 from bench.harness import pct, scenario
 from engine import Engine, RuntimeData
 
 CFG = {"test_nodes": True, "ipc_root": "/tmp/remotemedia-bench"}
+
+#: the engine's own event loop (what `remotemedia-engine serve` runs on)
+run_loop = uvloop.run
 
 
 def one(node_type: str, nid: str = "n", **params) -> dict:
@@ -42,7 +46,7 @@ def spawn_to_ready() -> dict:
                 await s.cancel()
         return out
 
-    cold, warm = asyncio.run(go(0)), asyncio.run(go(2))
+    cold, warm = run_loop(go(0)), run_loop(go(2))
     return {"series": {"session start → 1 node ready (fork, iceoryx2 ports, initialize)": {"values": cold, "unit": "s"},
                        "session start → 1 node ready, prewarm_processes = 2": {"values": warm, "unit": "s"}},
             "targets": {"p50 ≤ 15 ms": f"{'met' if pct(cold, .5) <= 0.015 else 'MISSED'} ({pct(cold, .5) * 1e3:.2f} ms)",
@@ -71,7 +75,7 @@ def _hop_round(n: int, affinity: set[int] | None) -> dict[str, list[float]]:
     try:
         x = np.random.default_rng(0).standard_normal(1024).astype(np.float32)
         return {
-            "engine EchoNode": asyncio.run(_engine_hops(RuntimeData.audio(x, 48000), n)),
+            "engine EchoNode": run_loop(_engine_hops(RuntimeData.audio(x, 48000), n)),
             "multiprocessing.Queue": peers.queue_round_trips(x, n),
             "bare iceoryx2 ping-pong": peers.iox_round_trips(x, n),
         }
@@ -99,7 +103,7 @@ def throughput() -> dict:
     series, derived = {}, {}
     for mib, n in ((1, 200), (16, 30)):
         x = np.random.default_rng(0).integers(0, 255, mib * 2**20, dtype=np.uint8)
-        eng = asyncio.run(_engine_hops(RuntimeData.tensor(x), n))
+        eng = run_loop(_engine_hops(RuntimeData.tensor(x), n))
         q = peers.queue_round_trips(x, n)
         cp = []
         for _ in range(n):
@@ -115,7 +119,7 @@ def throughput() -> dict:
         derived[f"{mib} MiB engine/Queue speed-up"] = pct(q, .5) / pct(eng, .5)
     for mib_label, nbytes in (("1 KiB", 1024), ("1 MiB", 2**20), ("16 MiB", 16 * 2**20)):
         for in_place in (True, False):
-            per_frame = asyncio.run(_generate(nbytes, in_place, 40))
+            per_frame = run_loop(_generate(nbytes, in_place, 40))
             how = "written in place" if in_place else "filled, then copied"
             series[f"node hands over a {mib_label} output, {how} (node CPU)"] = {"values": per_frame, "unit": "s"}
     derived["16 MiB hand-over, copy / in place (p50)"] = (
@@ -171,8 +175,8 @@ def parallelism() -> dict:
             await task
             return time.perf_counter() - t
 
-    par = [asyncio.run(run(branches, "src", 1)) for _ in range(5)]
-    pipe = [asyncio.run(run(stages, "b0", 30)) for _ in range(3)]
+    par = [run_loop(run(branches, "src", 1)) for _ in range(5)]
+    pipe = [run_loop(run(stages, "b0", 30)) for _ in range(3)]
     seq_branches, seq_pipe = 0.3, 30 * 3 * 0.020
     return {"series": {"3 SleepNode(100 ms) branches, one input": {"values": par, "unit": "s"},
                        "3 CpuBurnNode(20 ms) stages, 30 frames": {"values": pipe, "unit": "s"}},
@@ -196,7 +200,7 @@ def memory() -> dict:
                 await s.cancel()
             return per, total
 
-    per, total = asyncio.run(go())
+    per, total = run_loop(go())
     return {"series": {"PSS per idle EchoNode process": {"values": [p / 2**20 for p in per], "unit": "MiB"}},
             "derived": {"5-node session total PSS (MiB)": total / 2**20,
                         "per-session overhead per node (MiB, target: node ≤ 20, session ≤ 50)": total / 2**20 / 5}}
@@ -228,7 +232,7 @@ def teardown_and_faults() -> dict:
                 await s.wait_closed()
         return tear, kill
 
-    tear, kill = asyncio.run(go())
+    tear, kill = run_loop(go())
     return {"series": {"teardown of a 5-node session to all processes gone": {"values": tear, "unit": "s"},
                        "kill -9 of a node to typed error delivered": {"values": kill, "unit": "s"}},
             "targets": {"teardown p50 ≤ 500 ms": f"{pct(tear, .5) * 1e3:.1f} ms",

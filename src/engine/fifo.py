@@ -21,6 +21,10 @@ class BoundedFifo:
         self._writable = asyncio.Event()
         self._writable.set()
 
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -30,6 +34,14 @@ class BoundedFifo:
             await self._writable.wait()
         self._items.append(item)
         self._readable.set()
+
+    def try_put(self, item: Any) -> bool:
+        """Append without waiting; False when full."""
+        if len(self._items) >= self._capacity:
+            return False
+        self._items.append(item)
+        self._readable.set()
+        return True
 
     def put_terminal(self, item: Any) -> None:
         self._items.append(item)

@@ -65,6 +65,7 @@ class SessionMetrics:
 
 
 _END = object()
+_KIND_NAMES = {k: k.name.lower() for k in DataKind}
 #: inputs whose arrival time is kept to measure output latency
 _LATENCY_WINDOW = 4096
 
@@ -200,7 +201,7 @@ class Session:
         seq = next(self._seq) if sequence is None else sequence
         data.sequence = seq
         self.metrics.chunks_in += 1
-        self.metrics.by_kind[data.kind.name.lower()] += 1
+        self.metrics.by_kind[_KIND_NAMES[data.kind]] += 1
         times = self._send_times
         if seq not in times:
             times[seq] = time.perf_counter()
@@ -222,22 +223,38 @@ class Session:
     async def emit(self, node_id: str, frame: RuntimeData) -> None:
         """Route one frame a node produced: to its downstream nodes, or out if a sink."""
         planned = self.plan.nodes[node_id]
-        t0 = self._send_times.get(frame.sequence) if frame.sequence is not None else None
-        if t0 is not None and self._observer is not None:
-            self._observer.node_output(planned.spec.node_type, time.perf_counter() - t0)
         if planned.is_sink:
-            self.metrics.outputs += 1
-            if t0 is not None:
-                self.metrics.latency_sum_s += time.perf_counter() - t0
-                self.metrics.latency_count += 1
-            out = Output(node_id, frame.sequence, frame)
+            out = self._sink_output(planned, frame)
             if self._sink is not None:
                 await self._sink(out)
             else:
                 await self._outputs.put(out)
             return
+        self._observe(planned, frame)
         for target in planned.downstream:
             await self._runners[target].push(frame)
+
+    def emit_nowait(self, node_id: str, frame: RuntimeData) -> bool:
+        """emit() when it needs no waiting: a sink's output while the caller's
+        queue has room. False = not done (use emit)."""
+        planned = self.plan.nodes[node_id]
+        if not planned.is_sink or self._sink is not None or len(self._outputs) >= self._outputs.capacity:
+            return False
+        return self._outputs.try_put(self._sink_output(planned, frame))
+
+    def _observe(self, planned: PlannedNode, frame: RuntimeData) -> float | None:
+        t0 = self._send_times.get(frame.sequence) if frame.sequence is not None else None
+        if t0 is not None and self._observer is not None:
+            self._observer.node_output(planned.spec.node_type, time.perf_counter() - t0)
+        return t0
+
+    def _sink_output(self, planned: PlannedNode, frame: RuntimeData) -> Output:
+        t0 = self._observe(planned, frame)
+        self.metrics.outputs += 1
+        if t0 is not None:
+            self.metrics.latency_sum_s += time.perf_counter() - t0
+            self.metrics.latency_count += 1
+        return Output(planned.id, frame.sequence, frame)
 
     async def node_ended(self, node_id: str) -> None:
         """A node flushed at end of stream: propagate the end downstream."""

@@ -17,6 +17,7 @@ import asyncio
 import importlib
 import inspect
 import os
+import select
 import signal
 import socket
 import threading
@@ -98,7 +99,7 @@ class LoanedMemory(FrameMemory):
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         offset = _fastpath.payload_offset(len(shape), META_ROOM)
         try:
-            sample = self.sender.pub.loan_slice_uninit(offset + nbytes)
+            sample = iox.loan_slice(self.sender.pub, offset + nbytes)
         except Exception:  # noqa: BLE001 - loan limit or memory: the heap will do
             return super().array(shape, dtype)
         loan = Loan(sample, offset, nbytes)
@@ -130,6 +131,10 @@ def loan_of(frame: RuntimeData) -> Loan | None:
     return loan
 
 
+def _plain(fn: Any) -> bool:
+    return not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn))
+
+
 def load_class(module: str, qualname: str) -> type[Node]:
     obj: Any = importlib.import_module(module)
     for part in qualname.split("."):
@@ -158,6 +163,10 @@ class Worker:
         self._wake = asyncio.Event()
         self._channels_ready = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._blocking = False  # see _serve()
+        self._waiter: Any = None  # select.poll over the inbox and the wake pipe
+        self._wake_r, self._wake_w = os.pipe()  # wakes the blocking data loop
+        os.set_blocking(self._wake_w, False)
 
     # ---------------------------------------------------------------- control
 
@@ -186,6 +195,10 @@ class Worker:
                 loop = self._loop
                 if loop is not None:
                     loop.call_soon_threadsafe(self._wake.set)
+                try:
+                    os.write(self._wake_w, b"x")
+                except BlockingIOError:  # already signalled
+                    pass
 
     def _arm(self) -> None:
         # The process() deadline: SIGALRM with its default action ends the
@@ -251,7 +264,7 @@ class Worker:
         assert a is not None
         self._timeout = a.process_timeout_secs
         self._node_id = a.node_id
-        where = "initialize"
+        self._where = "initialize"
         try:
             cls = load_class(a.module, a.qualname)
             node = cls(a.node_id, dict(a.params))
@@ -263,24 +276,35 @@ class Worker:
             self.node = node
             self.ctrl.send(Ready())
             signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            # A node whose process() and flush() are plain functions is driven
+            # by a loop that blocks in poll() between frames, without the event
+            # loop's task switches (most of a hop's cost here). A node with
+            # coroutines or async generators keeps the event loop.
+            self._blocking = (self._inbox.fd is not None and _plain(node.process) and _plain(node.flush))
+            if self._blocking:
+                self._inbox.detach()
             while not self.stopping:
                 self._wake.clear()
                 self._drain_events()
                 item = receiver.receive()
                 if item is None:
                     receiver.freed()
-                    await self._wake.wait()
+                    if self._blocking:
+                        self._block()
+                    else:
+                        await self._wake.wait()
                     continue
                 if item is EOS:
-                    where = "flush"
+                    self._where = "flush"
                     await self._run(node.flush, None, sender)
-                    await sender.send(codec.eos_prepared())
+                    await self._send_prepared(codec.eos_prepared(), sender)
                     self.ctrl.send(self.stats())
                     continue
-                where = "process"
+                self._where = "process"
                 self.items_in += 1
                 await self._run(node.process, item, sender)
         except Exception as exc:
+            where = self._where
             self.ctrl.send(Failure(where, _error_type(exc), f"{where}() failed: {type(exc).__name__}: {exc}",
                                    "".join(traceback.format_exception(exc)), self._busy_seq))
             return 1
@@ -297,6 +321,33 @@ class Worker:
         # A synchronous process() keeps the loop from running the inbox
         # callback; take pending events (a credit request, a credit) now.
         self._inbox.poll()
+
+    def _block(self) -> None:
+        """Sleep until the inbox has events or the control thread wakes us (GIL released)."""
+        waiter = self._waiter
+        if waiter is None:
+            waiter = self._waiter = select.poll()
+            waiter.register(self._inbox.fd, select.POLLIN)
+            waiter.register(self._wake_r, select.POLLIN)
+        for fd, _ in waiter.poll():
+            if fd == self._wake_r:
+                os.read(self._wake_r, 64)
+
+    async def _send_prepared(self, p: codec.Prepared, sender: FrameSender) -> None:
+        """Send one frame, waiting for room while the engine's buffer is full."""
+        if sender.try_send(p):
+            return
+        if not self._blocking:
+            await sender.send(p)
+            return
+        while not sender.try_send(p):
+            sender.credit.clear()
+            sender.ask_credit()
+            while not sender.credit.is_set():
+                if self.stopping:  # the engine is tearing the session down: nobody reads
+                    return
+                self._block()
+                self._drain_events()
 
     async def _run(self, fn: Any, frame: Any, sender: FrameSender) -> None:
         seq = frame.sequence if frame is not None else self._busy_seq
@@ -331,8 +382,8 @@ class Worker:
         loan = loan_of(out)
         if loan is not None and self._send_in_place(p, loan, out, sender):
             self.sent_in_place += 1
-        elif not sender.try_send(p):
-            await sender.send(p)
+        else:
+            await self._send_prepared(p, sender)
         self.send_s += time.thread_time() - t0
 
     @staticmethod

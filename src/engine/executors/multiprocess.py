@@ -471,7 +471,8 @@ class NodeProcess:
         self.ctrl: AsyncChannel | None = None
         self.sender: FrameSender | None = None
         self.receiver: FrameReceiver | None = None
-        self.data = asyncio.Event()  # frames (or a credit request) from the process
+        #: called (on the loop) when frames or a credit request came from the process
+        self.on_data: Callable[[], None] | None = None
         self.exited: asyncio.Future | None = None
         #: called once, on the loop, when the process is gone
         self.on_exit: Callable[[], None] | None = None
@@ -555,13 +556,12 @@ class NodeProcess:
                                      node_id=node_id, context={"field": key}) from None
 
     def on_events(self, ids: set[int]) -> None:
-        if iox.EV_DATA in ids:
-            self.data.set()
         if iox.EV_CREDIT in ids and self.sender is not None:
             self.sender.on_credit()
         if iox.EV_WANT_CREDIT in ids and self.receiver is not None:
             self.receiver.want_credit = True
-            self.data.set()
+        if (iox.EV_DATA in ids or iox.EV_WANT_CREDIT in ids) and self.on_data is not None:
+            self.on_data()
 
     def _on_pidfd(self) -> None:
         if self._pidfd is not None:
@@ -641,6 +641,7 @@ class ProcessRunner(NodeRunner):
         self._ctrl_task: asyncio.Task | None = None
         self._failure: Failure | None = None
         self._pings: dict[int, asyncio.Future] = {}
+        self._pump_task: asyncio.Task | None = None
         self._ping_tokens = itertools.count(1)
         self.log = logging.LoggerAdapter(log, {"session_id": session.id, "node_id": self.node_id})
 
@@ -683,7 +684,8 @@ class ProcessRunner(NodeRunner):
             else:
                 raise await self._start_failure(msg, "initialize")
         self._ctrl_task = self.session.track(self._control_loop(), f"{self.node_id}:control")
-        self.session.track(self._pump(), f"{self.node_id}:pump")
+        proc.on_data = self._on_data
+        self._on_data()  # outputs may already wait (a node that emits at start)
 
     async def _start_failure(self, msg: Any, where: str) -> EngineError:
         if isinstance(msg, Failure):
@@ -701,7 +703,9 @@ class ProcessRunner(NodeRunner):
     # ------------------------------------------------------------ supervise
 
     def _on_exit(self) -> None:
-        if not self._closing:
+        # While starting, start() reads the control lane itself and reports
+        # the death (with the node's Failure, when it sent one).
+        if not self._closing and self._ctrl_task is not None:
             self.session.track(self._report_death(), f"{self.node_id}:death")
 
     async def _report_death(self) -> None:
@@ -744,8 +748,9 @@ class ProcessRunner(NodeRunner):
                 if fut is not None and not fut.done():
                     fut.set_result(None)
 
-    async def refresh_stats(self, timeout: float = 1.0) -> None:
-        """Bring `stats` up to date with the node process's own counters (a ping round trip)."""
+    async def refresh_stats(self) -> None:
+        """Bring `stats` up to date with the node process's own counters (a ping round
+        trip; gives up after a second, leaving the last numbers)."""
         ctrl = self.proc.ctrl if self.proc is not None else None
         if ctrl is None or self._closing:
             return
@@ -753,7 +758,7 @@ class ProcessRunner(NodeRunner):
         fut = self._pings[token] = asyncio.get_running_loop().create_future()
         ctrl.send(Ping(token))
         try:
-            await asyncio.wait_for(fut, timeout)
+            await asyncio.wait_for(fut, 1.0)
         except TimeoutError:
             pass
         finally:
@@ -767,29 +772,54 @@ class ProcessRunner(NodeRunner):
         for key, value in st.extra.items():
             self.stats.extra[f"process_{key}"] = value
 
-    async def _pump(self) -> None:
-        """Outputs of the node process → the session, in order; ends at EOS."""
-        assert self.proc is not None
-        receiver, data = self.proc.receiver, self.proc.data
-        assert receiver is not None
-        emit = self.session.emit
-        while True:
-            await data.wait()
-            data.clear()
-            n = 0
+    def _on_data(self) -> None:
+        """Outputs of the node process → the session, in order, from the inbox callback.
+
+        While outputs can be routed without waiting (a sink's output with room
+        in the caller's queue), they are handled right here, without a task
+        switch; the first one that needs waiting (a downstream push, a full
+        queue, end of stream) starts a pump task, which drains the channel and
+        ends when it is empty.
+        """
+        if self._pump_task is not None or self.proc is None or self.proc.receiver is None:
+            return  # the pump drains what came
+        receiver = self.proc.receiver
+        try:
             while True:
                 item = receiver.receive()
                 if item is None:
                     receiver.freed()
-                    break
+                    return
+                if item is not EOS:
+                    self.stats.items_out += 1
+                    if self.session.emit_nowait(self.node_id, item):
+                        continue
+                self._pump_task = self.session.track(self._pump(item), f"{self.node_id}:pump")
+                return
+        except Exception as exc:  # a callback's exception would only reach the loop's log
+            self.session.fail_soon(exc if isinstance(exc, EngineError)
+                                   else InternalError(f"{type(exc).__name__}: {exc}", node_id=self.node_id))
+
+    async def _pump(self, item: Any) -> None:
+        try:
+            receiver = self.proc.receiver if self.proc is not None else None
+            n = 0
+            while receiver is not None:
                 if item is EOS:
                     await self.session.node_ended(self.node_id)
                     return
-                self.stats.items_out += 1
-                await emit(self.node_id, item)
+                await self.session.emit(self.node_id, item)
                 n += 1
                 if n % 16 == 0:
                     await asyncio.sleep(0)  # yield: a busy channel must not starve the loop
+                item = receiver.receive()
+                if item is None:
+                    receiver.freed()
+                    return
+                if item is not EOS:
+                    self.stats.items_out += 1
+        finally:
+            self._pump_task = None
 
     # ------------------------------------------------------------ data in
 

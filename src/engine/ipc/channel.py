@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 
 from . import codec
-from .iox import EV_CREDIT, EV_DATA, EV_SPAN, EV_WANT_CREDIT, event_id
+from .iox import EV_CREDIT, EV_DATA, EV_SPAN, EV_WANT_CREDIT, assume_init, event_id, loan_slice
 
 
 class Inbox:
@@ -42,6 +42,11 @@ class Inbox:
         else:
             self._thread = threading.Thread(target=self._wait_loop, name="iox-inbox", daemon=True)
             self._thread.start()
+
+    @property
+    def fd(self) -> int | None:
+        """The listener's socket, when found (None: events come through a helper thread)."""
+        return self._fd
 
     def poll(self) -> None:
         """Take pending events now (without waiting for the loop's callback)."""
@@ -90,16 +95,16 @@ class FrameSender:
     def send_loaned(self, sample) -> bool:
         """Send a loaned sample already holding an encoded frame; False = the
         consumer's buffer was full (the sample is gone back to the pool)."""
-        if sample.assume_init().send() == 0:
+        if assume_init(sample).send() == 0:
             return False
         self.notifier.notify_with_custom_event_id(self._ev_data)
         return True
 
     def try_send(self, p: codec.Prepared) -> bool:
         size = p.size
-        sample = self.pub.loan_slice_uninit(size)
+        sample = loan_slice(self.pub, size)
         codec.write_to_address(sample.payload_ptr, size, p)
-        if sample.assume_init().send() == 0:
+        if assume_init(sample).send() == 0:
             return False
         self.notifier.notify_with_custom_event_id(self._ev_data)
         return True
@@ -114,9 +119,13 @@ class FrameSender:
             if drop_when_full:
                 return False
             self.credit.clear()
-            self.notifier.notify_with_custom_event_id(self._ev_want)
+            self.ask_credit()
             await self.credit.wait()
         return True
+
+    def ask_credit(self) -> None:
+        """Ask the consumer to say (EV_CREDIT) when it has taken a frame out."""
+        self.notifier.notify_with_custom_event_id(self._ev_want)
 
     def on_credit(self) -> None:
         self.credit.set()
