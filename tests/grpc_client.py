@@ -78,6 +78,15 @@ def kinds(responses: list[spb.StreamResponse]) -> list[str]:
 
 
 def node_processes(zygote_pid: int | None) -> set[int]:
-    """Descendants of this process other than the engine's zygote: node processes."""
-    me = psutil.Process()
-    return {p.pid for p in me.children(recursive=True) if p.pid != zygote_pid}
+    """Descendants of this process other than the engine's zygote and its
+    standby (not yet any node's): node processes."""
+    from engine.zygote import STANDBY_NAME
+
+    out = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.pid != zygote_pid and p.name() != STANDBY_NAME:
+                out.add(p.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return out

@@ -23,13 +23,14 @@ from nodes.testing import checksum
 pytestmark = pytest.mark.multiprocess
 
 
-def session_services(engine, session) -> list[str]:
-    """iceoryx2 services (by name) still there that belong to this session."""
+def session_services(engine, session, pids) -> list[str]:
+    """iceoryx2 services (by name) still there that belong to this session or its processes."""
     import iceoryx2 as iox2
 
     space = engine._process_manager.space
     names = [d.name().to_string() for d in iox2.Service.list(space.config(), iox2.ServiceType.Ipc)]
-    return [n for n in names if n.startswith(f"rm/{session.id}/")]
+    mine = (f"rm/{session.id}/", *(f"rm/proc/{pid}x" for pid in pids))
+    return [n for n in names if n.startswith(mine)]
 
 
 async def collect(session):
@@ -127,7 +128,7 @@ async def test_crash_modes_give_typed_error_and_clean_teardown(mp_engine, mode, 
                   {"id": "crash", "node_type": "CrashNode", "params": {"after": 2, "mode": mode}}])
     async with mp_engine.stream(m) as s:
         pids = [r.pid for r in s.runners.values()]
-        assert len(session_services(mp_engine, s)) == 6  # 2 frame services + 1 inbox per node
+        assert len(session_services(mp_engine, s, pids)) == 6  # 2 frame services + 1 inbox per process
         with pytest.raises(NodeExecutionError) as info:
             async for _ in s:
                 pass
@@ -137,7 +138,7 @@ async def test_crash_modes_give_typed_error_and_clean_teardown(mp_engine, mode, 
     assert expect in str(info.value) or expect in info.value.traceback_text
     await s.wait_closed()
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
-    assert session_services(mp_engine, s) == []
+    assert session_services(mp_engine, s, pids) == []
 
 
 @pytest.fixture(autouse=True)
@@ -175,7 +176,7 @@ async def test_kill_minus_9_mid_stream(mp_engine):
         assert info.value.node_id == "echo"
         await s.wait_closed()
     assert not psutil.pid_exists(s.runners["slow"].pid) or psutil.Process(s.runners["slow"].pid).status() == psutil.STATUS_ZOMBIE
-    assert session_services(mp_engine, s) == []
+    assert session_services(mp_engine, s, [victim, s.runners["slow"].pid]) == []
 
 
 async def test_hang_past_process_deadline(mp_engine):
@@ -314,3 +315,34 @@ async def test_memory_limit_fails_session(mp_engine):
             async for _ in session:
                 pass
     await session.wait_closed()
+
+
+async def test_zygote_standby_is_used_once_and_replaced_when_it_dies(mp_engine):
+    from engine.zygote import NODE_NAME, STANDBY_NAME
+
+    def named(name):
+        zygote = psutil.Process(mp_engine.process_manager().zygote_pid)
+        return {p.pid for p in zygote.children() if p.name() == name and p.status() != psutil.STATUS_ZOMBIE}
+
+    async def eventually(check):
+        async with asyncio.timeout(10):
+            while not check():  # noqa: ASYNC110 - another process's state
+                await asyncio.sleep(0.01)
+
+    await mp_engine.process_manager().ensure_started()
+    await eventually(lambda: len(named(STANDBY_NAME)) == 1)
+    standby = named(STANDBY_NAME).pop()
+    m = manifest([{"id": "e", "node_type": "EchoNode"}])
+    async with mp_engine.stream(m) as s:
+        assert s.runners["e"].pid == standby  # handed over, now a node process
+        assert psutil.Process(standby).name() == NODE_NAME
+        await s.send("e", RuntimeData.text("a"))
+        await s.close()
+        assert [o.data.text async for o in s] == ["a"]
+    await eventually(lambda: len(named(STANDBY_NAME)) == 1 and standby not in named(STANDBY_NAME))
+    os.kill(named(STANDBY_NAME).pop(), signal.SIGKILL)  # a standby that dies is not a session's business
+    async with mp_engine.stream(m) as s:
+        await s.send("e", RuntimeData.text("b"))
+        await s.close()
+        assert [o.data.text async for o in s] == ["b"]
+    await eventually(lambda: len(named(STANDBY_NAME)) == 1)

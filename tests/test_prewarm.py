@@ -24,8 +24,10 @@ pytestmark = pytest.mark.multiprocess
 
 
 def node_processes(engine: Engine) -> set[int]:
-    zygote = psutil.Process(engine.process_manager().zygote_pid)
-    return {p.pid for p in zygote.children() if p.status() != psutil.STATUS_ZOMBIE}
+    from grpc_client import node_processes as descendants
+
+    return {p for p in descendants(engine.process_manager().zygote_pid)
+            if psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
 
 
 async def wait_for(predicate, what: str) -> None:

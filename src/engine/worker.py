@@ -1,14 +1,18 @@
 """The main loop of a node process: one node instance of one session.
 
-Forked from the zygote. Creates its loop and iceoryx2 node while the engine
-creates the process's services, opens its side of them once told they
-exist, says Hello, and waits to be assigned its node (at once for a session
-that is starting; later for a prewarmed process). Then it imports and
-initializes the node (reporting progress), says Ready, and processes frames
-as they arrive, woken by iceoryx2 events on its own asyncio loop. Control (ping, shutdown) is read by a thread so it is
-never stuck behind data. A timer (SIGALRM) ends the process when one
-process() call exceeds its deadline. The process exits when the engine closes the control
-socket (engine gone) and, through PR_SET_PDEATHSIG, when the zygote dies.
+Forked from the zygote, usually ahead of time as its standby, with its
+event loop, iceoryx2 node and inbox already made (`Endpoints`). Given its
+channels, it makes the output channel while the engine makes the input
+channel, opens the engine's once told it exists, says Hello, and waits to
+be assigned its node (at once for a session that is starting; later for a
+prewarmed process). Then it imports and initializes the node (reporting
+progress), says Ready, and processes frames as they arrive: a node with
+plain process()/flush() from a loop that blocks in poll() between frames,
+an async one on the process's asyncio loop, both woken by iceoryx2 events.
+Control (ping, shutdown) is read by a thread so it is never stuck behind
+data. A timer (SIGALRM) ends the process when one process() call exceeds
+its deadline. The process exits when the engine closes the control socket
+(engine gone) and, through PR_SET_PDEATHSIG, when the zygote dies.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .ipc.control import (
     ChannelsReady,
     Failure,
     Hello,
+    OutputsReady,
     Ping,
     Pong,
     Progress,
@@ -56,16 +61,41 @@ except ImportError:  # pragma: no cover - uvloop is a declared dependency
 
 
 @dataclass(frozen=True)
+class EngineSpace:
+    """Where the engine's iceoryx2 files are and how many slots its inbox has (fixed per engine)."""
+
+    root: str
+    prefix: str
+    inbox_slots: int
+
+
+@dataclass(frozen=True)
 class ProcessArgs:
     """What a node process needs before it knows its node: where its channels are."""
 
-    space_root: str
-    space_prefix: str
+    space: EngineSpace
     names: iox.ChannelNames
     capacity: int
-    #: this process's slot on the engine's inbox, and that inbox's size
+    #: this process's slot on the engine's inbox
     slot: int
-    inbox_slots: int
+
+
+class Endpoints:
+    """A process's own iceoryx2 set-up, independent of any session: its
+    iceoryx2 node, a notifier on the engine's inbox, and its own inbox.
+
+    The zygote keeps one standby child with these made (and its event loop
+    created) before anyone asks for a process; a child forked on demand makes
+    them first thing.
+    """
+
+    def __init__(self, es: EngineSpace) -> None:
+        self.space = iox.IpcSpace(es.root, es.prefix)
+        self.ionode = self.space.node(f"w{os.getpid()}")
+        self.to_engine = iox.open_event_service(self.ionode, iox.ENGINE_INBOX, es.inbox_slots).notifier_builder().create()
+        self.inbox_name = f"rm/proc/{os.getpid()}x{os.urandom(4).hex()}/inbox"
+        self.listener, self.fd = iox.make_listener(iox.open_event_service(self.ionode, self.inbox_name), self.space)
+        self.loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
 
 
 #: bytes kept for a frame's meta (JSON: metadata, source, layout) in front of
@@ -147,9 +177,10 @@ def _error_type(exc: BaseException) -> str:
 
 
 class Worker:
-    def __init__(self, ctrl: SyncChannel, args: ProcessArgs) -> None:
+    def __init__(self, ctrl: SyncChannel, args: ProcessArgs, endpoints: Endpoints) -> None:
         self.ctrl = ctrl
         self.args = args
+        self.endpoints = endpoints
         self.assigned: Assign | None = None
         self._assign = threading.Event()
         self.node: Node | None = None
@@ -220,21 +251,18 @@ class Worker:
     # ---------------------------------------------------------------- main
 
     async def main(self) -> int:
-        a = self.args
+        a, ep = self.args, self.endpoints
         self._loop = asyncio.get_running_loop()
         threading.Thread(target=self._control_thread, name="control", daemon=True).start()
-        space = iox.IpcSpace(a.space_root, a.space_prefix)
-        ionode = space.node(f"w{os.getpid()}")
-        # The engine's inbox exists since the engine started, and this
-        # process's own inbox is made here, while the engine creates the
-        # frame services: the engine opens it after Hello.
-        to_engine = iox.open_event_service(ionode, iox.ENGINE_INBOX, a.inbox_slots).notifier_builder().create()
-        listener, fd = iox.make_listener(iox.open_event_service(ionode, a.names.node_inbox), space)
+        ionode, to_engine, listener = ep.ionode, ep.to_engine, ep.listener
+        # This process makes the channel it publishes on while the engine
+        # makes the input channel; each opens the other's when told it exists.
+        out_svc = iox.open_frames_service(ionode, a.names.outputs, a.capacity)
+        sender = FrameSender(iox.publisher(out_svc), to_engine, a.slot)
+        self.ctrl.send(OutputsReady(ep.inbox_name))
         await self._channels_ready.wait()  # bounded by the engine's spawn timeout, which kills us
         in_svc = iox.open_frames_service(ionode, a.names.inputs, a.capacity)
-        out_svc = iox.open_frames_service(ionode, a.names.outputs, a.capacity)
         receiver = FrameReceiver(iox.subscriber(in_svc, a.capacity), to_engine, a.slot)
-        sender = FrameSender(iox.publisher(out_svc), to_engine, a.slot)
 
         def on_events(ids: set[int]) -> None:
             if iox.EV_WANT_CREDIT in ids:
@@ -243,7 +271,7 @@ class Worker:
                 sender.on_credit()
             self._wake.set()
 
-        inbox = Inbox(listener, fd, on_events)
+        inbox = Inbox(listener, ep.fd, on_events)
         inbox.attach(self._loop)
         self.ctrl.send(Hello(os.getpid()))
         self._inbox = inbox
@@ -407,14 +435,14 @@ class Worker:
         return False
 
 
-def run(ctrl_fd: int, args: ProcessArgs) -> int:
+def run(ctrl_fd: int, args: ProcessArgs, endpoints: Endpoints | None = None) -> int:
     sock = socket.socket(fileno=ctrl_fd)
     ctrl = SyncChannel(sock)
-    worker = Worker(ctrl, args)
     try:
-        if uvloop is None:  # pragma: no cover
-            return asyncio.run(worker.main())
-        return uvloop.run(worker.main())
+        ep = endpoints or Endpoints(args.space)
+        worker = Worker(ctrl, args, ep)
+        with asyncio.Runner(loop_factory=lambda: ep.loop) as runner:
+            return runner.run(worker.main())
     except Exception as exc:
         try:
             ctrl.send(Failure("startup", ErrorType.INTERNAL.name, f"node process failed to start: {exc}",

@@ -1,16 +1,21 @@
 """The engine's node-process zygote (the "forkserver" role).
 
-Started once per engine as `python -m engine.zygote FD MODULES...` — a fresh
-interpreter, so it inherits nothing from the host application: not its
-`__main__`, not its iceoryx2 objects, sockets or signal handlers. It imports
-numpy, iceoryx2, the worker and the node modules once, then forks a node
-process per request in about a millisecond; children share the preloaded
-pages copy-on-write. It holds no iceoryx2 object itself (one must never
-cross a fork).
+Started once per engine as `python -m engine.zygote FD ROOT PREFIX SLOTS
+MODULES...` — a fresh interpreter, so it inherits nothing from the host
+application: not its `__main__`, not its iceoryx2 objects, sockets or signal
+handlers. It imports numpy, iceoryx2, the worker and the node modules once,
+then forks node processes; children share the preloaded pages copy-on-write.
+It holds no iceoryx2 object itself (one must never cross a fork).
+
+It keeps one standby child: forked ahead, with its event loop, iceoryx2 node
+and inbox already made (`worker.Endpoints`), waiting on a private socket.
+A request is answered with it, and a new standby is forked once requests
+pause, so a burst forks on demand and never waits for a standby.
 
 Protocol on its SOCK_SEQPACKET socket with the engine (pickled dicts):
   engine → zygote  {"op": "spawn", "req": n, "args": worker.ProcessArgs} + the child's control fd
-  zygote → engine  {"op": "spawned", "req": n, "pid": pid}
+  zygote → engine  {"op": "spawned", "req": n, "pid": pid, "inbox": name or None}
+                   (the standby, with its inbox when made, or a fresh fork)
                    {"op": "exited", "pid": pid, "status": wait status}
                    {"op": "error", "req": n, "message": str}
 End of the engine socket → the zygote kills every child's process group and exits.
@@ -28,30 +33,51 @@ import socket
 import sys
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+#: process names (as `ps -o comm` and psutil's name() show them)
+ZYGOTE_NAME, STANDBY_NAME, NODE_NAME = "rme-zygote", "rme-standby", "rme-node"
+
+
+def _prctl(option: int, arg: int | bytes) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(option, arg, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - non-Linux
+        pass
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
     """Linux: deliver `sig` to this process when its parent dies."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    except (OSError, AttributeError):  # pragma: no cover - non-Linux
-        pass
+    _prctl(PR_SET_PDEATHSIG, int(sig))
+
+
+def set_process_name(name: str) -> None:
+    """Linux: the name ps/top show for this process (15 bytes at most)."""
+    _prctl(PR_SET_NAME, name.encode()[:15])
+
+
+#: fork a new standby after this long without a request
+STANDBY_DELAY_S = 0.01
+
+
+def _become_child(close_fds: list[int]) -> None:
+    os.setsid()  # own process group: the engine kills the whole group
+    set_parent_death_signal(signal.SIGKILL)
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _child(ctrl_fd: int, args, close_fds: list[int]) -> None:
     code = 70
     try:
-        os.setsid()  # own process group: the engine kills the whole group
-        set_parent_death_signal(signal.SIGKILL)
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
-        for fd in close_fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _become_child(close_fds)
+        set_process_name(NODE_NAME)
         from engine import worker
 
         code = worker.run(ctrl_fd, args)
@@ -63,11 +89,42 @@ def _child(ctrl_fd: int, args, close_fds: list[int]) -> None:
         os._exit(code)
 
 
+def _standby(sock: socket.socket, space, close_fds: list[int]) -> None:
+    code = 70
+    try:
+        _become_child(close_fds)
+        set_process_name(STANDBY_NAME)
+        from engine import worker
+
+        endpoints = worker.Endpoints(space)
+        try:  # the engine opens it while this process starts
+            sock.send(endpoints.inbox_name.encode())
+        except OSError:  # already handed a request (still queued here): the process reports it itself
+            pass
+        data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 1)
+        sock.close()
+        if not data or len(fds) != 1:  # the zygote is gone
+            code = 0
+            return
+        set_process_name(NODE_NAME)
+        code = worker.run(fds[0], pickle.loads(data), endpoints)
+    except BaseException:  # noqa: BLE001 - a child must never return into the zygote loop
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
 def main(argv: list[str]) -> int:
     sock = socket.socket(fileno=int(argv[0]))
     set_parent_death_signal(signal.SIGKILL)
+    set_process_name(ZYGOTE_NAME)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine orchestrates shutdown
-    for name in ("numpy", "iceoryx2", "orjson", "engine.worker", "engine.ipc.channel", *argv[1:]):
+    from engine.worker import EngineSpace
+
+    space = EngineSpace(argv[1], argv[2], int(argv[3]))
+    for name in ("numpy", "iceoryx2", "orjson", "engine.worker", "engine.ipc.channel", *argv[4:]):
         try:
             importlib.import_module(name)
         except Exception as exc:  # a broken node module fails its nodes, not the zygote
@@ -88,7 +145,20 @@ def main(argv: list[str]) -> int:
         except OSError:
             pass
 
+    standby: tuple[int, socket.socket] | None = None
+
+    def fork_standby() -> None:
+        nonlocal standby
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            _standby(theirs, space, [sock.fileno(), rsig, wsig, ours.fileno()])
+        theirs.close()
+        children.add(pid)
+        standby = (pid, ours)
+
     def reap() -> None:
+        nonlocal standby
         while children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -97,11 +167,38 @@ def main(argv: list[str]) -> int:
             if pid == 0:
                 return
             children.discard(pid)
+            if standby is not None and standby[0] == pid:  # died waiting: not the engine's business
+                standby[1].close()
+                standby = None
+                continue
             reply({"op": "exited", "pid": pid, "status": status})
 
+    def hand_over(args, ctrl_fd: int) -> tuple[int | None, str | None]:
+        """Give the request to the standby: (its pid or None, its inbox if it is made)."""
+        nonlocal standby
+        if standby is None:
+            return None, None
+        pid, ssock = standby
+        standby = None
+        try:
+            try:
+                inbox: str | None = ssock.recv(4096, socket.MSG_DONTWAIT).decode() or None
+            except BlockingIOError:  # still making it: the process reports it itself
+                inbox = None
+            socket.send_fds(ssock, [pickle.dumps(args)], [ctrl_fd])
+        except OSError:  # it died: fork instead
+            return None, None
+        finally:
+            ssock.close()
+        return pid, inbox
+
+    fork_standby()
     try:
         while True:
-            for key, _ in sel.select():
+            events = sel.select(timeout=None if standby is not None else STANDBY_DELAY_S)
+            if not events and standby is None:
+                fork_standby()
+            for key, _ in events:
                 if key.data == "sigchld":
                     try:
                         os.read(rsig, 4096)
@@ -121,12 +218,15 @@ def main(argv: list[str]) -> int:
                         os.close(fd)
                     reply({"op": "error", "req": msg.get("req"), "message": "bad request"})
                     continue
-                pid = os.fork()
-                if pid == 0:
-                    _child(fds[0], msg["args"], [sock.fileno(), rsig, wsig])
+                pid, inbox = hand_over(msg["args"], fds[0])
+                if pid is None:
+                    standby_fd = [standby[1].fileno()] if standby is not None else []
+                    pid = os.fork()
+                    if pid == 0:
+                        _child(fds[0], msg["args"], [sock.fileno(), rsig, wsig, *standby_fd])
                 os.close(fds[0])
                 children.add(pid)
-                reply({"op": "spawned", "req": msg["req"], "pid": pid})
+                reply({"op": "spawned", "req": msg["req"], "pid": pid, "inbox": inbox})
     finally:
         for pid in list(children):
             try:

@@ -43,6 +43,7 @@ from ..ipc.control import (
     ChannelsReady,
     Failure,
     Hello,
+    OutputsReady,
     Ping,
     Pong,
     Progress,
@@ -53,7 +54,7 @@ from ..ipc.control import (
 )
 from ..plan import PlannedNode
 from ..registry import ExecutorRegistry
-from ..worker import ProcessArgs
+from ..worker import EngineSpace, ProcessArgs
 from .base import NodeRunner, NodeStats
 from .base import Progress as ProgressFn
 
@@ -161,8 +162,10 @@ class ProcessManager:
             env.pop("PYTHONSTARTUP", None)
             # Started from the loop thread on purpose: the zygote's parent-death
             # signal fires when the *thread* that started it ends.
+            es = self.engine_space
             self._zygote = subprocess.Popen(  # noqa: ASYNC220
-                [self.config.python_executable, "-m", "engine.zygote", str(theirs.fileno()), *modules],
+                [self.config.python_executable, "-m", "engine.zygote", str(theirs.fileno()),
+                 es.root, es.prefix, str(es.inbox_slots), *modules],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env,
                 cwd="/", start_new_session=True,
             )
@@ -171,6 +174,11 @@ class ProcessManager:
             self._zsock = ours
             self._loop.add_reader(ours.fileno(), self._zygote_readable)
             self._refill()
+
+    @property
+    def engine_space(self) -> EngineSpace:
+        assert self.space is not None
+        return EngineSpace(self.space.root, self.space.prefix, self.inbox_slots)
 
     @property
     def inbox_slots(self) -> int:
@@ -234,7 +242,7 @@ class ProcessManager:
             if op == "spawned":
                 fut = self._pending.pop(msg["req"], None)
                 if fut is not None and not fut.done():
-                    fut.set_result(msg["pid"])
+                    fut.set_result((msg["pid"], msg.get("inbox")))
             elif op == "error":
                 fut = self._pending.pop(msg["req"], None)
                 if fut is not None and not fut.done():
@@ -257,7 +265,8 @@ class ProcessManager:
                 fut.set_exception(InternalError("the node-process zygote exited"))
         self._pending.clear()
 
-    async def spawn(self, args: ProcessArgs, child_sock: socket.socket) -> int:
+    async def spawn(self, args: ProcessArgs, child_sock: socket.socket) -> tuple[int, str | None]:
+        """Have the zygote start a node process: (its pid, its inbox's name if already made)."""
         await self.ensure_started()
         assert self._zsock is not None and self._loop is not None
         req = next(self._reqs)
@@ -266,18 +275,18 @@ class ProcessManager:
         socket.send_fds(self._zsock, [pickle.dumps({"op": "spawn", "req": req, "args": args})],
                         [child_sock.fileno()])
         try:
-            pid = await asyncio.wait_for(asyncio.shield(fut), self.config.session.spawn_timeout_secs)
+            pid, inbox = await asyncio.wait_for(asyncio.shield(fut), self.config.session.spawn_timeout_secs)
         except (asyncio.CancelledError, TimeoutError):
             # the zygote forks anyway: kill that process as soon as its pid is known
             fut.add_done_callback(self._kill_abandoned)
             raise
         self.live.add(pid)
-        return pid
+        return pid, inbox
 
     def _kill_abandoned(self, fut: asyncio.Future) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return
-        pid = fut.result()
+        pid, _inbox = fut.result()
         if pid in self._exits:
             return
         self.live.add(pid)  # until the zygote reports its exit
@@ -480,8 +489,8 @@ class NodeProcess:
         self._pidfd: int | None = None
         self._ctrl_sock: socket.socket | None = None
         self._iox: list[Any] = []
-        self._services: tuple[Any, ...] = ()
-        self._ports: tuple[Any, ...] = ()
+        self._pub: Any = None
+        self._to_node: Any = None
 
     @property
     def alive(self) -> bool:
@@ -494,11 +503,11 @@ class NodeProcess:
         assert m.space is not None
         loop = asyncio.get_running_loop()
         self.slot = m.take_slot(self)
-        args = ProcessArgs(m.space.root, m.space.prefix, self.names, self.capacity, self.slot, m.inbox_slots)
+        args = ProcessArgs(m.engine_space, self.names, self.capacity, self.slot)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._ctrl_sock = ours  # closed by release() if launch() stops before the channel owns it
         try:
-            self.pid = await m.spawn(args, theirs)
+            self.pid, inbox = await m.spawn(args, theirs)
         finally:
             theirs.close()
         self.exited = loop.create_future()
@@ -506,44 +515,45 @@ class NodeProcess:
         loop.add_reader(self._pidfd, self._on_pidfd)
         self.ctrl = await AsyncChannel.open(ours)
         self._ctrl_sock = None
-        # The process starts its loop and iceoryx2 node and makes its inbox
-        # meanwhile; it opens the frame services once told they are complete,
-        # while the ports are made here.
-        self._open_services()
+        # Each side makes the channel it publishes on, in parallel; each then
+        # opens the other's once told it exists (ChannelsReady / OutputsReady).
+        self._make_inputs()
         self.ctrl.send(ChannelsReady())
-        self._open_ports()
+        if inbox is not None:  # a standby process made it already
+            self._open_inbox(inbox)
 
     async def hello(self, deadline: float, node_id: str | None) -> Any:
-        """Wait for the process's Hello and connect to its inbox; returns any other message instead."""
+        """Wait for the process's Hello, connecting to its outputs and inbox on
+        the way; returns any other message instead (a Failure, None = gone)."""
         s = self.manager.config.session
-        msg = await self.recv(deadline, "start (process alive, channels open)", "spawn_timeout_secs",
-                              s.spawn_timeout_secs, node_id)
-        if isinstance(msg, Hello):
+        while True:
+            msg = await self.recv(deadline, "start (process alive, channels open)", "spawn_timeout_secs",
+                                  s.spawn_timeout_secs, node_id)
+            if not isinstance(msg, OutputsReady):
+                return msg
+            if self._to_node is None:
+                self._open_inbox(msg.inbox)
             self._connect()
-        return msg
 
     # Kept out of launch(): a traceback holding launch()'s frame must not keep
     # iceoryx2 services (and their fds and files) alive.
 
-    def _open_services(self) -> None:
-        node, names = self.manager.ionode, self.names
-        self._services = (iox.open_frames_service(node, names.inputs, self.capacity),
-                          iox.open_frames_service(node, names.outputs, self.capacity))
-        self._iox = list(self._services)
+    def _make_inputs(self) -> None:
+        service = iox.open_frames_service(self.manager.ionode, self.names.inputs, self.capacity)
+        self._pub = iox.publisher(service)
+        self._iox = [self._pub, service]  # ports before services: delete() drops them in this order
 
-    def _open_ports(self) -> None:
-        in_svc, out_svc = self._services
-        self._ports = (iox.publisher(in_svc), iox.subscriber(out_svc, self.capacity))
-        # ports before services: delete() drops them in this order
-        self._iox = [*self._ports, *self._iox]
+    def _open_inbox(self, inbox: str) -> None:
+        node_ev = iox.open_event_service(self.manager.ionode, inbox)
+        self._to_node = node_ev.notifier_builder().create()
+        self._iox = [self._to_node, *self._iox, node_ev]
 
     def _connect(self) -> None:
-        node_ev = iox.open_event_service(self.manager.ionode, self.names.node_inbox)
-        to_node = node_ev.notifier_builder().create()
-        pub, sub = self._ports
-        self.sender = FrameSender(pub, to_node)
-        self.receiver = FrameReceiver(sub, to_node)
-        self._iox = [to_node, *self._iox, node_ev]
+        out_svc = iox.open_frames_service(self.manager.ionode, self.names.outputs, self.capacity)
+        sub = iox.subscriber(out_svc, self.capacity)
+        self.sender = FrameSender(self._pub, self._to_node)
+        self.receiver = FrameReceiver(sub, self._to_node)
+        self._iox = [sub, *self._iox, out_svc]
 
     async def recv(self, deadline: float, what: str, key: str, value: float, node_id: str | None) -> Any:
         """The next control message, or a typed error once `deadline` (loop time) passes."""
@@ -618,7 +628,7 @@ class NodeProcess:
             self._ctrl_sock = None
         iox.delete(*self._iox)
         self._iox.clear()
-        self._services = self._ports = ()
+        self._pub = self._to_node = None
         self.sender = self.receiver = None
         self.manager.cleanup_dead()
 
@@ -665,15 +675,7 @@ class ProcessRunner(NodeRunner):
             assert proc.ctrl is not None
             proc.ctrl.send(assign)
         else:
-            proc = self.proc = NodeProcess(m, iox.ChannelNames.for_node(self.session.id, self.node_id),
-                                           s.channel_capacity)
-            proc.on_exit = self._on_exit
-            await proc.launch()
-            assert proc.ctrl is not None
-            proc.ctrl.send(assign)  # read by the process right after its Hello: no extra round trip
-            msg = await proc.hello(loop.time() + s.spawn_timeout_secs, self.node_id)
-            if not isinstance(msg, Hello):
-                raise await self._start_failure(msg, "start")
+            proc = await self._launch(assign)
         deadline = loop.time() + s.init_timeout_secs
         while True:
             msg = await proc.recv(deadline, "initialize()", "init_timeout_secs", s.init_timeout_secs, self.node_id)
@@ -686,6 +688,32 @@ class ProcessRunner(NodeRunner):
         self._ctrl_task = self.session.track(self._control_loop(), f"{self.node_id}:control")
         proc.on_data = self._on_data
         self._on_data()  # outputs may already wait (a node that emits at start)
+
+    async def _launch(self, assign: Assign) -> NodeProcess:
+        """A new process for this node, up to its Hello.
+
+        One that is gone before saying Hello without a word (the zygote's
+        standby can die just as it is handed the request) is replaced once.
+        """
+        s, loop = self.session.settings, asyncio.get_running_loop()
+        for attempt in (1, 2):
+            proc = self.proc = NodeProcess(self.manager, iox.ChannelNames.for_node(self.session.id, self.node_id),
+                                           s.channel_capacity)
+            proc.on_exit = self._on_exit
+            await proc.launch()
+            assert proc.ctrl is not None
+            proc.ctrl.send(assign)  # read by the process right after its Hello: no extra round trip
+            msg = await proc.hello(loop.time() + s.spawn_timeout_secs, self.node_id)
+            if isinstance(msg, Hello):
+                return proc
+            if msg is not None or attempt == 2:
+                raise await self._start_failure(msg, "start")
+            self.log.warning("node process %s exited while starting; starting another", proc.pid)
+            proc.on_exit = None
+            await proc.stop(0.0)
+            await proc.reaped()
+            proc.release()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _start_failure(self, msg: Any, where: str) -> EngineError:
         if isinstance(msg, Failure):

@@ -22,12 +22,18 @@ MAX_MESSAGE = 16 * 1024 * 1024
 
 @dataclass(frozen=True)
 class ChannelsReady:
-    """Engine → node process: the node's services exist; open them.
+    """Engine → node process: the input channel exists; open it.
 
-    The engine creates them while the process starts (its loop and its
-    iceoryx2 node), so neither waits for the other and the process only
-    opens services that are complete.
+    Each side creates the channel it publishes on while the other does the
+    same, and opens the other's only once it is complete.
     """
+
+
+@dataclass(frozen=True)
+class OutputsReady:
+    """Node process → engine: the output channel and the process's inbox exist; open them."""
+
+    inbox: str  # the process's own event service, for the engine's notifier
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,6 @@ class ChannelNames:
 
     inputs: str  # engine → node frames
     outputs: str  # node → engine frames
-    node_inbox: str  # events the node listens to (the process creates it)
 
     @classmethod
     def for_node(cls, session_id: str, node_id: str) -> ChannelNames:
@@ -137,7 +136,7 @@ class ChannelNames:
 
     @classmethod
     def under(cls, base: str) -> ChannelNames:
-        return cls(f"{base}/in", f"{base}/out", f"{base}/ev-node")
+        return cls(f"{base}/in", f"{base}/out")
 
 
 def open_frames_service(node: iox2.Node, name: str, capacity: int):
