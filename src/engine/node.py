@@ -56,6 +56,11 @@ class Node:
     params_schema: ClassVar[dict[str, Any]] = {"type": "object"}
     #: alternative spellings of params used by existing manifests → canonical name
     param_aliases: ClassVar[dict[str, str]] = {}
+    #: in a node process, large inputs (64 KiB and up) arrive as read-only
+    #: views over the shared memory they came in, without a copy; the memory
+    #: is lent until the frame is dropped, so a node that keeps many inputs
+    #: gets copies past a few. Off: every input is a private, writable copy.
+    zero_copy_inputs: ClassVar[bool] = False
 
     def __init__(self, node_id: str, params: dict[str, Any]) -> None:
         self.node_id = node_id

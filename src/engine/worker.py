@@ -311,10 +311,12 @@ class Worker:
             self._blocking = (self._inbox.fd is not None and _plain(node.process) and _plain(node.flush))
             if self._blocking:
                 self._inbox.detach()
+            borrow = bool(node.zero_copy_inputs)
             while not self.stopping:
                 self._wake.clear()
                 self._drain_events()
-                item = receiver.receive()
+                receiver.return_borrowed()
+                item = receiver.receive(borrow)
                 if item is None:
                     receiver.freed()
                     if self._blocking:
@@ -331,6 +333,7 @@ class Worker:
                 self._where = "process"
                 self.items_in += 1
                 await self._run(node.process, item, sender)
+                item = None  # a lent input goes back as soon as the node let it go
         except Exception as exc:
             where = self._where
             self.ctrl.send(Failure(where, _error_type(exc), f"{where}() failed: {type(exc).__name__}: {exc}",

@@ -26,8 +26,9 @@ def test_nodes() -> list[type[Node]]:
         CrashNode,
         EchoNode,
         GenerateNode,
+        HoldNode,
         SleepNode,
         SlowInitNode,
     )
 
-    return [EchoNode, SleepNode, CpuBurnNode, CrashNode, SlowInitNode, ChecksumNode, GenerateNode]
+    return [EchoNode, SleepNode, CpuBurnNode, CrashNode, SlowInitNode, ChecksumNode, GenerateNode, HoldNode]

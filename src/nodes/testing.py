@@ -53,9 +53,10 @@ class _ProcessNode(Node):
 
 
 class EchoNode(_ProcessNode):
-    """Returns its input."""
+    """Returns its input (large inputs lent, not copied: see Node.zero_copy_inputs)."""
 
     node_type = "EchoNode"
+    zero_copy_inputs = True
     params_schema = {"type": "object", "properties": {}, "additionalProperties": False}
 
     def process(self, frame: RuntimeData) -> RuntimeData:
@@ -168,6 +169,7 @@ class ChecksumNode(_ProcessNode):
     """Emits the xxh3-64 checksum of each input's payload as JSON."""
 
     node_type = "ChecksumNode"
+    zero_copy_inputs = True
     output_types = (JsonData.kind,)
     params_schema = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -203,4 +205,30 @@ class GenerateNode(_ProcessNode):
         out.array.fill(value)
         if self.params["meta"]:
             out.metadata["note"] = self.params["meta"]
+        return out
+
+
+class HoldNode(_ProcessNode):
+    """Keeps every input; at end of stream emits, per input, its checksum and
+    whether its payload was writable (a lent input is not). With `zero_copy`
+    large inputs are lent (Node.zero_copy_inputs): a node that keeps them
+    must still see them intact after many later frames."""
+
+    node_type = "HoldNode"
+    output_types = (JsonData.kind,)
+    params_schema = {"type": "object", "properties": {"zero_copy": {"type": "boolean", "default": True}},
+                     "additionalProperties": False}
+
+    def __init__(self, node_id: str, params: dict[str, Any]) -> None:
+        super().__init__(node_id, params)
+        self.zero_copy_inputs = params["zero_copy"]
+        self.held: list[RuntimeData] = []
+
+    def process(self, frame: RuntimeData) -> None:
+        self.held.append(frame)
+
+    def flush(self) -> list[JsonData]:
+        out = [JsonData({"checksum": checksum(f), "writable": not memoryview(payload_bytes(f)).readonly})
+               for f in self.held]
+        self.held.clear()
         return out

@@ -17,6 +17,7 @@ be found, a helper thread blocked in the listener's wait forwards the events.
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 from collections.abc import Callable
 
@@ -132,30 +133,73 @@ class FrameSender:
 
 
 class FrameReceiver:
-    """Consumer end: subscriber + a notifier on the producer's inbox (as inbox slot `slot`)."""
+    """Consumer end: subscriber + a notifier on the producer's inbox (as inbox slot `slot`).
+
+    Frames are copied out of shared memory, except, when asked, payloads of
+    at least BORROW_MIN_BYTES: those are read-only views over the received
+    sample, which stays borrowed until the last view is gone (then returned
+    on the receiving thread by `return_borrowed()`). At most BORROW_LIMIT
+    samples are borrowed at once; past that, frames are copied again.
+    """
 
     def __init__(self, sub, notifier, slot: int = 0) -> None:
         self.sub = sub
         self.notifier = notifier
         self.want_credit = False
         self._ev_credit = event_id(slot * EV_SPAN + EV_CREDIT)
+        self.borrowed = 0
+        self._returned: collections.deque = collections.deque()
 
-    def receive(self):
-        """Next frame (copied out of shared memory), codec.EOS, or None when empty."""
+    def receive(self, borrow: bool = False):
+        """Next frame, codec.EOS, or None when empty."""
         sample = self.sub.receive()
         if sample is None:
             return None
-        try:
-            frame = codec.decode_from_address(sample.payload_ptr, sample.header.number_of_elements)
-        finally:
-            sample.delete()
+        length = sample.header.number_of_elements
+        if borrow and length >= BORROW_MIN_BYTES and self.borrowed < BORROW_LIMIT:
+            self.borrowed += 1
+            try:
+                frame = codec.decode_from_address(sample.payload_ptr, length, _Borrowed(self, sample))
+            except BaseException:
+                self.return_borrowed()  # the loan's view is gone with the error
+                raise
+        else:
+            try:
+                frame = codec.decode_from_address(sample.payload_ptr, length)
+            finally:
+                sample.delete()
         self.freed()
         return EOS if frame is None else frame
+
+    def return_borrowed(self) -> None:
+        """Give back the samples whose frames are gone (call on the receiving thread)."""
+        while self._returned:
+            self._returned.popleft().delete()
+            self.borrowed -= 1
 
     def freed(self) -> None:
         if self.want_credit:
             self.want_credit = False
             self.notifier.notify_with_custom_event_id(self._ev_credit)
+
+
+#: smallest payload worth lending instead of copying, and how many samples may be lent at once
+BORROW_MIN_BYTES = 64 * 1024
+BORROW_LIMIT = 4
+
+
+class _Borrowed:
+    """Owner of a borrowed sample's memory: when the last view of it is gone,
+    the sample is queued for return (by whichever thread drops it)."""
+
+    __slots__ = ("_receiver", "_sample")
+
+    def __init__(self, receiver: FrameReceiver, sample) -> None:
+        self._receiver = receiver
+        self._sample = sample
+
+    def __del__(self) -> None:
+        self._receiver._returned.append(self._sample)  # deque.append is thread-safe
 
 
 class _Eos:

@@ -144,7 +144,7 @@ def open_frames_service(node: iox2.Node, name: str, capacity: int):
             .publish_subscribe(iox2.Slice[ctypes.c_uint8])
             .max_publishers(1).max_subscribers(1).max_nodes(2)
             .subscriber_max_buffer_size(capacity)
-            .subscriber_max_borrowed_samples(2)
+            .subscriber_max_borrowed_samples(6)  # frames lent to a node (channel.BORROW_LIMIT) + 2
             .history_size(0)
             .enable_safe_overflow(False)
             .payload_alignment(iox2.Alignment.new(64))

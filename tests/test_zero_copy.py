@@ -1,4 +1,6 @@
-"""Outputs written in place: a node fills the shared-memory sample that carries its output.
+"""Frames that cross without a copy: outputs a node writes in place into the
+shared-memory sample that carries them, and large inputs lent to a node as
+views over the sample they came in.
 
 Every engine here is closed under the leak probe (the `mp_engine` fixture's, or its own).
 """
@@ -90,3 +92,29 @@ def test_new_frames_in_the_engine_process_are_plain_arrays():
     a = node.new_audio(960, 48000, 2, np.int16)
     assert t.array.shape == (2, 3) and t.array.dtype == np.int32 and t.layout == "hw" and t.array.flags.writeable
     assert a.samples.size == 960 and a.channels == 2 and a.samples.dtype == np.int16
+
+
+@pytest.mark.parametrize("zero_copy", [True, False])
+async def test_lent_inputs_stay_intact_while_a_node_keeps_them(mp_engine, zero_copy):
+    # 12 large inputs kept by the node: the first few are lent (read-only views
+    # over their samples), the rest copied once the lending limit is reached;
+    # later frames must not overwrite any kept one
+    from engine.ipc.channel import BORROW_LIMIT, BORROW_MIN_BYTES
+
+    from nodes.testing import checksum
+
+    rng = np.random.default_rng(5)
+    frames = [RuntimeData.tensor(rng.integers(0, 255, BORROW_MIN_BYTES * 2, dtype=np.uint8)) for _ in range(12)]
+    frames.append(RuntimeData.tensor(np.arange(16, dtype=np.uint8)))  # small: always copied
+    m = manifest([{"id": "hold", "node_type": "HoldNode", "params": {"zero_copy": zero_copy}}])
+    async with mp_engine.stream(m) as s:
+        for f in frames:
+            await s.send("hold", f)
+        await s.close()
+        outs = [o.data.value async for o in s]
+    assert [o["checksum"] for o in outs] == [checksum(f) for f in frames]
+    writable = [o["writable"] for o in outs]
+    if zero_copy:
+        assert writable == [False] * BORROW_LIMIT + [True] * (len(frames) - BORROW_LIMIT)
+    else:
+        assert all(writable)
