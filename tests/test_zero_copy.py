@@ -100,7 +100,6 @@ async def test_lent_inputs_stay_intact_while_a_node_keeps_them(mp_engine, zero_c
     # over their samples), the rest copied once the lending limit is reached;
     # later frames must not overwrite any kept one
     from engine.ipc.channel import BORROW_LIMIT, BORROW_MIN_BYTES
-
     from nodes.testing import checksum
 
     rng = np.random.default_rng(5)
