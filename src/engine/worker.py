@@ -92,9 +92,9 @@ class Endpoints:
     def __init__(self, es: EngineSpace) -> None:
         self.space = iox.IpcSpace(es.root, es.prefix)
         self.ionode = self.space.node(f"w{os.getpid()}")
-        self.to_engine = iox.open_event_service(self.ionode, iox.ENGINE_INBOX, es.inbox_slots).notifier_builder().create()
+        self.to_engine = iox.open_event_service(self.ionode, iox.ENGINE_INBOX, es.inbox_slots, "open").notifier_builder().create()
         self.inbox_name = f"rm/proc/{os.getpid()}x{os.urandom(4).hex()}/inbox"
-        self.listener, self.fd = iox.make_listener(iox.open_event_service(self.ionode, self.inbox_name), self.space)
+        self.listener, self.fd = iox.make_listener(iox.open_event_service(self.ionode, self.inbox_name, how="create"), self.space)
         self.loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
 
 
@@ -257,11 +257,11 @@ class Worker:
         ionode, to_engine, listener = ep.ionode, ep.to_engine, ep.listener
         # This process makes the channel it publishes on while the engine
         # makes the input channel; each opens the other's when told it exists.
-        out_svc = iox.open_frames_service(ionode, a.names.outputs, a.capacity)
+        out_svc = iox.open_frames_service(ionode, a.names.outputs, a.capacity, "create")
         sender = FrameSender(iox.publisher(out_svc), to_engine, a.slot)
         self.ctrl.send(OutputsReady(ep.inbox_name))
         await self._channels_ready.wait()  # bounded by the engine's spawn timeout, which kills us
-        in_svc = iox.open_frames_service(ionode, a.names.inputs, a.capacity)
+        in_svc = iox.open_frames_service(ionode, a.names.inputs, a.capacity, "open")
         receiver = FrameReceiver(iox.subscriber(in_svc, a.capacity), to_engine, a.slot)
 
         def on_events(ids: set[int]) -> None:

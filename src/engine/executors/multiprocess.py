@@ -187,7 +187,7 @@ class ProcessManager:
 
     def _open_inbox(self) -> None:
         assert self.space is not None and self._loop is not None
-        service = iox.open_event_service(self.ionode, iox.ENGINE_INBOX, self.inbox_slots)
+        service = iox.open_event_service(self.ionode, iox.ENGINE_INBOX, self.inbox_slots, "create")
         listener, fd = iox.make_listener(service, self.space)
         self._inbox_objs = [listener, service]
         self._inbox = Inbox(listener, fd, self._dispatch)
@@ -519,37 +519,55 @@ class NodeProcess:
         # opens the other's once told it exists (ChannelsReady / OutputsReady).
         self._make_inputs()
         self.ctrl.send(ChannelsReady())
-        if inbox is not None:  # a standby process made it already
-            self._open_inbox(inbox)
+        if inbox is not None:  # a standby process made it already (else, or if it is gone, see hello())
+            self._connect_to(inbox, outputs=False)
 
     async def hello(self, deadline: float, node_id: str | None) -> Any:
         """Wait for the process's Hello, connecting to its outputs and inbox on
         the way; returns any other message instead (a Failure, None = gone)."""
         s = self.manager.config.session
+        failed: str | None = None
         while True:
-            msg = await self.recv(deadline, "start (process alive, channels open)", "spawn_timeout_secs",
-                                  s.spawn_timeout_secs, node_id)
-            if not isinstance(msg, OutputsReady):
+            try:
+                msg = await self.recv(deadline, "start (process alive, channels open)", "spawn_timeout_secs",
+                                      s.spawn_timeout_secs, node_id)
+            except NodeExecutionError:
+                if failed is None:
+                    raise
+                raise InternalError(f"cannot open the channels of node process {self.pid}: {failed}",
+                                    node_id=node_id) from None
+            if isinstance(msg, OutputsReady):
+                failed = self._connect_to(msg.inbox)
+            elif failed is None or msg is None or isinstance(msg, Failure):
+                # (a process already gone when its channels were opened explains itself)
                 return msg
+
+    def _connect_to(self, inbox: str, outputs: bool = True) -> str | None:
+        """Open the process's inbox and (with `outputs`) its output channel; the error, if that failed."""
+        try:
             if self._to_node is None:
-                self._open_inbox(msg.inbox)
-            self._connect()
+                self._open_inbox(inbox)
+            if outputs:
+                self._connect()
+        except Exception as exc:  # noqa: BLE001 - reported with what the process says next
+            return f"{type(exc).__name__}: {exc}"
+        return None
 
     # Kept out of launch(): a traceback holding launch()'s frame must not keep
     # iceoryx2 services (and their fds and files) alive.
 
     def _make_inputs(self) -> None:
-        service = iox.open_frames_service(self.manager.ionode, self.names.inputs, self.capacity)
+        service = iox.open_frames_service(self.manager.ionode, self.names.inputs, self.capacity, "create")
         self._pub = iox.publisher(service)
         self._iox = [self._pub, service]  # ports before services: delete() drops them in this order
 
     def _open_inbox(self, inbox: str) -> None:
-        node_ev = iox.open_event_service(self.manager.ionode, inbox)
+        node_ev = iox.open_event_service(self.manager.ionode, inbox, how="open")
         self._to_node = node_ev.notifier_builder().create()
         self._iox = [self._to_node, *self._iox, node_ev]
 
     def _connect(self) -> None:
-        out_svc = iox.open_frames_service(self.manager.ionode, self.names.outputs, self.capacity)
+        out_svc = iox.open_frames_service(self.manager.ionode, self.names.outputs, self.capacity, "open")
         sub = iox.subscriber(out_svc, self.capacity)
         self.sender = FrameSender(self._pub, self._to_node)
         self.receiver = FrameReceiver(sub, self._to_node)

@@ -139,25 +139,31 @@ class ChannelNames:
         return cls(f"{base}/in", f"{base}/out")
 
 
-def open_frames_service(node: iox2.Node, name: str, capacity: int):
-    return (node.service_builder(iox2.ServiceName.new(name))
+def _finish(builder, how: str):
+    """`create` (the caller publishes or listens: the service must be new), `open`
+    (the peer made it: it must be complete) or `open_or_create`. Create and
+    open fail, within iceoryx2's creation timeout, where open_or_create would
+    keep retrying on a service left half made by a process that died making it."""
+    return getattr(builder, how)()
+
+
+def open_frames_service(node: iox2.Node, name: str, capacity: int, how: str = "open_or_create"):
+    return _finish(node.service_builder(iox2.ServiceName.new(name))
             .publish_subscribe(iox2.Slice[ctypes.c_uint8])
             .max_publishers(1).max_subscribers(1).max_nodes(2)
             .subscriber_max_buffer_size(capacity)
             .subscriber_max_borrowed_samples(6)  # frames lent to a node (channel.BORROW_LIMIT) + 2
             .history_size(0)
             .enable_safe_overflow(False)
-            .payload_alignment(iox2.Alignment.new(64))
-            .open_or_create())
+            .payload_alignment(iox2.Alignment.new(64)), how)
 
 
-def open_event_service(node: iox2.Node, name: str, notifiers: int = 2):
+def open_event_service(node: iox2.Node, name: str, notifiers: int = 2, how: str = "open_or_create"):
     """An event service with one listener and up to `notifiers` notifiers
     (each with ids for EV_SPAN-wide slots 0 … notifiers-1)."""
-    return (node.service_builder(iox2.ServiceName.new(name)).event()
-            .max_notifiers(notifiers).max_listeners(1).max_nodes(notifiers + 1)
-            .event_id_max_value(notifiers * EV_SPAN)
-            .open_or_create())
+    return _finish(node.service_builder(iox2.ServiceName.new(name)).event()
+                   .max_notifiers(notifiers).max_listeners(1).max_nodes(notifiers + 1)
+                   .event_id_max_value(notifiers * EV_SPAN), how)
 
 
 def publisher(service, initial_bytes: int = 64 * 1024):
