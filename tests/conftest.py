@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 from typing import Any
 
@@ -26,21 +28,38 @@ def make_manifest():
     return manifest
 
 
-@pytest.fixture
-async def mp_engine():
-    """An engine with test nodes, checked for leaks after the test (engine closed)."""
+@contextlib.asynccontextmanager
+async def probed_engine(**config: Any):
+    """An engine with test nodes; once it is closed, nothing it started may remain."""
     import leakprobe
 
     from engine import Engine
 
     before = leakprobe.snapshot()
-    engine = Engine({"test_nodes": True, "ipc_root": TEST_IPC_ROOT})
+    engine = Engine({"test_nodes": True, "ipc_root": TEST_IPC_ROOT, **config})
     await engine.start()
     try:
         yield engine
     finally:
         await engine.aclose()
     assert leakprobe.leaks(before) == {}
+
+
+@pytest.fixture
+async def mp_engine():
+    """An engine with test nodes, checked for leaks after the test (engine closed)."""
+    async with probed_engine() as engine:
+        yield engine
+
+
+async def eventually(predicate: Any, what: str, timeout_s: float = 10.0) -> None:
+    """Wait for state outside this process (another process's start or exit) to show."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not predicate():  # noqa: ASYNC110 - nothing to await: it is another process's state
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 

@@ -14,7 +14,7 @@ import signal
 import numpy as np
 import psutil
 import pytest
-from conftest import manifest
+from conftest import eventually, manifest
 
 from engine import ErrorType, RuntimeData
 from engine.errors import NodeExecutionError, ResourceLimitError
@@ -324,13 +324,8 @@ async def test_zygote_standby_is_used_once_and_replaced_when_it_dies(mp_engine):
         zygote = psutil.Process(mp_engine.process_manager().zygote_pid)
         return {p.pid for p in zygote.children() if p.name() == name and p.status() != psutil.STATUS_ZOMBIE}
 
-    async def eventually(check):
-        async with asyncio.timeout(10):
-            while not check():  # noqa: ASYNC110 - another process's state
-                await asyncio.sleep(0.01)
-
     await mp_engine.process_manager().ensure_started()
-    await eventually(lambda: len(named(STANDBY_NAME)) == 1)
+    await eventually(lambda: len(named(STANDBY_NAME)) == 1, "a standby")
     standby = named(STANDBY_NAME).pop()
     m = manifest([{"id": "e", "node_type": "EchoNode"}])
     async with mp_engine.stream(m) as s:
@@ -339,10 +334,10 @@ async def test_zygote_standby_is_used_once_and_replaced_when_it_dies(mp_engine):
         await s.send("e", RuntimeData.text("a"))
         await s.close()
         assert [o.data.text async for o in s] == ["a"]
-    await eventually(lambda: len(named(STANDBY_NAME)) == 1 and standby not in named(STANDBY_NAME))
+    await eventually(lambda: len(named(STANDBY_NAME)) == 1 and standby not in named(STANDBY_NAME), "a new standby")
     os.kill(named(STANDBY_NAME).pop(), signal.SIGKILL)  # a standby that dies is not a session's business
     async with mp_engine.stream(m) as s:
         await s.send("e", RuntimeData.text("b"))
         await s.close()
         assert [o.data.text async for o in s] == ["b"]
-    await eventually(lambda: len(named(STANDBY_NAME)) == 1)
+    await eventually(lambda: len(named(STANDBY_NAME)) == 1, "the dead standby's replacement")

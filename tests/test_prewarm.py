@@ -6,15 +6,13 @@ their channels must go with the engine.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 
-import leakprobe
 import numpy as np
 import psutil
 import pytest
-from conftest import TEST_IPC_ROOT, manifest
+from conftest import eventually, manifest, probed_engine
 
 from engine import Engine, RuntimeData
 from engine.errors import ValidationError
@@ -30,26 +28,10 @@ def node_processes(engine: Engine) -> set[int]:
             if psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
 
 
-async def wait_for(predicate, what: str) -> None:
-    """Wait for state outside this process (another process's exit) to show."""
-    try:
-        async with asyncio.timeout(10):
-            while not predicate():  # noqa: ASYNC110 - nothing to await: it is another process's state
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-
-
 @pytest.fixture
 async def prewarmed():
-    before = leakprobe.snapshot()
-    engine = Engine({"test_nodes": True, "ipc_root": TEST_IPC_ROOT, "prewarm_processes": 2})
-    await engine.start()
-    try:
+    async with probed_engine(prewarm_processes=2) as engine:
         yield engine
-    finally:
-        await engine.aclose()
-    assert leakprobe.leaks(before) == {}
 
 
 def pool_pids(engine: Engine) -> set[int]:
@@ -73,9 +55,9 @@ async def test_a_session_runs_in_a_prewarmed_process_used_once(prewarmed):
         outs = [o async for o in s]
     assert outs[0].data.value["checksum"] == checksum(frame)
     # the used process is gone, never handed to another session; the pool is refilled
-    await wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+    await eventually(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
                    "the used process to exit")
-    await wait_for(lambda: len(pool_pids(prewarmed)) == 2, "the pool to refill")
+    await eventually(lambda: len(pool_pids(prewarmed)) == 2, "the pool to refill")
     assert pid not in pool_pids(prewarmed)
 
 
@@ -110,7 +92,7 @@ async def _data(session):
 async def test_a_dead_prewarmed_process_is_replaced(prewarmed):
     victim = next(iter(pool_pids(prewarmed)))
     os.kill(victim, signal.SIGKILL)
-    await wait_for(lambda: victim not in pool_pids(prewarmed) and len(pool_pids(prewarmed)) == 2,
+    await eventually(lambda: victim not in pool_pids(prewarmed) and len(pool_pids(prewarmed)) == 2,
                    "a replacement")
     async with prewarmed.stream(manifest([{"id": "e", "node_type": "EchoNode"}])) as s:
         await s.send("e", RuntimeData.text("ok"))
