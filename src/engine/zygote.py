@@ -146,13 +146,22 @@ def main(argv: list[str]) -> int:
             pass
 
     standby: tuple[int, socket.socket] | None = None
+    # Sockets of standbys handed a request, kept open until they exit: closing
+    # one with a message of theirs unread would reset the connection under the
+    # request they have still to read.
+    handed: dict[int, socket.socket] = {}
+
+    def private_fds() -> list[int]:
+        """The zygote's own descriptors, which no child keeps."""
+        own = [sock.fileno(), rsig, wsig, *(h.fileno() for h in handed.values())]
+        return own + ([standby[1].fileno()] if standby is not None else [])
 
     def fork_standby() -> None:
         nonlocal standby
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
-            _standby(theirs, space, [sock.fileno(), rsig, wsig, ours.fileno()])
+            _standby(theirs, space, [*private_fds(), ours.fileno()])
         theirs.close()
         children.add(pid)
         standby = (pid, ours)
@@ -167,6 +176,8 @@ def main(argv: list[str]) -> int:
             if pid == 0:
                 return
             children.discard(pid)
+            if pid in handed:
+                handed.pop(pid).close()
             if standby is not None and standby[0] == pid:  # died waiting: not the engine's business
                 standby[1].close()
                 standby = None
@@ -187,9 +198,9 @@ def main(argv: list[str]) -> int:
                 inbox = None
             socket.send_fds(ssock, [pickle.dumps(args)], [ctrl_fd])
         except OSError:  # it died: fork instead
-            return None, None
-        finally:
             ssock.close()
+            return None, None
+        handed[pid] = ssock
         return pid, inbox
 
     fork_standby()
@@ -220,10 +231,9 @@ def main(argv: list[str]) -> int:
                     continue
                 pid, inbox = hand_over(msg["args"], fds[0])
                 if pid is None:
-                    standby_fd = [standby[1].fileno()] if standby is not None else []
                     pid = os.fork()
                     if pid == 0:
-                        _child(fds[0], msg["args"], [sock.fileno(), rsig, wsig, *standby_fd])
+                        _child(fds[0], msg["args"], private_fds())
                 os.close(fds[0])
                 children.add(pid)
                 reply({"op": "spawned", "req": msg["req"], "pid": pid, "inbox": inbox})
