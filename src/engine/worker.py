@@ -106,7 +106,7 @@ META_ROOM = 1024
 class Loan:
     """A loaned output sample whose payload a node writes in place."""
 
-    __slots__ = ("sample", "address", "offset", "nbytes", "__weakref__")
+    __slots__ = ("sample", "address", "offset", "nbytes")
 
     def __init__(self, sample: Any, offset: int, nbytes: int) -> None:
         self.sample = sample
