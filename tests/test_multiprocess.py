@@ -341,3 +341,46 @@ async def test_zygote_standby_is_used_once_and_replaced_when_it_dies(mp_engine):
         await s.close()
         assert [o.data.text async for o in s] == ["b"]
     await eventually(lambda: len(named(STANDBY_NAME)) == 1, "the dead standby's replacement")
+
+
+@pytest.mark.parametrize("standbys", [0, 2])
+async def test_standby_processes_sets_how_many_the_zygote_keeps(standbys):
+    from conftest import probed_engine
+
+    from engine.zygote import STANDBY_NAME
+
+    async with probed_engine(standby_processes=standbys) as engine:
+        pm = engine.process_manager()
+        await pm.ensure_started()
+
+        def standing() -> int:
+            return sum(p.name() == STANDBY_NAME for p in psutil.Process(pm.zygote_pid).children())
+
+        await eventually(lambda: standing() == standbys, f"{standbys} standbys")
+        m = manifest([{"id": f"e{i}", "node_type": "EchoNode"} for i in range(3)])
+        async with engine.stream(m) as s:
+            for i in range(3):
+                await s.send(f"e{i}", RuntimeData.text(str(i)))
+            await s.close()
+            assert sorted([o.data.text async for o in s]) == ["0", "1", "2"]
+        await eventually(lambda: standing() == standbys, f"{standbys} standbys again")
+        assert standing() == standbys
+
+
+def test_standby_processes_is_validated():
+    from engine import Engine
+    from engine.errors import ValidationError
+
+    with pytest.raises(ValidationError, match="standby_processes"):
+        Engine({"standby_processes": 17})
+
+
+async def test_sending_to_a_node_that_died_fails_instead_of_waiting(mp_engine):
+    # the node fails on its first frame and its process exits; the end of
+    # stream sent after it finds no consumer, which must fail the send with
+    # the node's error instead of waiting for room that never comes
+    m = manifest([{"id": "a", "node_type": "CrashNode", "params": {"mode": "exception"}}])
+    for _ in range(10):
+        with pytest.raises(NodeExecutionError, match="failing on purpose") as info:
+            await mp_engine.execute(m, {"a": RuntimeData.text("x")})
+        assert info.value.node_id == "a"

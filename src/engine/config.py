@@ -116,6 +116,9 @@ class RuntimeConfig:
     #: node processes kept started, never used, so a session's nodes skip the
     #: fork and channel set-up (each ~13 MiB PSS while idle); 0 = off
     prewarm_processes: int = 0
+    #: processes the zygote keeps forked ahead (loop and iceoryx2 node made,
+    #: no channels yet), so a node process starts without a fork; 0 = off
+    standby_processes: int = 1
     #: where iceoryx2 keeps its files; each engine uses its own prefix below it
     ipc_root: str = "/tmp/remotemedia-engine"
 
@@ -179,6 +182,8 @@ class RuntimeConfig:
         for name in ("channel_capacity", "max_processes_per_session", "output_queue_capacity"):
             if getattr(s, name) < 1:
                 issues.append(Issue(name, "must be >= 1"))
+        if not 0 <= self.standby_processes <= 16:
+            issues.append(Issue("standby_processes", "must be between 0 and 16"))
         if not 0 <= self.prewarm_processes <= c.max_total_processes:
             issues.append(Issue("prewarm_processes", f"must be between 0 and caps.max_total_processes={c.max_total_processes}"))
         if issues:

@@ -238,7 +238,7 @@ class Engine:
             finally:
                 if not collector.done():
                     collector.cancel()
-                    await asyncio.gather(collector, return_exceptions=True)
+                await asyncio.gather(collector, return_exceptions=True)  # its error is the session's
             await session.wait_closed()
         outputs = {nid: concat(frames) for nid, frames in collected.items()}
         snap = session.snapshot()

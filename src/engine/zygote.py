@@ -1,16 +1,17 @@
 """The engine's node-process zygote (the "forkserver" role).
 
 Started once per engine as `python -m engine.zygote FD ROOT PREFIX SLOTS
-MODULES...` — a fresh interpreter, so it inherits nothing from the host
+STANDBYS MODULES...` — a fresh interpreter, so it inherits nothing from the host
 application: not its `__main__`, not its iceoryx2 objects, sockets or signal
 handlers. It imports numpy, iceoryx2, the worker and the node modules once,
 then forks node processes; children share the preloaded pages copy-on-write.
 It holds no iceoryx2 object itself (one must never cross a fork).
 
-It keeps one standby child: forked ahead, with its event loop, iceoryx2 node
-and inbox already made (`worker.Endpoints`), waiting on a private socket.
-A request is answered with it, and a new standby is forked once requests
-pause, so a burst forks on demand and never waits for a standby.
+It keeps STANDBYS standby children (`standby_processes`): forked ahead, with
+their event loop, iceoryx2 node and inbox already made (`worker.Endpoints`),
+waiting on a private socket. A request is answered with the oldest, and new
+standbys are forked once requests pause, so a burst past them forks on
+demand and never waits for a standby.
 
 Protocol on its SOCK_SEQPACKET socket with the engine (pickled dicts):
   engine → zygote  {"op": "spawn", "req": n, "args": worker.ProcessArgs} + the child's control fd
@@ -58,6 +59,8 @@ def set_process_name(name: str) -> None:
 
 #: fork a new standby after this long without a request
 STANDBY_DELAY_S = 0.01
+#: standbys that died waiting, in a row, before the zygote stops keeping any
+MAX_STANDBY_DEATHS = 3
 
 
 def _become_child(close_fds: list[int]) -> None:
@@ -124,7 +127,8 @@ def main(argv: list[str]) -> int:
     from engine.worker import EngineSpace
 
     space = EngineSpace(argv[1], argv[2], int(argv[3]))
-    for name in ("numpy", "iceoryx2", "orjson", "engine.worker", "engine.ipc.channel", *argv[4:]):
+    n_standby = int(argv[4])
+    for name in ("numpy", "iceoryx2", "orjson", "engine.worker", "engine.ipc.channel", *argv[5:]):
         try:
             importlib.import_module(name)
         except Exception as exc:  # a broken node module fails its nodes, not the zygote
@@ -145,7 +149,8 @@ def main(argv: list[str]) -> int:
         except OSError:
             pass
 
-    standby: tuple[int, socket.socket] | None = None
+    standbys: dict[int, socket.socket] = {}  # pid → socket, oldest first
+    standby_deaths = 0  # in a row; past MAX_STANDBY_DEATHS, no more standbys
     # Sockets of standbys handed a request, kept open until they exit: closing
     # one with a message of theirs unread would reset the connection under the
     # request they have still to read.
@@ -153,21 +158,23 @@ def main(argv: list[str]) -> int:
 
     def private_fds() -> list[int]:
         """The zygote's own descriptors, which no child keeps."""
-        own = [sock.fileno(), rsig, wsig, *(h.fileno() for h in handed.values())]
-        return own + ([standby[1].fileno()] if standby is not None else [])
+        return [sock.fileno(), rsig, wsig, *(h.fileno() for h in handed.values()),
+                *(h.fileno() for h in standbys.values())]
 
     def fork_standby() -> None:
-        nonlocal standby
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
             _standby(theirs, space, [*private_fds(), ours.fileno()])
         theirs.close()
         children.add(pid)
-        standby = (pid, ours)
+        standbys[pid] = ours
+
+    def wants_standby() -> bool:
+        return len(standbys) < n_standby and standby_deaths < MAX_STANDBY_DEATHS
 
     def reap() -> None:
-        nonlocal standby
+        nonlocal standby_deaths
         while children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -178,36 +185,40 @@ def main(argv: list[str]) -> int:
             children.discard(pid)
             if pid in handed:
                 handed.pop(pid).close()
-            if standby is not None and standby[0] == pid:  # died waiting: not the engine's business
-                standby[1].close()
-                standby = None
+            if pid in standbys:  # died waiting: not the engine's business
+                standbys.pop(pid).close()
+                standby_deaths += 1
+                if standby_deaths == MAX_STANDBY_DEATHS:
+                    print("zygote: standby processes keep dying; forking on demand only", file=sys.stderr)
                 continue
             reply({"op": "exited", "pid": pid, "status": status})
 
     def hand_over(args, ctrl_fd: int) -> tuple[int | None, str | None]:
-        """Give the request to the standby: (its pid or None, its inbox if it is made)."""
-        nonlocal standby
-        if standby is None:
-            return None, None
-        pid, ssock = standby
-        standby = None
-        try:
+        """Give the request to the oldest standby: (its pid or None, its inbox if it is made)."""
+        nonlocal standby_deaths
+        while standbys:
+            pid = next(iter(standbys))
+            ssock = standbys.pop(pid)
             try:
-                inbox: str | None = ssock.recv(4096, socket.MSG_DONTWAIT).decode() or None
-            except BlockingIOError:  # still making it: the process reports it itself
-                inbox = None
-            socket.send_fds(ssock, [pickle.dumps(args)], [ctrl_fd])
-        except OSError:  # it died: fork instead
-            ssock.close()
-            return None, None
-        handed[pid] = ssock
-        return pid, inbox
+                try:
+                    inbox: str | None = ssock.recv(4096, socket.MSG_DONTWAIT).decode() or None
+                except BlockingIOError:  # still making it: the process reports it itself
+                    inbox = None
+                socket.send_fds(ssock, [pickle.dumps(args)], [ctrl_fd])
+            except OSError:  # it died: the next one, or a fork
+                ssock.close()
+                continue
+            handed[pid] = ssock
+            standby_deaths = 0
+            return pid, inbox
+        return None, None
 
-    fork_standby()
+    for _ in range(n_standby):
+        fork_standby()
     try:
         while True:
-            events = sel.select(timeout=None if standby is not None else STANDBY_DELAY_S)
-            if not events and standby is None:
+            events = sel.select(timeout=STANDBY_DELAY_S if wants_standby() else None)
+            if not events and wants_standby():
                 fork_standby()
             for key, _ in events:
                 if key.data == "sigchld":

@@ -36,7 +36,7 @@ from ..errors import (
     TypeValidationError,
 )
 from ..ipc import codec, iox
-from ..ipc.channel import EOS, FrameReceiver, FrameSender, Inbox
+from ..ipc.channel import EOS, ChannelClosed, FrameReceiver, FrameSender, Inbox
 from ..ipc.control import (
     Assign,
     AsyncChannel,
@@ -165,7 +165,7 @@ class ProcessManager:
             es = self.engine_space
             self._zygote = subprocess.Popen(  # noqa: ASYNC220
                 [self.config.python_executable, "-m", "engine.zygote", str(theirs.fileno()),
-                 es.root, es.prefix, str(es.inbox_slots), *modules],
+                 es.root, es.prefix, str(es.inbox_slots), str(self.config.standby_processes), *modules],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env,
                 cwd="/", start_new_session=True,
             )
@@ -596,6 +596,8 @@ class NodeProcess:
             asyncio.get_running_loop().remove_reader(self._pidfd)
         if self.exited is not None and not self.exited.done():
             self.exited.set_result(None)
+            if self.sender is not None:
+                self.sender.close()
             if self.on_exit is not None:
                 self.on_exit()
 
@@ -644,6 +646,8 @@ class NodeProcess:
         if self._ctrl_sock is not None:
             self._ctrl_sock.close()
             self._ctrl_sock = None
+        if self.sender is not None:
+            self.sender.close()
         iox.delete(*self._iox)
         self._iox.clear()
         self._pub = self._to_node = None
@@ -874,13 +878,24 @@ class ProcessRunner(NodeRunner):
         if sender is None or self._closing:
             raise InternalError("node process is not running", node_id=self.node_id)
         self.stats.items_in += 1
-        if not await sender.send(codec.prepare(frame), drop_when_full=self._drop):
-            self.stats.dropped += 1
+        try:
+            if not await sender.send(codec.prepare(frame), drop_when_full=self._drop):
+                self.stats.dropped += 1
+        except ChannelClosed:
+            raise self._gone() from None
 
     async def end(self) -> None:
         self._pending_ends -= 1
         if self._pending_ends == 0 and self.proc is not None and self.proc.sender is not None:
-            await self.proc.sender.send(codec.eos_prepared())
+            try:
+                await self.proc.sender.send(codec.eos_prepared())
+            except ChannelClosed:
+                raise self._gone() from None
+
+    def _gone(self) -> EngineError:
+        """Why a frame cannot reach the node process: the session's error if it has one."""
+        return self.session.error or NodeExecutionError(
+            f"node process {self.pid} exited", node_id=self.node_id)
 
     # ------------------------------------------------------------ teardown
 

@@ -90,6 +90,7 @@ class FrameSender:
         self.pub = pub
         self.notifier = notifier
         self.credit = asyncio.Event()
+        self.closed = False  # the consumer is gone: nothing will free room
         self._ev_data = event_id(slot * EV_SPAN + EV_DATA)
         self._ev_want = event_id(slot * EV_SPAN + EV_WANT_CREDIT)
 
@@ -119,10 +120,18 @@ class FrameSender:
         while not self.try_send(p):
             if drop_when_full:
                 return False
+            if self.closed:
+                raise ChannelClosed("the consumer of this channel is gone")
             self.credit.clear()
             self.ask_credit()
             await self.credit.wait()
         return True
+
+    def close(self) -> None:
+        """The consumer is gone: a send waiting for room fails instead of waiting forever
+        (a consumer's subscriber that no longer exists looks like a full buffer)."""
+        self.closed = True
+        self.credit.set()
 
     def ask_credit(self) -> None:
         """Ask the consumer to say (EV_CREDIT) when it has taken a frame out."""
@@ -130,6 +139,10 @@ class FrameSender:
 
     def on_credit(self) -> None:
         self.credit.set()
+
+
+class ChannelClosed(Exception):
+    """A frame could not be sent: the channel's consumer is gone."""
 
 
 class FrameReceiver:
