@@ -25,6 +25,7 @@ End of the engine socket → the zygote kills every child's process group and ex
 from __future__ import annotations
 
 import ctypes
+import gc
 import importlib
 import os
 import pickle
@@ -133,6 +134,10 @@ def main(argv: list[str]) -> int:
             importlib.import_module(name)
         except Exception as exc:  # a broken node module fails its nodes, not the zygote
             print(f"zygote: cannot preload {name}: {exc}", file=sys.stderr)
+    # Children share the preloaded objects copy-on-write; keep their garbage
+    # collector from walking (and so writing to) every one of them.
+    gc.collect()
+    gc.freeze()
     rsig, wsig = os.pipe()
     os.set_blocking(wsig, False)
     os.set_blocking(rsig, False)
