@@ -835,17 +835,10 @@ class ProcessRunner(NodeRunner):
             return  # the pump drains what came
         receiver = self.proc.receiver
         try:
-            while True:
-                item = receiver.receive()
-                if item is None:
-                    receiver.freed()
+            while (item := self._next_output(receiver)) is not None:
+                if item is EOS or not self.session.emit_nowait(self.node_id, item):
+                    self._pump_task = self.session.track(self._pump(item), f"{self.node_id}:pump")
                     return
-                if item is not EOS:
-                    self.stats.items_out += 1
-                    if self.session.emit_nowait(self.node_id, item):
-                        continue
-                self._pump_task = self.session.track(self._pump(item), f"{self.node_id}:pump")
-                return
         except Exception as exc:  # a callback's exception would only reach the loop's log
             self.session.fail_soon(exc if isinstance(exc, EngineError)
                                    else InternalError(f"{type(exc).__name__}: {exc}", node_id=self.node_id))
@@ -854,7 +847,7 @@ class ProcessRunner(NodeRunner):
         try:
             receiver = self.proc.receiver if self.proc is not None else None
             n = 0
-            while receiver is not None:
+            while receiver is not None and item is not None:
                 if item is EOS:
                     await self.session.node_ended(self.node_id)
                     return
@@ -862,14 +855,18 @@ class ProcessRunner(NodeRunner):
                 n += 1
                 if n % 16 == 0:
                     await asyncio.sleep(0)  # yield: a busy channel must not starve the loop
-                item = receiver.receive()
-                if item is None:
-                    receiver.freed()
-                    return
-                if item is not EOS:
-                    self.stats.items_out += 1
+                item = self._next_output(receiver)
         finally:
             self._pump_task = None
+
+    def _next_output(self, receiver: FrameReceiver) -> Any:
+        """The next frame (counted), EOS, or None when the channel is empty (credit given)."""
+        item = receiver.receive()
+        if item is None:
+            receiver.freed()
+        elif item is not EOS:
+            self.stats.items_out += 1
+        return item
 
     # ------------------------------------------------------------ data in
 
