@@ -124,6 +124,7 @@ class LoanedMemory(FrameMemory):
 
     def __init__(self, sender: FrameSender) -> None:
         self.sender = sender
+        self.lent = False  # any loan made yet (else no output can be in place)
 
     def array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -132,6 +133,7 @@ class LoanedMemory(FrameMemory):
             sample = iox.loan_slice(self.sender.pub, offset + nbytes)
         except Exception:  # noqa: BLE001 - loan limit or memory: the heap will do
             return super().array(shape, dtype)
+        self.lent = True
         loan = Loan(sample, offset, nbytes)
         view = _fastpath.SharedView(loan.address + offset, nbytes, loan, True)
         return np.frombuffer(view, dtype=dtype, count=nbytes // dtype.itemsize if dtype.itemsize else 0).reshape(shape)
@@ -191,6 +193,7 @@ class Worker:
         self.sent_in_place = 0
         self._busy_seq: int | None = None
         self._armed = False
+        self._memory: Any = None  # the node's LoanedMemory, once it exists
         self._wake = asyncio.Event()
         self._channels_ready = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -297,7 +300,7 @@ class Worker:
             cls = load_class(a.module, a.qualname)
             node = cls(a.node_id, dict(a.params))
             node._progress = lambda phase, pct, msg: self.ctrl.send(Progress(phase, pct, msg))
-            node._memory = LoanedMemory(sender)
+            node._memory = self._memory = LoanedMemory(sender)
             result = node.initialize()
             if inspect.isawaitable(result):
                 await result
@@ -410,7 +413,7 @@ class Worker:
         out.source = self._node_id
         self.items_out += 1
         p = codec.prepare(out)
-        loan = loan_of(out)
+        loan = loan_of(out) if self._memory.lent else None
         if loan is not None and self._send_in_place(p, loan, out, sender):
             self.sent_in_place += 1
         else:
