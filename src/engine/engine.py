@@ -156,7 +156,8 @@ class Engine:
 
     def stream(self, manifest: Any, *, on_progress: Callable[[InitProgress], Any] | None = None,
                session_id: str | None = None, limits: ClientLimits | None = None,
-               output_sink: Callable[[Output], Awaitable[None]] | None = None) -> Session:
+               output_sink: Callable[[Output], Awaitable[None]] | None = None,
+               observer: Observer | None = None) -> Session:
         """A streaming session; `async with` starts it (all nodes ready) and tears it down.
 
         `limits` (optional) tighten this run's memory, duration and audio
@@ -164,6 +165,7 @@ class Engine:
         sink outputs are awaited into it as they are produced (its waiting
         is the backpressure) instead of being queued for iteration; the
         session's end and error are then seen through `wait_closed()`/`error`.
+        `observer` replaces the engine's observer for this session.
         """
         if self._closed or not self._accepting:
             raise ResourceLimitError("engine is shutting down; not accepting sessions")
@@ -177,7 +179,8 @@ class Engine:
         if n_proc:
             self.process_manager().check_capacity(n_proc)
         session = Session(m, plan, settings, self._make_runner, on_progress=on_progress,
-                          on_close=self._session_closed, session_id=session_id, observer=self.observer,
+                          on_close=self._session_closed, session_id=session_id,
+                          observer=observer if observer is not None else self.observer,
                           output_sink=output_sink)
         self._sessions[session.id] = session
         self._idle.clear()
@@ -195,7 +198,7 @@ class Engine:
                 session.memory_watched = True
                 session.track(manager.monitor_memory(session), "memory")
             return manager.runner(session, planned)
-        return NativeRunner(planned, session.emit, session.node_ended, session.id)
+        return NativeRunner(planned, session.emit, session.node_ended, session.id, session.turns, session.track)
 
     def process_manager(self) -> Any:
         if self._process_manager is None:

@@ -8,7 +8,9 @@ implements:
 - `process(frame)` returns None, one frame, a list of frames, or an async
   generator of frames (streaming nodes); may be sync or async;
 - `flush()`        end of stream: emit what is buffered (same return forms);
-- `cleanup()`      release resources.
+- `cleanup()`      release resources;
+- `on_turn_event(event)` (optional) another node of the session sent a turn
+  event (see engine.turns); same return forms as process().
 
 A node that computes a large output can ask for the frame first
 (`new_tensor`, `new_audio`) and write its result into it: in a node process
@@ -27,7 +29,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .data import AudioData, DataKind, RuntimeData, TensorData
+from .data import AudioData, DataKind, JsonData, RuntimeData, TensorData
+from .turns import TurnEvent, TurnLedger
 
 ProgressCallback = Callable[[str, float, str], None]
 
@@ -67,6 +70,8 @@ class Node:
         self.params = params
         self._progress: ProgressCallback | None = None
         self._memory: FrameMemory = HEAP
+        #: the turns voided so far; the node's host shares its own ledger here
+        self._turns = TurnLedger()
 
     def report_progress(self, phase: str, percent: float, message: str = "") -> None:
         """Report initialization progress to the session's caller."""
@@ -91,6 +96,26 @@ class Node:
 
     def process(self, frame: RuntimeData) -> Any:
         raise NotImplementedError
+
+    def on_turn_event(self, event: TurnEvent) -> Any:
+        """Another node of the session sent a turn event (see engine.turns).
+
+        Called ahead of the inputs queued for this node: between two frames
+        for a node with a plain process(), and while a running async
+        process() is waiting for an async one. Returns outputs like process().
+        """
+        return None
+
+    def turn_event(self, kind: str, turn_id: str, **data: Any) -> JsonData:
+        """A frame to return from process() or on_turn_event(): the event `kind`
+        for `turn_id`, delivered to every other node of the session (`data`
+        must be JSON values)."""
+        return TurnEvent(kind, turn_id, data).frame()
+
+    def superseded(self, turn_id: str) -> bool:
+        """True once `turn_id` was cancelled or interrupted anywhere in the session:
+        stop working for it (the engine drops its outputs anyway)."""
+        return self._turns.is_void(turn_id)
 
     def flush(self) -> Any:
         """Called once at end of stream; return what is still buffered."""

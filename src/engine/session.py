@@ -34,6 +34,7 @@ from .executors.base import NodeRunner
 from .fifo import BoundedFifo
 from .manifest import Manifest
 from .plan import ExecutionPlan, PlannedNode
+from .turns import TURN_EVENT_SCHEMA, TurnEvent, TurnLedger
 
 log = logging.getLogger("engine.session")
 
@@ -79,6 +80,10 @@ class Observer(Protocol):
     def node_output(self, node_type: str, latency_s: float) -> None:
         """A node emitted a frame `latency_s` after the input that caused it entered the session."""
 
+    # Optional: `turn_event(event: TurnEvent) -> None`, called as each turn
+    # event is delivered (see engine.turns), and `node_frame(node_id, frame)`,
+    # called for every frame a node emits (a trace: keep it cheap).
+
 
 class Session:
     """A running pipeline. Use through `Engine.stream()` / `Engine.execute()`."""
@@ -121,6 +126,10 @@ class Session:
         self._sink = output_sink
         self._deadline: asyncio.TimerHandle | None = None
         self.memory_watched = False  # set once a process executor samples this session
+        #: turns voided in this session (see engine.turns); native nodes share it
+        self.turns = TurnLedger()
+        self._on_turn_event = getattr(observer, "turn_event", None)
+        self._on_frame = getattr(observer, "node_frame", None)
         self.log = logging.LoggerAdapter(log, {"session_id": self.id, "node_id": "-"})
 
     # ------------------------------------------------------------ lifecycle
@@ -221,7 +230,16 @@ class Session:
         return seq
 
     async def emit(self, node_id: str, frame: RuntimeData) -> None:
-        """Route one frame a node produced: to its downstream nodes, or out if a sink."""
+        """Route one frame a node produced: to its downstream nodes, or out if a sink.
+
+        A turn event goes to every other node instead; a frame of a voided
+        turn goes nowhere.
+        """
+        if (event := TurnEvent.of(frame)) is not None:
+            await self.deliver(event, node_id)
+            return
+        if self.turns.drops(frame):
+            return
         planned = self.plan.nodes[node_id]
         if planned.is_sink:
             out = self._sink_output(planned, frame)
@@ -238,11 +256,27 @@ class Session:
         """emit() when it needs no waiting: a sink's output while the caller's
         queue has room. False = not done (use emit)."""
         planned = self.plan.nodes[node_id]
-        if not planned.is_sink or self._sink is not None or len(self._outputs) >= self._outputs.capacity:
+        if not planned.is_sink or self._sink is not None or len(self._outputs) >= self._outputs.capacity \
+                or getattr(frame, "schema_type", None) == TURN_EVENT_SCHEMA:
             return False
+        if self.turns.drops(frame):
+            return True
         return self._outputs.try_put(self._sink_output(planned, frame))
 
+    async def deliver(self, event: TurnEvent, source: str) -> None:
+        """Hand a turn event from node `source` to every other node (see engine.turns)."""
+        if event.source != source:
+            event = TurnEvent(event.kind, event.turn_id, event.data, source, event.sequence)
+        self.turns.note(event)
+        if self._on_turn_event is not None:
+            self._on_turn_event(event)
+        for nid, runner in self._runners.items():
+            if nid != source:
+                await runner.turn_event(event)
+
     def _observe(self, planned: PlannedNode, frame: RuntimeData) -> float | None:
+        if self._on_frame is not None:
+            self._on_frame(planned.id, frame)
         t0 = self._send_times.get(frame.sequence) if frame.sequence is not None else None
         if t0 is not None and self._observer is not None:
             self._observer.node_output(planned.spec.node_type, time.perf_counter() - t0)
@@ -411,6 +445,7 @@ class Session:
             "average_latency_ms": (m.latency_sum_s / m.latency_count * 1000) if m.latency_count else 0.0,
             "buffered_outputs": len(self._outputs),
             "dropped": sum(r.stats.dropped for r in self._runners.values()),
+            "superseded_dropped": self.turns.dropped,
             "peak_memory_bytes": m.peak_memory_bytes,
             "by_kind": dict(m.by_kind),
             "nodes": {nid: vars(r.stats) for nid, r in self._runners.items()},

@@ -18,6 +18,7 @@ its deadline. The process exits when the engine closes the control socket
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib
 import inspect
 import os
@@ -40,6 +41,7 @@ from .ipc.channel import EOS, FrameReceiver, FrameSender, Inbox
 from .ipc.control import (
     Assign,
     ChannelsReady,
+    DeliverTurnEvent,
     Failure,
     Hello,
     OutputsReady,
@@ -53,6 +55,7 @@ from .ipc.control import (
     SyncChannel,
 )
 from .node import FrameMemory, Node, iterate_outputs
+from .turns import TURN_EVENT_SCHEMA, TurnEvent, TurnLedger
 
 try:  # imported here so the zygote preloads it (an import in the child costs ~6 ms a start)
     import uvloop
@@ -174,6 +177,10 @@ def load_class(module: str, qualname: str) -> type[Node]:
     return obj
 
 
+class NodeFailed(Exception):
+    """An event handler failed; its Failure was sent already."""
+
+
 def _error_type(exc: BaseException) -> str:
     return exc.error_type.name if isinstance(exc, EngineError) else ErrorType.NODE_EXECUTION.name
 
@@ -201,6 +208,11 @@ class Worker:
         self._waiter: Any = None  # select.poll over the inbox and the wake pipe
         self._wake_r, self._wake_w = os.pipe()  # wakes the blocking data loop
         os.set_blocking(self._wake_w, False)
+        self.turns = TurnLedger()  # written by the control thread, read by the node
+        self._events: collections.deque[TurnEvent] = collections.deque()  # arrived, not yet handed over
+        self._event_tasks: set[asyncio.Task] = set()
+        self._failed = False
+        self._sender: FrameSender | None = None
 
     # ---------------------------------------------------------------- control
 
@@ -224,15 +236,24 @@ class Worker:
                 loop = self._loop
                 if loop is not None:
                     loop.call_soon_threadsafe(self._wake.set)
+            elif isinstance(msg, DeliverTurnEvent):
+                event = TurnEvent(msg.kind, msg.turn_id, msg.data, msg.source, msg.sequence)
+                self.turns.note(event)  # before anything else: queued inputs of a voided turn are dropped
+                self._events.append(event)
+                self._wake_up(self._events_arrived)
             elif isinstance(msg, Shutdown):
                 self.stopping = True
-                loop = self._loop
-                if loop is not None:
-                    loop.call_soon_threadsafe(self._wake.set)
-                try:
-                    os.write(self._wake_w, b"x")
-                except BlockingIOError:  # already signalled
-                    pass
+                self._wake_up(self._wake.set)
+
+    def _wake_up(self, on_loop: Any) -> None:
+        """From the control thread: run `on_loop` on the event loop and wake the blocking data loop."""
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(on_loop)
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:  # already signalled
+            pass
 
     def _arm(self) -> None:
         # The process() deadline: SIGALRM with its default action ends the
@@ -301,12 +322,11 @@ class Worker:
             node = cls(a.node_id, dict(a.params))
             node._progress = lambda phase, pct, msg: self.ctrl.send(Progress(phase, pct, msg))
             node._memory = self._memory = LoanedMemory(sender)
+            node._turns = self.turns
+            self._sender = sender
             result = node.initialize()
             if inspect.isawaitable(result):
                 await result
-            self.node = node
-            self.ctrl.send(Ready())
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)
             # A node whose process() and flush() are plain functions is driven
             # by a loop that blocks in poll() between frames, without the event
             # loop's task switches (most of a hop's cost here). A node with
@@ -314,10 +334,17 @@ class Worker:
             self._blocking = (self._inbox.fd is not None and _plain(node.process) and _plain(node.flush))
             if self._blocking:
                 self._inbox.detach()
+            self.node = node
+            self.ctrl.send(Ready())
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
             borrow = bool(node.zero_copy_inputs)
             while not self.stopping:
+                if self._failed:  # an event handler failed (reported already)
+                    raise NodeFailed
                 self._wake.clear()
                 self._drain_events()
+                if self._events:
+                    await self._take_events(sender)
                 receiver.return_borrowed()
                 item = receiver.receive(borrow)
                 if item is None:
@@ -328,20 +355,23 @@ class Worker:
                         await self._wake.wait()
                     continue
                 if item is EOS:
+                    await self._finish_events(sender)
                     self._where = "flush"
                     await self._run(node.flush, None, sender)
                     await self._send_prepared(codec.eos_prepared(), sender)
                     self.ctrl.send(self.stats())
                     continue
-                self._where = "process"
                 self.items_in += 1
+                if self.turns.drops(item):  # its turn was cancelled or interrupted while it waited
+                    item = None
+                    continue
+                self._where = "process"
                 await self._run(node.process, item, sender)
                 item = None  # a lent input goes back as soon as the node let it go
         except Exception as exc:
-            where = self._where
-            self.ctrl.send(Failure(where, _error_type(exc), f"{where}() failed: {type(exc).__name__}: {exc}",
-                                   "".join(traceback.format_exception(exc)), self._busy_seq))
+            self._report_failure(self._where, exc)
             return 1
+        await self._cancel_events()
         try:
             if self.node is not None:
                 result = self.node.cleanup()
@@ -350,6 +380,66 @@ class Worker:
         finally:
             self.ctrl.send(ShutdownAck(self.stats()))
         return 0
+
+    def _report_failure(self, where: str, exc: BaseException) -> None:
+        if self._failed:
+            return
+        self._failed = True
+        self.ctrl.send(Failure(where, _error_type(exc), f"{where}() failed: {type(exc).__name__}: {exc}",
+                               "".join(traceback.format_exception(exc)), self._busy_seq))
+
+    # ---------------------------------------------------------------- turn events
+
+    def _events_arrived(self) -> None:
+        # On the loop: an async node takes its events at once, while a running
+        # process() awaits; a plain node's blocking loop takes them between frames.
+        if self.node is not None and not self._blocking and self._sender is not None:
+            self._start_event_tasks(self._sender)
+
+    def _start_event_tasks(self, sender: FrameSender) -> None:
+        loop = asyncio.get_running_loop()
+        while self._events:
+            task = loop.create_task(self._run_event(self._events.popleft(), sender))
+            self._event_tasks.add(task)
+            task.add_done_callback(self._event_done)
+
+    def _event_done(self, task: asyncio.Task) -> None:
+        self._event_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The node failed: say so now (the data loop may be inside a long
+            # process()); the engine tears the session down, which stops us.
+            self._report_failure("on_turn_event", task.exception())  # type: ignore[arg-type]
+
+    async def _take_events(self, sender: FrameSender) -> None:
+        if self._blocking:
+            while self._events:
+                await self._run_event(self._events.popleft(), sender)
+        else:
+            self._start_event_tasks(sender)
+
+    async def _finish_events(self, sender: FrameSender) -> None:
+        """Before end of stream: every event taken and its outputs sent."""
+        await self._take_events(sender)
+        while self._event_tasks:
+            await asyncio.gather(*self._event_tasks, return_exceptions=True)
+        if self._failed:
+            raise NodeFailed
+
+    async def _cancel_events(self) -> None:
+        for task in self._event_tasks:
+            task.cancel()
+        if self._event_tasks:
+            await asyncio.gather(*self._event_tasks, return_exceptions=True)
+
+    async def _run_event(self, event: TurnEvent, sender: FrameSender) -> None:
+        node = self.node
+        if node is None or type(node).on_turn_event is Node.on_turn_event:
+            return
+        result = node.on_turn_event(event)
+        if inspect.isawaitable(result):
+            result = await result
+        async for out in iterate_outputs(result):
+            await self._send(out, event.sequence, sender)
 
     def _drain_events(self) -> None:
         # A synchronous process() keeps the loop from running the inbox
@@ -408,6 +498,12 @@ class Worker:
 
 
     async def _send(self, out: RuntimeData, seq: int | None, sender: FrameSender) -> None:
+        if self.turns.drops(out):
+            return
+        if getattr(out, "schema_type", None) == TURN_EVENT_SCHEMA:
+            event = TurnEvent.of(out)
+            if event is not None:
+                self.turns.note(event)  # this node's own cancel applies here too
         t0 = time.thread_time()
         out.sequence = seq
         out.source = self._node_id

@@ -29,6 +29,8 @@ def test_nodes() -> list[type[Node]]:
         HoldNode,
         SleepNode,
         SlowInitNode,
+        TurnProbeNode,
     )
 
-    return [EchoNode, SleepNode, CpuBurnNode, CrashNode, SlowInitNode, ChecksumNode, GenerateNode, HoldNode]
+    return [EchoNode, SleepNode, CpuBurnNode, CrashNode, SlowInitNode, ChecksumNode, GenerateNode, HoldNode,
+            TurnProbeNode]

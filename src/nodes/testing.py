@@ -6,6 +6,7 @@ CrashNode really exits, raises, kills itself or hangs.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -232,3 +233,54 @@ class HoldNode(_ProcessNode):
                for f in self.held]
         self.held.clear()
         return out
+
+
+class TurnProbeNode(Node):
+    """Turn events under test (see engine.turns). Text frames addressed to this
+    node (`"<node id> <command> ..."`) are commands:
+
+    - `work TURN N`: N text outputs tagged with TURN, each after `burn_ms` of
+      CPU, stopping as soon as TURN is superseded (a streaming generator);
+    - `event KIND TURN`: sends that turn event;
+    - `tagged TURN`: one text output tagged with TURN.
+
+    Every other frame passes through. Each event it receives comes out as
+    JSON {"saw": kind, "turn_id": ..., "source": ..., "data": ...}, so a test
+    sees what reached it; an event of kind `fail` makes it raise. Async, so events arrive while a `work` runs; with
+    `executor: native` the same class runs in the engine.
+    """
+
+    node_type = "TurnProbeNode"
+    multiprocess = True
+    params_schema = {
+        "type": "object",
+        "properties": {"burn_ms": {"type": "number", "minimum": 0, "maximum": 1000, "default": 5}},
+        "additionalProperties": False,
+    }
+
+    async def process(self, frame: RuntimeData):  # noqa: ANN201 - an async generator of frames
+        words = frame.text.split() if isinstance(frame, TextData) else []
+        if len(words) < 2 or words[0] != self.node_id:
+            yield frame
+            return
+        command, args = words[1], words[2:]
+        if command == "event":
+            yield self.turn_event(args[0], args[1], sent_by=self.node_id)
+        elif command == "tagged":
+            yield TextData(f"{self.node_id}:{args[0]}", metadata={"turn_id": args[0]})
+        elif command == "work":
+            turn, n = args[0], int(args[1])
+            for i in range(n):
+                if self.superseded(turn):
+                    return
+                deadline = time.thread_time() + self.params["burn_ms"] / 1000
+                while time.thread_time() < deadline:
+                    pass
+                yield TextData(f"{turn}:{i}", metadata={"turn_id": turn})
+                await asyncio.sleep(0)  # lets an arriving event in between two steps
+
+    def on_turn_event(self, event: Any) -> JsonData:
+        if event.kind == "fail":
+            raise RuntimeError(f"asked to fail by {event.source}")
+        return JsonData({"saw": event.kind, "turn_id": event.turn_id, "source": event.source,
+                         "data": dict(event.data), "at": self.node_id})

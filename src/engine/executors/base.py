@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..data import RuntimeData
+from ..turns import TurnEvent
 
 #: called by a runner for every frame its node emits (the session routes it)
 Emit = Callable[[str, RuntimeData], Awaitable[None]]
@@ -14,6 +17,8 @@ Emit = Callable[[str, RuntimeData], Awaitable[None]]
 Ended = Callable[[str], Awaitable[None]]
 #: initialization progress: (node_id, phase, percent, message)
 Progress = Callable[[str, str, float, str], None]
+#: run a coroutine as a task the session owns (its failure fails the session): (coro, name)
+Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task]
 
 
 @dataclass
@@ -40,6 +45,11 @@ class NodeRunner(abc.ABC):
     @abc.abstractmethod
     async def push(self, frame: RuntimeData) -> None:
         """Deliver one input frame; awaits while the node cannot accept more."""
+
+    @abc.abstractmethod
+    async def turn_event(self, event: TurnEvent) -> None:
+        """Hand the node a turn event sent by another node, ahead of its queued inputs,
+        without waiting for the node to handle it."""
 
     @abc.abstractmethod
     async def end(self) -> None:

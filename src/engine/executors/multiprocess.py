@@ -41,6 +41,7 @@ from ..ipc.control import (
     Assign,
     AsyncChannel,
     ChannelsReady,
+    DeliverTurnEvent,
     Failure,
     Hello,
     OutputsReady,
@@ -54,11 +55,15 @@ from ..ipc.control import (
 )
 from ..plan import PlannedNode
 from ..registry import ExecutorRegistry
+from ..turns import TurnEvent
 from ..worker import EngineSpace, ProcessArgs
 from .base import NodeRunner, NodeStats
 from .base import Progress as ProgressFn
 
 log = logging.getLogger("engine.multiprocess")
+
+#: thread-pool sizes of numerical libraries, set to 1 for node processes unless already set
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 _ERROR_CLASSES = {ErrorType.TYPE_VALIDATION.name: TypeValidationError,
                   ErrorType.RESOURCE_LIMIT.name: ResourceLimitError,
@@ -160,6 +165,13 @@ class ProcessManager:
             modules = self.registry.multiprocess_modules()
             env = dict(os.environ)
             env.pop("PYTHONSTARTUP", None)
+            # One BLAS/OpenMP thread per node process unless the operator says
+            # otherwise (as Ray does for its workers): the pools these libraries
+            # size to every core spin after each call, and beside the other
+            # nodes' processes that is CPU taken from them. A node sets its own
+            # model's threads through its params (explicit counts win).
+            for var in THREAD_VARS:
+                env.setdefault(var, "1")
             # Started from the loop thread on purpose: the zygote's parent-death
             # signal fires when the *thread* that started it ends.
             es = self.engine_space
@@ -675,6 +687,7 @@ class ProcessRunner(NodeRunner):
         self._pings: dict[int, asyncio.Future] = {}
         self._pump_task: asyncio.Task | None = None
         self._ping_tokens = itertools.count(1)
+        self._events_sent = 0
         self.log = logging.LoggerAdapter(log, {"session_id": session.id, "node_id": self.node_id})
 
     @property
@@ -881,9 +894,21 @@ class ProcessRunner(NodeRunner):
         except ChannelClosed:
             raise self._gone() from None
 
+    async def turn_event(self, event: TurnEvent) -> None:
+        ctrl = self.proc.ctrl if self.proc is not None else None
+        if ctrl is None or self._closing:
+            return
+        ctrl.send(DeliverTurnEvent(event.kind, event.turn_id, dict(event.data), event.source, event.sequence))
+        self._events_sent += 1
+
     async def end(self) -> None:
         self._pending_ends -= 1
         if self._pending_ends == 0 and self.proc is not None and self.proc.sender is not None:
+            if self._events_sent:
+                # The control lane and the data channel do not keep order
+                # between them: once this ping is answered, the process has
+                # taken every event sent before it, so none arrives after EOS.
+                await self.refresh_stats()
             try:
                 await self.proc.sender.send(codec.eos_prepared())
             except ChannelClosed:

@@ -20,7 +20,8 @@ from ..data import RuntimeData
 from ..errors import EngineError, NodeExecutionError, TypeValidationError
 from ..node import Node, iterate_outputs
 from ..plan import PlannedNode
-from .base import Emit, Ended, NodeRunner, NodeStats, Progress
+from ..turns import TurnEvent, TurnLedger
+from .base import Emit, Ended, NodeRunner, NodeStats, Progress, Spawn
 
 log = logging.getLogger("engine.native")
 
@@ -37,8 +38,12 @@ async def _thread_iter(gen: Any):
 
 
 class NativeRunner(NodeRunner):
-    def __init__(self, planned: PlannedNode, emit: Emit, ended: Ended, session_id: str) -> None:
+    def __init__(self, planned: PlannedNode, emit: Emit, ended: Ended, session_id: str,
+                 turns: TurnLedger | None = None, spawn: Spawn | None = None) -> None:
         self.node_id = planned.id
+        self._turns = turns if turns is not None else TurnLedger()
+        self._spawn = spawn
+        self._event_tasks: set[asyncio.Task] = set()
         self.planned = planned
         self._emit = emit
         self._ended = ended
@@ -55,6 +60,7 @@ class NativeRunner(NodeRunner):
         try:
             node = spec.cls(self.node_id, dict(self.planned.decl.params))
             node._progress = lambda phase, pct, msg: progress(self.node_id, phase, pct, msg)
+            node._turns = self._turns  # the session's: voided as the event is delivered
             await self._call(node.initialize)
         except EngineError as exc:
             exc.node_id = exc.node_id or self.node_id
@@ -80,7 +86,8 @@ class NativeRunner(NodeRunner):
         return NodeExecutionError(f"{where}() failed: {type(exc).__name__}: {exc}",
                                   node_id=self.node_id, traceback_text=tb)
 
-    async def _run(self, fn: Any, frame: RuntimeData | None, sequence: int | None) -> None:
+    async def _run(self, fn: Any, frame: RuntimeData | TurnEvent | None, sequence: int | None,
+                   where: str = "") -> None:
         assert self._node is not None
         started = time.perf_counter()
         emitting = 0.0
@@ -104,7 +111,7 @@ class NativeRunner(NodeRunner):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise self._wrap(exc, "process" if frame is not None else "flush") from exc
+            raise self._wrap(exc, where or ("process" if frame is not None else "flush")) from exc
         finally:
             # the node's own time: downstream work done while emitting is theirs
             busy = time.perf_counter() - started - emitting
@@ -114,13 +121,37 @@ class NativeRunner(NodeRunner):
     async def push(self, frame: RuntimeData) -> None:
         async with self._lock:
             self.stats.items_in += 1
+            if self._turns.drops(frame):  # its turn was voided while it waited for the lock
+                return
             self._last_sequence = frame.sequence
             await self._run(self._node.process, frame, frame.sequence)  # type: ignore[union-attr]
+
+    async def turn_event(self, event: TurnEvent) -> None:
+        # In a task of its own, not in the sender's call: the sender may be
+        # this node's own downstream, waiting inside its process() for us
+        # (the event going upstream), which would wait for it in turn.
+        node = self._node
+        if node is None or type(node).on_turn_event is Node.on_turn_event:
+            return
+        coro = self._on_turn_event(node, event)
+        task = self._spawn(coro, f"{self.node_id}:turn-event") if self._spawn is not None \
+            else asyncio.get_running_loop().create_task(coro)
+        self._event_tasks.add(task)
+        task.add_done_callback(self._event_tasks.discard)
+
+    async def _on_turn_event(self, node: Node, event: TurnEvent) -> None:
+        if self._blocking:  # its process() may be running in a thread: wait for it
+            async with self._lock:
+                await self._run(node.on_turn_event, event, event.sequence, "on_turn_event")
+        else:  # alongside a process() that is waiting, as in a node process
+            await self._run(node.on_turn_event, event, event.sequence, "on_turn_event")
 
     async def end(self) -> None:
         self._pending_ends -= 1
         if self._pending_ends > 0:
             return
+        while self._event_tasks:  # events handed over before the end are handled before the flush
+            await asyncio.gather(*self._event_tasks, return_exceptions=True)
         async with self._lock:
             await self._run(self._node.flush, None, self._last_sequence)  # type: ignore[union-attr]
         await self._ended(self.node_id)

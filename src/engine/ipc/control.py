@@ -107,6 +107,21 @@ class Pong:
 
 
 @dataclass(frozen=True)
+class DeliverTurnEvent:
+    """Engine → node process: a turn event from another node (see engine.turns).
+
+    On this lane, not the data channel, so it overtakes the inputs queued
+    for the node: a voided turn's queued work is dropped, not done.
+    """
+
+    kind: str
+    turn_id: str
+    data: dict
+    source: str
+    sequence: int | None
+
+
+@dataclass(frozen=True)
 class Shutdown:
     """Engine → node: stop (after the current item), clean up, acknowledge, exit."""
 
