@@ -1,26 +1,41 @@
-"""The voice loop: end of the user's speech → first reply audio.
+"""The voice loop: end of the user's speech → first reply audio; barge-in; sessions per machine.
 
-`voice_loop` streams 2-second spoken questions (made by the engine's own
-TTS, with silence around them and a little noise) in real time, 512 samples
-every 32 ms, through examples/speech_to_speech.json (VAD → utterances →
-Whisper → SmolLM2 → Piper, each model in its own process) and times, from
-the moment the last speech sample was sent, the first reply audio chunk,
-with a per-stage breakdown taken from the session's observer. The baseline,
-in the same run, calls the same four models one after another in one
-process, as a simple voice bot would.
+`voice_loop` streams spoken questions (made by the engine's own TTS, with
+silence around them and a little noise) in real time, 512 samples every
+32 ms, through examples/speech_to_speech.json and measures, per question,
+from the end of speech (the last sample above −40 dBFS, on the stream
+clock: chunk k is sent at t0 + (k+1)·32 ms) to each stage of the turn it
+started: the turn's end (the accumulator's commit), ASR done, the LLM's
+first phrase, the first reply audio at the client. Each question waits for
+the previous reply to have played out. In the same run a one-process
+sequential baseline calls the same four models one after another (a VAD
+silence of 320 ms ends the turn), and both report CPU per turn (every
+process of the session: the engine's, its node processes'; the baseline's
+one process), reply included.
+
+It then measures barge-in (a question spoken over a reply: its onset →
+the `interrupted` event, and → the last audio of the old turn, with the
+manifest's pacing and without it), and how many concurrent voice sessions
+this machine holds at first-audio p50 ≤ 600 ms. A PNG timeline of a few
+turns, engine and baseline, is written next to the JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import psutil
 
-from bench.harness import pct, scenario
+from bench.harness import RESULTS, pct, scenario
 from engine import Engine, RuntimeData
+from engine.turns import turn_of
 
 MANIFEST = Path(__file__).resolve().parent.parent / "examples" / "speech_to_speech.json"
 QUESTIONS = [
@@ -32,163 +47,504 @@ QUESTIONS = [
     "What do cows usually eat on a farm?", "Who wrote the play called Romeo and Juliet?",
 ]
 CHUNK, RATE, LEAD_S = 512, 16000, 0.5
-#: each question answered on its own (no conversation history), in both runs
-LLM_PARAMS = {"max_tokens": 48, "history_turns": 0}
+CHUNK_S = CHUNK / RATE
+#: each question answered on its own (no conversation history), in every run
+LLM_PARAMS = {"history_turns": 0}
+STAGES = ("turn_end", "asr_done", "llm_first_phrase", "first_audio")
+LABELS = {"turn_end": "turn end", "asr_done": "ASR done", "llm_first_phrase": "first LLM phrase",
+          "first_audio": "first reply audio"}
+#: a sample above this is speech (−40 dBFS)
+LOUD = 0.01
 
 
-def _manifest() -> dict:
+def voice_manifest(**params: dict[str, Any]) -> dict:
+    """The example manifest with `LLM_PARAMS`, and node params overridden by node id."""
     doc = json.loads(MANIFEST.read_text())
     for node in doc["nodes"]:
+        node["params"].update(params.get(node["id"], {}))
         if node["id"] == "llm":
             node["params"].update(LLM_PARAMS)
     return doc
 
 
-class StageClock:
-    """Session observer: when each node type emitted."""
+def make_node(doc: dict, node_id: str, **override: Any) -> Any:
+    """The manifest's node `node_id` as a plain object, params normalized as the engine does."""
+    from engine.registry import default_registry
+
+    decl = next(n for n in doc["nodes"] if n["id"] == node_id)
+    spec = default_registry().get(decl["node_type"])
+    assert spec is not None, decl["node_type"]
+    return spec.cls(node_id, spec.normalize_params({**decl["params"], **override}))
+
+
+@dataclass
+class Spoken:
+    """A question as a client streams it, and where its speech lies on the stream clock."""
+
+    text: str
+    audio: np.ndarray
+    onset_s: float  # send time of the chunk with the first loud sample, from the first chunk's start
+    end_s: float  # same, of the last loud sample
+
+    @classmethod
+    def make(cls, text: str, lead_s: float = LEAD_S, seed: int = 0) -> Spoken:
+        from nodes.speech.spoken import spoken
+
+        speech = spoken(text)
+        lead = np.zeros(int(lead_s * RATE), np.float32)
+        audio = np.concatenate((lead, speech))
+        audio = np.concatenate((audio, np.zeros(-audio.size % CHUNK, np.float32)))
+        loud = np.flatnonzero(np.abs(speech) > LOUD) + lead.size
+        audio += np.random.default_rng(seed).normal(0, 0.003, audio.size).astype(np.float32)
+        return cls(text, audio, (loud[0] // CHUNK + 1) * CHUNK_S, (loud[-1] // CHUNK + 1) * CHUNK_S)
+
+
+class Trace:
+    """Session observer: when each turn event and each node's frame of a turn happened."""
 
     def __init__(self) -> None:
-        self.events: list[tuple[float, str]] = []
+        self.events: list[tuple[float, Any]] = []
+        self.frames: list[tuple[float, str, str, Any]] = []
 
     def node_output(self, node_type: str, latency_s: float) -> None:
-        self.events.append((time.perf_counter(), node_type))
+        pass
 
-    def last_before(self, node_type: str, t: float, after: float) -> float | None:
-        hits = [e for e, n in self.events if n == node_type and after <= e <= t]
-        return hits[-1] if hits else None
+    def turn_event(self, event: Any) -> None:
+        self.events.append((time.perf_counter(), event))
 
-    def first_after(self, node_type: str, t: float) -> float | None:
-        hits = [e for e, n in self.events if n == node_type and e >= t]
+    def node_frame(self, node_id: str, frame: Any) -> None:
+        turn = turn_of(frame)
+        if turn:
+            self.frames.append((time.perf_counter(), node_id, turn, frame))
+
+    def first(self, node_id: str, turn: str) -> tuple[float, Any] | None:
+        hits = [(at, f) for at, n, tid, f in self.frames if n == node_id and tid == turn]
         return hits[0] if hits else None
 
 
-async def _pipeline_runs() -> tuple[dict[str, list[float]], list[str], float]:
-    from nodes.speech.spoken import question, speech_seconds
+class VoiceClient:
+    """Streams audio into a session on a real-time clock (silence when it has nothing to say)
+    and collects what comes back, with arrival times."""
 
-    clock = StageClock()
-    stages: dict[str, list[float]] = {k: [] for k in ("first_audio", "vad_end", "asr_done", "llm_first_phrase")}
-    replies: list[str] = []
-    async with Engine(observer=clock) as engine:
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.received: list[tuple[float, Any]] = []
+        self._silence = np.zeros(CHUNK, np.float32)
+        self._next = time.perf_counter()
+        self._reader: asyncio.Task | None = None
+
+    async def __aenter__(self) -> VoiceClient:
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        self._next = time.perf_counter()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.session.cancel()
+        assert self._reader is not None
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+    async def _read(self) -> None:
+        async for out in self.session:
+            self.received.append((time.perf_counter(), out.data))
+
+    async def _chunk(self, piece: np.ndarray) -> float:
+        """Send one chunk when its 32 ms have passed; returns the time it was due."""
+        self._next += CHUNK_S
+        await asyncio.sleep(max(0.0, self._next - time.perf_counter()))
+        await self.session.send("vad", RuntimeData.audio(piece, RATE))
+        return self._next
+
+    async def say(self, q: Spoken) -> float:
+        """Stream `q`; returns the stream-clock time of its first chunk's start."""
+        t0 = self._next
+        for lo in range(0, q.audio.size, CHUNK):
+            await self._chunk(q.audio[lo:lo + CHUNK])
+        return t0
+
+    async def silence_for(self, seconds: float) -> None:
+        end = self._next + seconds
+        while self._next < end:
+            await self._chunk(self._silence)
+
+    async def until_reply_played(self, since: float, limit_s: float = 15.0) -> None:
+        """Silence until a reply came after `since` and has played out (real time from its first frame)."""
+        deadline = time.perf_counter() + limit_s
+        while time.perf_counter() < deadline:
+            audio = [(t, f) for t, f in self.received if t >= since and f.kind.name == "AUDIO"]
+            if audio:
+                ends = audio[0][0] + sum(f.duration_s for _, f in audio)
+                if time.perf_counter() > max(ends, audio[-1][0] + 0.6) + 0.3:
+                    return
+            await self._chunk(self._silence)
+        raise RuntimeError("no reply, or one that never ends")
+
+    def audio_of(self, turn: str) -> list[tuple[float, Any]]:
+        return [(t, f) for t, f in self.received if f.kind.name == "AUDIO" and turn_of(f) == turn]
+
+
+def _words(text: str) -> list[str]:
+    numbers = {"2": "two", "8": "eight", "4": "four"}
+    return [numbers.get(w, w) for w in re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()]
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    ref, hyp = _words(reference), _words(hypothesis)
+    d = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, d[0] = d[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
+    return d[len(hyp)] / max(1, len(ref))
+
+
+def session_cpu_s(session: Any) -> float:
+    """CPU seconds so far of this process and the session's node processes."""
+    total = sum(psutil.Process().cpu_times()[:2])
+    for runner in session.runners.values():
+        pid = getattr(runner, "pid", None)
+        if pid:
+            try:
+                total += sum(psutil.Process(pid).cpu_times()[:2])
+            except psutil.NoSuchProcess:
+                pass
+    return total
+
+
+@dataclass
+class TurnResult:
+    question: str
+    stages: dict[str, float] = field(default_factory=dict)  # seconds after end of speech
+    transcript: str = ""
+    reply: str = ""
+    reply_audio: np.ndarray | None = None
+    reply_rate: int = 0
+    #: the first reply frame's metadata (asr_ms, llm_first_token_ms, tts_ms, ...)
+    first_meta: dict = field(default_factory=dict)
+
+
+def _turn_result(q: Spoken, t_end: float, trace: Trace, client: VoiceClient) -> TurnResult:
+    """The turn that answered `q`: the one of the first reply audio after its end of speech."""
+    res = TurnResult(q.text)
+    audio = [(t, f) for t, f in client.received if f.kind.name == "AUDIO" and t >= t_end - 0.5]
+    if not audio:
+        raise RuntimeError(f"no reply audio for {q.text!r}")
+    turn = turn_of(audio[0][1])
+    audio = client.audio_of(turn)
+    commit = [at for at, e in trace.events if e.kind == "commit" and e.turn_id == turn]
+    res.stages["turn_end"] = commit[0] - t_end if commit else float("nan")
+    for key, node in (("asr_done", "asr"), ("llm_first_phrase", "llm")):
+        hit = trace.first(node, turn)
+        res.stages[key] = hit[0] - t_end if hit else float("nan")
+        if node == "asr" and hit:
+            res.transcript = hit[1].text
+    res.stages["first_audio"] = audio[0][0] - t_end
+    res.reply = " ".join(f.metadata["text"] for _, f in audio if "text" in f.metadata)
+    res.reply_audio = np.concatenate([f.samples for _, f in audio])
+    res.reply_rate = audio[0][1].sample_rate
+    res.first_meta = dict(audio[0][1].metadata)
+    return res
+
+
+async def engine_turns(questions: list[Spoken], manifest: dict, trace: Trace | None = None
+                       ) -> tuple[list[TurnResult], float, float]:
+    """Each question in turn through one session: (results, CPU per turn, session start-up s)."""
+    trace = trace or Trace()
+    async with Engine(observer=trace) as engine:
         t0 = time.perf_counter()
-        session = engine.stream(_manifest())
+        session = engine.stream(manifest)
         await session.start()
         startup = time.perf_counter() - t0
-        arrivals: asyncio.Queue = asyncio.Queue()
-
-        async def consume() -> None:
-            async for out in session:
-                arrivals.put_nowait((time.perf_counter(), out.data))
-
-        reader = asyncio.get_running_loop().create_task(consume())
-        silence = np.zeros(CHUNK, np.float32)
-        for q in QUESTIONS:
-            audio = question(q, lead_s=LEAD_S, tail_s=0.0)
-            start = time.perf_counter()
-            end_of_speech = start + LEAD_S + speech_seconds(q)
-            i = 0
-            first: tuple[float, object] | None = None
-            while first is None or time.perf_counter() < first[0] + 1.5:
-                due = start + i * CHUNK / RATE
-                await asyncio.sleep(max(0.0, due - time.perf_counter()))
-                lo = i * CHUNK
-                piece = audio[lo:lo + CHUNK] if lo < audio.size else silence
-                if piece.size < CHUNK:
-                    piece = np.concatenate((piece, silence[:CHUNK - piece.size]))
-                await session.send("vad", RuntimeData.audio(piece, RATE))
-                i += 1
-                while not arrivals.empty():
-                    item = arrivals.get_nowait()
-                    if first is None and item[0] > end_of_speech - 0.5:
-                        first = item
-                if first is None and time.perf_counter() > end_of_speech + 10:
-                    raise RuntimeError(f"no reply to {q!r}")
-            t_audio = first[0]
-            window = end_of_speech - 1.0
-            stages["first_audio"].append(t_audio - end_of_speech)
-            for key, node_type in (("vad_end", "AudioBufferAccumulatorNode"), ("asr_done", "WhisperNode")):
-                t = clock.last_before(node_type, t_audio, window)
-                stages[key].append((t - end_of_speech) if t is not None else float("nan"))
-            asr_t = clock.last_before("WhisperNode", t_audio, window)
-            llm_t = clock.first_after("LlamaCppNode", asr_t) if asr_t is not None else None
-            stages["llm_first_phrase"].append((llm_t - end_of_speech) if llm_t is not None else float("nan"))
-            replies.append(first[1].metadata.get("text", ""))  # type: ignore[attr-defined]
-            print(f"  {q!r}: " + ", ".join(f"{k} {v[-1] * 1000:.0f} ms" for k, v in stages.items()), flush=True)
-            while not arrivals.empty():
-                arrivals.get_nowait()
-        await session.cancel()
-        reader.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
-    return stages, replies, startup
+        async with VoiceClient(session) as client:
+            await client.silence_for(0.3)
+            cpu0 = session_cpu_s(session)
+            results = []
+            for q in questions:
+                t_start = await client.say(q)
+                t_end = t_start + q.end_s
+                await client.until_reply_played(t_end - 0.5)
+                results.append(_turn_result(q, t_end, trace, client))
+                r = results[-1]
+                print(f"  {q.text!r}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in r.stages.items()),
+                      flush=True)
+            cpu = (session_cpu_s(session) - cpu0) / len(questions)
+    return results, cpu, startup
 
 
-def _baseline_runs() -> dict[str, list[float]]:
-    """The same models, called one after another in one process."""
-    from nodes.speech.llm import LlamaCppNode
-    from nodes.speech.spoken import question, speech_seconds
-    from nodes.speech.tts import PiperTTSNode
-    from nodes.speech.vad import SileroVADNode
-    from nodes.speech.whisper import WhisperNode
+# ---------------------------------------------------------------- the baseline
 
-    vad = SileroVADNode("vad", {"min_silence_duration_ms": 320})
-    asr, llm, tts = WhisperNode("asr", {}), LlamaCppNode("llm", LLM_PARAMS), PiperTTSNode("tts", {})
+
+def baseline_turns(questions: list[Spoken], manifest: dict) -> tuple[list[TurnResult], float]:
+    """The same models, called one after another in one process, as a simple voice bot does:
+    the VAD's 320 ms of silence ends the turn, then ASR, then the LLM streams its reply and
+    each phrase is synthesized as it comes. Returns (results, CPU per turn, reply included)."""
+    vad = make_node(manifest, "vad", min_silence_duration_ms=320)
+    asr = make_node(manifest, "asr")
+    llm = make_node(manifest, "llm", end_of_turn=False, pause_for_first_audio_ms=0)
+    tts = make_node(manifest, "tts", chunk_ms=0, pace_ahead_ms=0)
     for node in (vad, asr, llm, tts):
         node.initialize()
-    out: dict[str, list[float]] = {k: [] for k in ("first_audio", "vad_end", "asr_done", "llm_first_phrase")}
-
-    async def first_phrase(text: str) -> str:
-        gen = llm.process(RuntimeData.text(text))
-        try:
-            async for frame in gen:
-                return frame.text  # type: ignore[attr-defined]
-        finally:
-            await gen.aclose()
-        return ""
-
-    for q in QUESTIONS:
-        audio = question(q, lead_s=LEAD_S, tail_s=1.5)
+    results, cpu = [], 0.0
+    silence = np.zeros(int(1.5 * RATE), np.float32)
+    for q in questions:
+        c0 = time.process_time()
+        res = TurnResult(q.text)
+        audio = np.concatenate((q.audio, silence))
         vad._reset()
-        speech_end = LEAD_S + speech_seconds(q)
-        t_audio, collected, vad_end = 0.0, [], None
+        collected, t_stream, turn_end = [], 0.0, None
         for lo in range(0, audio.size - CHUNK + 1, CHUNK):
             (frame,) = vad.process(RuntimeData.audio(audio[lo:lo + CHUNK], RATE))
-            t_audio += CHUNK / RATE
+            t_stream += CHUNK_S
             if frame.metadata.get("vad_speech") == "1" or frame.metadata.get("vad_event"):
                 collected.append(frame.samples)
             if frame.metadata.get("vad_event") == "speech_end":
-                vad_end = t_audio - speech_end
+                turn_end = t_stream - q.end_s
                 break
-        assert vad_end is not None, q
+        assert turn_end is not None, q.text
+        res.stages["turn_end"] = turn_end
         t = time.perf_counter()
-        text, _ = asr.transcribe(np.concatenate(collected))
-        asr_s = time.perf_counter() - t
-        phrase = asyncio.run(first_phrase(text))
-        llm_s = time.perf_counter() - t
-        tts.synthesize(phrase.split(".")[0] + ".")
-        total_s = time.perf_counter() - t
-        out["vad_end"].append(vad_end)
-        out["asr_done"].append(vad_end + asr_s)
-        out["llm_first_phrase"].append(vad_end + llm_s)
-        out["first_audio"].append(vad_end + total_s)
+        res.transcript, _ = asr.transcribe(np.concatenate(collected))
+        res.stages["asr_done"] = turn_end + time.perf_counter() - t
+        asyncio.run(_baseline_reply(llm, tts, res, t, turn_end))
+        cpu += time.process_time() - c0
+        results.append(res)
+    return results, cpu / len(questions)
+
+
+async def _baseline_reply(llm: Any, tts: Any, res: TurnResult, t: float, turn_end: float) -> None:
+    phrases = []
+    async for frame in llm.process(RuntimeData.text(res.transcript)):
+        if not frame.text:
+            continue
+        if not phrases:
+            res.stages["llm_first_phrase"] = turn_end + time.perf_counter() - t
+        tts.synthesize(frame.text)
+        if not phrases:
+            res.stages["first_audio"] = turn_end + time.perf_counter() - t
+        phrases.append(frame.text)
+    res.reply = " ".join(phrases)
+
+
+def _in_own_process(fn: Any, *args: Any) -> Any:
+    """fn(*args) in a fresh process started with the thread settings the engine gives its node
+    processes (see executors.multiprocess), so the baseline is not slowed by idle pools spinning."""
+    import concurrent.futures
+    import multiprocessing
+    import os
+
+    from engine.executors.multiprocess import THREAD_VARS
+
+    saved = {v: os.environ.get(v) for v in THREAD_VARS}
+    os.environ.update({v: os.environ.get(v) or "1" for v in THREAD_VARS})
+    try:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(fn, *args).result()
+    finally:
+        for v, value in saved.items():
+            if value is None:
+                os.environ.pop(v, None)
+            else:
+                os.environ[v] = value
+
+
+# ---------------------------------------------------------------- barge-in
+
+
+@dataclass
+class BargeIn:
+    onset_to_event: float
+    onset_to_last_old_audio: float
+    #: audio of the old turn the client had received but not yet played when the event came:
+    #: how long a client that ignores the event would go on talking over the user
+    unplayed_at_event: float
+    old_audio_after_event: int
+    answered: bool
+
+
+async def barge_ins(questions: list[Spoken], interrupters: list[Spoken], manifest: dict,
+                    after_s: list[float]) -> list[BargeIn]:
+    """Ask each question, then, `after_s` into its reply, speak the interrupter over it."""
+    trace = Trace()
+    out = []
+    async with Engine(observer=trace) as engine, engine.stream(manifest) as session:
+        async with VoiceClient(session) as client:
+            await client.silence_for(0.3)
+            for q, b, wait in zip(questions, interrupters, after_s, strict=True):
+                t_end = (await client.say(q)) + q.end_s
+                while not [1 for t, f in client.received if t > t_end - 0.5 and f.kind.name == "AUDIO"]:
+                    await client.silence_for(CHUNK_S)
+                first_old = next(t for t, f in client.received if t > t_end - 0.5 and f.kind.name == "AUDIO")
+                old_turn = turn_of(next(f for t, f in client.received if t == first_old))
+                await client.silence_for(max(0.0, first_old + wait - client._next))
+                t_b = await client.say(b)
+                await client.until_reply_played(t_b + b.end_s - 0.5)
+                out.append(_barge_in_result(client, old_turn, t_b + b.onset_s, t_b + b.end_s))
+                print(f"  barge-in after {wait:.1f} s: onset → interrupted "
+                      f"{out[-1].onset_to_event * 1000:.0f} ms, → last old audio "
+                      f"{out[-1].onset_to_last_old_audio * 1000:.0f} ms", flush=True)
     return out
+
+
+def _barge_in_result(client: VoiceClient, old_turn: str, onset: float, b_end: float) -> BargeIn:
+    events = [(t, f) for t, f in client.received if f.kind.name == "JSON"
+              and isinstance(f.value, dict) and f.value.get("event") == "interrupted"
+              and f.value.get("turn_id") == old_turn]
+    if not events:
+        raise RuntimeError(f"turn {old_turn} was never interrupted")
+    t_event = events[0][0]
+    old = client.audio_of(old_turn)
+    received = sum(f.duration_s for t, f in old if t <= t_event)
+    answered = any(t > b_end - 0.5 and turn_of(f) != old_turn for t, f in client.received
+                   if f.kind.name == "AUDIO")
+    return BargeIn(t_event - onset, old[-1][0] - onset, max(0.0, received - (t_event - old[0][0])),
+                   sum(1 for t, _ in old if t > t_event), answered)
+
+
+# ---------------------------------------------------------------- sessions per machine
+
+
+async def concurrent_sessions(n: int, questions: list[Spoken], manifest: dict) -> list[float]:
+    """`n` voice sessions at once, each asking `questions` (rotated), their starts spread over
+    one question's cycle so that turns begin at an even rate: every first-audio latency."""
+    latencies: list[float] = []
+    cycle_s = 5.0  # about one question and its reply
+
+    async def one(i: int) -> None:
+        trace = Trace()
+        async with engine.stream(manifest, observer=trace) as session, VoiceClient(session) as client:
+            await client.silence_for(0.3 + cycle_s * i / n)
+            for q in questions[i % len(questions):] + questions[:i % len(questions)]:
+                t_end = (await client.say(q)) + q.end_s
+                await client.until_reply_played(t_end - 0.5, limit_s=30.0)
+                latencies.append(_turn_result(q, t_end, trace, client).stages["first_audio"])
+
+    async with Engine() as engine:
+        await asyncio.gather(*(one(i) for i in range(n)))
+    return latencies
+
+
+# ---------------------------------------------------------------- the plot
+
+
+def plot_timeline(engine: list[TurnResult], baseline: list[TurnResult], path: Path, turns: int = 4) -> None:
+    """Per-stage marks from end of speech to first audio, engine and baseline, for a few turns."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"turn_end": "tab:gray", "asr_done": "tab:blue", "llm_first_phrase": "tab:orange",
+              "first_audio": "tab:green"}
+    rows = []
+    for i in range(min(turns, len(engine), len(baseline))):
+        rows += [(f"{engine[i].question[:28]}… engine", engine[i]), ("baseline", baseline[i])]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
+    for y, (_, r) in enumerate(rows):
+        ax.barh(y, r.stages["first_audio"] * 1000, color="tab:green", alpha=0.18, height=0.6)
+        for key in STAGES:
+            v = r.stages.get(key, float("nan"))
+            if v == v:
+                ax.plot(v * 1000, y, "o", color=colors[key], label=LABELS[key] if y == 0 else None)
+    ax.axvline(400, color="tab:red", linestyle="--", linewidth=1, label="400 ms target")
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms after the end of the user's speech")
+    ax.set_title("Voice loop: when each stage of a turn is done")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- the scenario
+
+
+def _series(prefix: str, results: list[TurnResult]) -> dict[str, dict]:
+    return {f"{prefix}: end of speech → {LABELS[k]}": {"values": [r.stages[k] for r in results], "unit": "s"}
+            for k in STAGES}
+
+
+def _round_trip_wer(results: list[TurnResult]) -> float:
+    """Word error of each reply's audio heard back by ASR against the text it was made from."""
+    import soxr
+
+    from nodes.speech.whisper import WhisperNode
+
+    asr = WhisperNode("check", {"window_s": 30, "cpu_threads": 2})
+    asr.initialize()
+    errors = []
+    for r in results:
+        if r.reply_audio is not None and r.reply:
+            heard, _ = asr.transcribe(soxr.resample(r.reply_audio, r.reply_rate, RATE).astype(np.float32))
+            errors.append(wer(r.reply, heard))
+    return float(np.mean(errors)) if errors else float("nan")
+
+
+def _sessions_held(manifest: dict, questions: list[Spoken], series: dict) -> int:
+    held = 0
+    for n in (1, 2, 4, 6, 8, 10, 12):
+        lat = asyncio.run(concurrent_sessions(n, questions, manifest))
+        series[f"{n} concurrent sessions: first reply audio"] = {"values": lat, "unit": "s"}
+        print(f"  {n} sessions: first audio p50 {pct(lat, .5) * 1000:.0f} ms", flush=True)
+        if pct(lat, .5) > 0.6:
+            break
+        held = n
+    return held
+
+
+def _barge_in_series(label: str, runs: list[BargeIn], series: dict) -> None:
+    series[f"barge-in, {label}: onset → interrupted event"] = {
+        "values": [b.onset_to_event for b in runs], "unit": "s"}
+    series[f"barge-in, {label}: onset → last audio of the old turn"] = {
+        "values": [b.onset_to_last_old_audio for b in runs], "unit": "s"}
+    series[f"barge-in, {label}: old audio unplayed at the event"] = {
+        "values": [b.unplayed_at_event for b in runs], "unit": "s"}
 
 
 @scenario("voice_loop")
 def voice_loop() -> dict:
     import uvloop
 
-    stages, replies, startup = uvloop.run(_pipeline_runs())
-    base = _baseline_runs()
-    labels = {"first_audio": "first reply audio", "vad_end": "VAD end of turn (commit)",
-              "asr_done": "ASR done", "llm_first_phrase": "LLM first phrase"}
-    series = {}
-    for key in ("first_audio", "vad_end", "asr_done", "llm_first_phrase"):
-        series[f"engine: end of speech → {labels[key]}"] = {"values": stages[key], "unit": "s"}
-    for key in ("first_audio", "vad_end", "asr_done", "llm_first_phrase"):
-        series[f"sequential, one process: end of speech → {labels[key]}"] = {"values": base[key], "unit": "s"}
-    p50 = pct(stages["first_audio"], .5)
-    return {"series": series,
-            "notes": f"{len(QUESTIONS)} questions of 1.9–2.5 s spoken by Piper, streamed in real time; "
-                     f"session start-up (4 models, warm-up included) {startup:.2f} s; replies: "
-                     + " | ".join(replies[:4]),
-            "targets": {"p50 ≤ 500 ms": f"{'met' if p50 <= 0.5 else 'MISSED'} ({p50 * 1e3:.0f} ms; sequential "
-                                        f"baseline {pct(base['first_audio'], .5) * 1e3:.0f} ms)"}}
+    manifest = voice_manifest()
+    questions = [Spoken.make(q, seed=i) for i, q in enumerate(QUESTIONS)]
+    engine, cpu_engine, startup = uvloop.run(engine_turns(questions, manifest))
+    base, cpu_base = _in_own_process(baseline_turns, questions, manifest)
+    series = {**_series("engine", engine), **_series("sequential, one process", base)}
+    pairs = list(zip(questions[:6], questions[6:], strict=True))
+    barge: dict[str, list[BargeIn]] = {}
+    for label, m in (("paced", manifest), ("not paced", voice_manifest(tts={"pace_ahead_ms": 0}))):
+        print(f"  barge-in, reply audio {label}:", flush=True)
+        barge[label] = uvloop.run(barge_ins([a for a, _ in pairs], [b for _, b in pairs], m,
+                                            [0.4 + 0.1 * i for i in range(len(pairs))]))
+        _barge_in_series(label, barge[label], series)
+    held = _sessions_held(manifest, questions[:3], series)
+    plot = RESULTS / "voice_loop.png"
+    plot_timeline(engine, base, plot)
+    asr_wer = float(np.mean([wer(r.question, r.transcript) for r in engine]))
+    trip = _round_trip_wer(engine)
+    p50, p95 = pct(series["engine: end of speech → first reply audio"]["values"], .5), \
+        pct(series["engine: end of speech → first reply audio"]["values"], .95)
+    b50 = pct([b.onset_to_event for b in barge["paced"]], .5)
+    late = sum(b.old_audio_after_event for runs in barge.values() for b in runs)
+    return {
+        "series": series,
+        "derived": {"CPU per turn, engine (s)": cpu_engine, "CPU per turn, sequential (s)": cpu_base,
+                    "CPU ratio engine / sequential": cpu_engine / cpu_base,
+                    "transcript word error rate": asr_wer, "reply round-trip word error rate": trip,
+                    "concurrent sessions at first-audio p50 ≤ 600 ms": held,
+                    "session start-up (s)": startup},
+        "targets": {
+            "first audio p50 ≤ 400 ms": f"{'met' if p50 <= 0.4 else 'MISSED'} ({p50 * 1e3:.0f} ms; sequential "
+                                        f"{pct([r.stages['first_audio'] for r in base], .5) * 1e3:.0f} ms)",
+            "first audio p95 ≤ 600 ms": f"{'met' if p95 <= 0.6 else 'MISSED'} ({p95 * 1e3:.0f} ms)",
+            "CPU per turn ≤ 1.2× sequential": f"{'met' if cpu_engine <= 1.2 * cpu_base else 'MISSED'} "
+                                              f"({cpu_engine:.2f} s vs {cpu_base:.2f} s)",
+            "transcript WER < 0.15": f"{'met' if asr_wer < 0.15 else 'MISSED'} ({asr_wer:.3f})",
+            "barge-in: interrupted p50 ≤ 300 ms": f"{'met' if b50 <= 0.3 else 'MISSED'} ({b50 * 1e3:.0f} ms)",
+            "barge-in: no old audio after the event": f"{'met' if late == 0 else 'MISSED'} ({late} frames)",
+            "barge-in: the new question answered": f"{sum(b.answered for r in barge.values() for b in r)} of "
+                                                   f"{sum(len(r) for r in barge.values())}",
+        },
+        "notes": f"{len(QUESTIONS)} questions spoken by Piper, streamed in real time, each after the previous "
+                 f"reply played out; timeline plot {plot.name}; replies: "
+                 + " | ".join(f"{r.question} → {r.reply}" for r in engine[:4]),
+    }

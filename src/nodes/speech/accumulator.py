@@ -1,49 +1,75 @@
-"""AudioBufferAccumulatorNode: VAD-annotated windows → whole utterances.
+"""AudioBufferAccumulatorNode: VAD-annotated windows → user turns.
 
-Reads the SileroVADNode annotations (see vad.py). An utterance starts at
-`speech_start` (with `vad_pad_ms` of audio from before it) and ends at
-`speech_end`; it is emitted as one audio frame with metadata `utterance_id`,
-followed by a turn-control frame `commit`. Too short (`min_utterance_
-duration_ms`, or the VAD's `speech_discard`) → nothing. Longer than
-`max_utterance_duration_ms` → emitted and committed there, and a new one
-starts.
+Reads the SileroVADNode annotations (see vad.py) and decides where a user's
+turn begins and ends. An utterance starts at `speech_start` (with
+`vad_pad_ms` of audio from before it) and is emitted as one audio frame with
+metadata `turn_id`; the turn's fate then goes out as turn events (see
+engine.turns): `commit` when the turn has ended, `cancel` when it did not.
 
-With `speculative` on, the utterance is also emitted once a pause has lasted
-`speculative_delay_ms` (well before the VAD's end-of-turn silence), so ASR
-and everything after it start while the VAD is still confirming the end of
-the turn; if speech resumes, a `cancel` control for that id follows and the
-next emission carries a new id. The delay keeps short pauses inside a
-sentence (stop consonants, breaths) from starting work that gets cancelled.
+When it ends (endpointing): once a pause has lasted long enough. How long
+depends on how complete the words so far look. With `speculative` on, the
+utterance is emitted as soon as a pause has lasted `speculative_delay_ms`,
+so speech recognition, the LLM and TTS start while the pause goes on; the
+LLM answers an `eou` event with the probability that the transcript is a
+finished turn. The pause that commits the turn is `min_endpointing_ms` when
+that probability is at least `likely_end_probability`, `max_endpointing_ms`
+when it is at most `unlikely_end_probability`, and in between on a log
+scale; `endpointing_ms` while no estimate has come. Speech before that
+cancels the speculative turn (everything done for it stops) and the
+utterance goes on. A pause the VAD itself closes (its
+`min_silence_duration_ms`) or `max_utterance_duration_ms` always commits.
+
+Barge-in: speech that lasts `barge_in_min_speech_ms` after a committed turn
+sends `interrupt` for that turn, which stops its reply (LLM and TTS) if it
+is still being generated or played; the speech itself becomes the next turn.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 from typing import Any
 
 import numpy as np
 
 from engine.data import AudioData, RuntimeData
 from engine.node import Node
+from engine.turns import TURN_ID, TurnEvent
 
-from .common import AUDIO, CONTROL, control, mono_f32
+from .common import AUDIO, mono_f32
+
+_PARAMS: dict[str, Any] = {
+    "min_utterance_duration_ms": {"type": "integer", "minimum": 0, "maximum": 60_000, "default": 300,
+                                  "description": "shorter speech is no turn"},
+    "max_utterance_duration_ms": {"type": "integer", "minimum": 500, "maximum": 600_000, "default": 30_000,
+                                  "description": "a longer turn is committed there and the speech goes on in "
+                                                 "a new one"},
+    "speculative": {"type": "boolean", "default": True,
+                    "description": "emit the utterance at the first pause, before the turn is known to have ended"},
+    "speculative_delay_ms": {"type": "integer", "minimum": 0, "maximum": 10_000, "default": 64,
+                             "description": "pause before the speculative emission"},
+    "min_endpointing_ms": {"type": "integer", "minimum": 0, "maximum": 10_000, "default": 160,
+                           "description": "pause that ends a turn that looks finished"},
+    "max_endpointing_ms": {"type": "integer", "minimum": 0, "maximum": 30_000, "default": 1000,
+                           "description": "pause that ends a turn that looks unfinished"},
+    "endpointing_ms": {"type": "integer", "minimum": 0, "maximum": 30_000, "default": 400,
+                       "description": "pause that ends a turn while no end-of-turn estimate has come"},
+    "likely_end_probability": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.05,
+                               "description": "end-of-turn probability from which the shortest pause applies"},
+    "unlikely_end_probability": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.002,
+                                 "description": "end-of-turn probability up to which the longest pause applies"},
+    "barge_in": {"type": "boolean", "default": True,
+                 "description": "speech after a committed turn interrupts its reply"},
+    "barge_in_min_speech_ms": {"type": "integer", "minimum": 0, "maximum": 10_000, "default": 160,
+                               "description": "speech that lasts less (a cough, a click) interrupts nothing"},
+}
 
 
 class AudioBufferAccumulatorNode(Node):
     node_type = "AudioBufferAccumulatorNode"
     input_types = AUDIO
-    output_types = (*AUDIO, *CONTROL)
-    params_schema = {
-        "type": "object",
-        "properties": {
-            "min_utterance_duration_ms": {"type": "integer", "minimum": 0, "maximum": 60_000, "default": 300},
-            "max_utterance_duration_ms": {"type": "integer", "minimum": 500, "maximum": 600_000,
-                                          "default": 30_000},
-            "speculative": {"type": "boolean", "default": True},
-            "speculative_delay_ms": {"type": "integer", "minimum": 0, "maximum": 10_000, "default": 96},
-        },
-        "additionalProperties": False,
-    }
+    output_types = AUDIO
+    params_schema = {"type": "object", "properties": _PARAMS, "additionalProperties": False}
     param_aliases = {
         "minUtteranceDurationMs": "min_utterance_duration_ms",
         "maxUtteranceDurationMs": "max_utterance_duration_ms",
@@ -52,18 +78,21 @@ class AudioBufferAccumulatorNode(Node):
 
     def __init__(self, node_id: str, params: dict[str, Any]) -> None:
         super().__init__(node_id, params)
-        self.min_ms = int(params.get("min_utterance_duration_ms", 300))
-        self.max_ms = int(params.get("max_utterance_duration_ms", 30_000))
-        self.speculative = bool(params.get("speculative", True))
-        self.delay_ms = int(params.get("speculative_delay_ms", 96))
-        self._pause_len: int | None = None  # samples of the current pause, None when not pausing
+        p = {k: params.get(k, spec["default"]) for k, spec in _PARAMS.items()}
+        self.p = p
         self._preroll: collections.deque[np.ndarray] = collections.deque()
         self._preroll_len = 0
         self._parts: list[np.ndarray] | None = None  # the utterance being collected
         self._len = 0
         self._rate = 16000
+        self._pause: int | None = None  # samples of the current pause, None while speaking
+        self._speech = 0  # samples of speech in the current utterance (barge-in)
         self._next_id = 0
-        self._emitted: str | None = None  # id of a speculative emission not yet committed/cancelled
+        self._emitted: str | None = None  # a speculative emission not yet committed or cancelled
+        self._eou: dict[str, float] = {}  # turn → end-of-turn probability (from the LLM)
+        self._replying: str | None = None  # the last committed turn, whose reply may be under way
+
+    # ------------------------------------------------------------ node
 
     def process(self, frame: RuntimeData) -> list[RuntimeData]:
         assert isinstance(frame, AudioData)
@@ -72,50 +101,119 @@ class AudioBufferAccumulatorNode(Node):
         event = frame.metadata.get("vad_event")
         out: list[RuntimeData] = []
         if self._parts is None:
-            if event == "speech_start":
-                pad = int(frame.metadata.get("vad_pad_ms", "0")) * self._rate // 1000
-                self._parts = self._take_preroll(pad)
-                self._len = sum(p.size for p in self._parts)
-                self._append(x)
+            if event in ("speech_start", "speech_resume"):  # resume: the VAD had not closed a turn we committed
+                self._begin(frame, x)
             else:
-                self._remember(x, frame)
+                self._remember(x)
             return out
         self._append(x)
         if event == "speech_pause":
-            self._pause_len = 0
-        elif event == "speech_resume":
-            self._pause_len = None
+            self._pause = 0
+        elif event in ("speech_resume", "speech_start"):
+            self._pause = None
             if self._emitted is not None:
-                out.append(control("cancel", self._emitted, reason="speech resumed"))
+                out.append(self.turn_event("cancel", self._emitted, reason="speech resumed"))
                 self._emitted = None
-        if self._pause_len is not None and event not in ("speech_end", "speech_discard"):
-            self._pause_len += x.size
-            if (self.speculative and self._emitted is None and self._long_enough()
-                    and self._pause_len * 1000 >= self.delay_ms * self._rate):
-                out.append(self._utterance(frame, speculative=True))
         if event in ("speech_end", "speech_discard"):
-            out += self._finish(frame, keep=event == "speech_end")
-        if self._parts is not None and self._len * 1000 >= self.max_ms * self._rate:
-            out += self._finish(frame, keep=True)
-            self._parts = []  # the speech goes on in a new utterance
+            return out + self._finish(frame, keep=event == "speech_end", silence_ms=self._ms(self._pause or 0))
+        if self._pause is None:
+            self._speech += x.size
+            out += self._barge_in()
+        else:
+            self._pause += x.size
+            out += self._pausing(frame)
+        if self._parts is not None and self._len * 1000 >= self.p["max_utterance_duration_ms"] * self._rate:
+            out += self._finish(frame, keep=True, silence_ms=0)
+            self._parts, self._len = [], 0  # the speech goes on in a new utterance
         return out
+
+    def on_turn_event(self, event: TurnEvent) -> None:
+        if event.kind == "eou" and event.turn_id == self._emitted:
+            prob = event.data.get("probability")
+            if isinstance(prob, (int, float)):
+                self._eou[event.turn_id] = float(prob)
 
     def flush(self) -> list[RuntimeData]:
         if self._parts is None:
             return []
-        return self._finish(None, keep=True)
+        return self._finish(None, keep=True, silence_ms=self._ms(self._pause or 0))
 
-    # ------------------------------------------------------------ helpers
+    # ------------------------------------------------------------ turn logic
+
+    def _pausing(self, frame: AudioData) -> list[RuntimeData]:
+        out: list[RuntimeData] = []
+        if not self._long_enough():
+            return out
+        pause_ms = self._ms(self._pause or 0)
+        if self.p["speculative"] and self._emitted is None and pause_ms >= self.p["speculative_delay_ms"]:
+            out.append(self._utterance(frame, speculative=True))
+        if pause_ms >= self.endpointing_ms(self._eou.get(self._emitted or "")):
+            out += self._finish(frame, keep=True, silence_ms=pause_ms)
+        return out
+
+    def endpointing_ms(self, probability: float | None) -> float:
+        """The pause that ends a turn whose words look finished with `probability` (None: not known)."""
+        lo, hi = self.p["min_endpointing_ms"], self.p["max_endpointing_ms"]
+        if probability is None:
+            return self.p["endpointing_ms"]
+        likely, unlikely = self.p["likely_end_probability"], self.p["unlikely_end_probability"]
+        if probability >= likely:
+            return lo
+        if probability <= unlikely or likely <= unlikely:
+            return hi
+        share = (math.log(probability) - math.log(unlikely)) / (math.log(likely) - math.log(unlikely))
+        return hi - (hi - lo) * share
+
+    def _barge_in(self) -> list[RuntimeData]:
+        if (self._replying is None or not self.p["barge_in"]
+                or self._speech * 1000 < self.p["barge_in_min_speech_ms"] * self._rate):
+            return []
+        turn, self._replying = self._replying, None
+        return [self.turn_event("interrupt", turn, speech_ms=self._ms(self._speech))]
+
+    def _finish(self, frame: AudioData | None, keep: bool, silence_ms: int) -> list[RuntimeData]:
+        out: list[RuntimeData] = []
+        if keep and self._long_enough():
+            if self._emitted is None:
+                out.append(self._utterance(frame, speculative=False))
+            uid = self._emitted
+            assert uid is not None
+            eou = self._eou.get(uid)
+            out.append(self.turn_event("commit", uid, silence_ms=silence_ms,
+                                       utterance_ms=self._ms(self._len - (self._pause or 0)),
+                                       **({"eou_probability": eou} if eou is not None else {})))
+            self._replying = uid
+        elif self._emitted is not None:
+            out.append(self.turn_event("cancel", self._emitted, reason="too short"))
+        self._emitted = None
+        self._eou.clear()
+        self._pause = None
+        self._parts = None
+        self._len = self._speech = 0
+        return out
+
+    # ------------------------------------------------------------ audio
+
+    def _ms(self, samples: int) -> int:
+        return samples * 1000 // self._rate
 
     def _long_enough(self) -> bool:
-        return self._len * 1000 >= self.min_ms * self._rate
+        return self._len * 1000 >= self.p["min_utterance_duration_ms"] * self._rate
+
+    def _begin(self, frame: AudioData, x: np.ndarray) -> None:
+        pad = int(frame.metadata.get("vad_pad_ms", "0")) * self._rate // 1000
+        self._parts = self._take_preroll(pad)
+        self._len = sum(p.size for p in self._parts)
+        self._pause = None
+        self._speech = x.size
+        self._append(x)
 
     def _append(self, x: np.ndarray) -> None:
         assert self._parts is not None
         self._parts.append(x)
         self._len += x.size
 
-    def _remember(self, x: np.ndarray, frame: AudioData) -> None:
+    def _remember(self, x: np.ndarray) -> None:
         # keep just enough audio from before a start for the largest pad
         self._preroll.append(x)
         self._preroll_len += x.size
@@ -124,40 +222,18 @@ class AudioBufferAccumulatorNode(Node):
             self._preroll_len -= self._preroll.popleft().size
 
     def _take_preroll(self, samples: int) -> list[np.ndarray]:
-        if samples <= 0 or not self._preroll:
-            self._preroll.clear()
-            self._preroll_len = 0
-            return []
-        joined = np.concatenate(list(self._preroll))[-samples:]
+        joined = np.concatenate(list(self._preroll))[-samples:] if samples > 0 and self._preroll else None
         self._preroll.clear()
         self._preroll_len = 0
-        return [joined]
+        return [] if joined is None else [joined]
 
     def _utterance(self, frame: AudioData | None, speculative: bool) -> AudioData:
         assert self._parts is not None
         uid = str(self._next_id)
         self._next_id += 1
-        if speculative:
-            self._emitted = uid
+        self._emitted = uid
         samples = np.concatenate(self._parts) if self._parts else np.zeros(0, np.float32)
-        meta = {"utterance_id": uid, "speculative": "1" if speculative else "0",
-                "utterance_ms": str(samples.size * 1000 // self._rate)}
+        meta = {TURN_ID: uid, "speculative": "1" if speculative else "0",
+                "utterance_ms": str(self._ms(samples.size))}
         return AudioData(samples, self._rate, 1, metadata=meta,
                          timestamp_us=frame.timestamp_us if frame is not None else 0)
-
-    def _finish(self, frame: AudioData | None, keep: bool) -> list[RuntimeData]:
-        out: list[RuntimeData] = []
-        if keep and self._long_enough():
-            if self._emitted is None:
-                out.append(self._utterance(frame, speculative=False))
-                uid = str(self._next_id - 1)
-            else:
-                uid = self._emitted
-            out.append(control("commit", uid))
-        elif self._emitted is not None:
-            out.append(control("cancel", self._emitted, reason="too short"))
-        self._emitted = None
-        self._pause_len = None
-        self._parts = None
-        self._len = 0
-        return out

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+import collections
 
 import numpy as np
 import soxr
 
-from engine.data import AudioData, DataKind, JsonData, RuntimeData, SampleFormat
+from engine.data import AudioData, DataKind, RuntimeData, SampleFormat
 from engine.errors import TypeValidationError
 from engine.node import Node
 
@@ -15,7 +15,6 @@ from ..audio import require_audio
 
 AUDIO = (DataKind.AUDIO,)
 TEXT = (DataKind.TEXT,)
-CONTROL = (DataKind.JSON,)
 
 _SCALE = {SampleFormat.I16: 1 / 32768, SampleFormat.I32: 1 / 2147483648}
 
@@ -33,20 +32,12 @@ def mono_f32(node: Node, frame: RuntimeData, rate: int | None = None) -> np.ndar
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def utterance_of(frame: RuntimeData) -> str:
-    return frame.metadata.get("utterance_id", "")
-
-
-def control(event: str, utterance_id: str, **extra: Any) -> JsonData:
-    """A turn-control frame (commit / cancel) for the nodes downstream."""
-    return JsonData({"event": event, "utterance_id": utterance_id, **extra}, schema_type="turn_control",
-                    metadata={"utterance_id": utterance_id})
-
-
-def as_control(frame: RuntimeData) -> dict[str, Any] | None:
-    if isinstance(frame, JsonData) and frame.schema_type == "turn_control" and isinstance(frame.value, dict):
-        return frame.value
-    return None
+def remember(seen: collections.OrderedDict[str, None], key: str, keep: int = 256) -> None:
+    """Add `key` to a bounded set of the most recent keys (turns committed, ...)."""
+    seen[key] = None
+    seen.move_to_end(key)
+    while len(seen) > keep:
+        seen.popitem(last=False)
 
 
 def check_mono_rate(node: Node, audio: AudioData, rate: int) -> None:

