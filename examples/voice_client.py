@@ -5,14 +5,20 @@
     .venv/bin/python examples/voice_client.py question.wav reply.wav [127.0.0.1:50051]
 
 The WAV must be 16 kHz mono (what examples/speech_to_speech.json expects).
-Audio goes out as 32 ms chunks at the pace of real speech, followed by a
-second of silence so the VAD hears the end of the turn.
+Audio goes out as 32 ms chunks at the pace of real speech, followed by
+silence until the reply has played, as a microphone would. Reply audio comes
+in 100 ms frames tagged with `turn_id`; the first frame of each phrase
+carries its `text`. If the user talks over a reply, the server sends a JSON
+buffer `{"event": "interrupted", "turn_id": ..., "played_ms": ...}` on the
+`tts` output: a player drops what it still holds of that turn.
 """
 
+import json
 import sys
 import threading
 import time
 import wave
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -32,24 +38,29 @@ def main() -> None:
         if w.getframerate() != 16000 or w.getnchannels() != 1 or w.getsampwidth() != 2:
             sys.exit(f"{src}: need 16 kHz mono 16-bit PCM")
         samples = np.frombuffer(w.readframes(w.getnframes()), "<i2")
-    samples = np.concatenate([samples, np.zeros(16000, "<i2")])  # a second of silence: end of turn
     ready = threading.Event()
-    sent_all = {}
+    played_until = {"t": 0.0}  # when the reply received so far has played (real time)
 
     def requests():
-        yield spb.StreamRequest(init=spb.StreamInit(manifest=to_proto("examples/speech_to_speech.json")))
+        manifest = Path(__file__).resolve().parent / "speech_to_speech.json"
+        yield spb.StreamRequest(init=spb.StreamInit(manifest=to_proto(str(manifest))))
         ready.wait()
         start = time.perf_counter()
-        for seq, i in enumerate(range(0, samples.size, CHUNK)):
-            time.sleep(max(0.0, start + i / 16000 - time.perf_counter()))
-            part = samples[i:i + CHUNK]
+        seq, silence = 0, np.zeros(CHUNK, "<i2")
+        while True:
+            i = seq * CHUNK
+            spoken_out = i >= samples.size
+            if spoken_out and time.perf_counter() > max(played_until["t"], start + samples.size / 16000 + 1.0) + 0.5:
+                break  # said everything, and the reply (if any) has played
+            time.sleep(max(0.0, start + (seq + 1) * CHUNK / 16000 - time.perf_counter()))
+            part = silence if spoken_out else samples[i:i + CHUNK]
             buf = pb.DataBuffer(audio=pb.AudioBuffer(samples=part.tobytes(), sample_rate=16000, channels=1,
                                                      format=pb.AUDIO_FORMAT_I16, num_samples=part.size))
             yield spb.StreamRequest(data_chunk=spb.DataChunk(node_id="vad", buffer=buf, sequence=seq))
-        sent_all["at"] = time.perf_counter()
+            seq += 1
         yield spb.StreamRequest(control=spb.StreamControl(command=spb.StreamControl.COMMAND_CLOSE))
 
-    reply, rate, first = [], 22050, None
+    reply, rate = [], 22050
     with grpc.insecure_channel(address) as channel:
         stub = streaming_pb2_grpc.StreamingPipelineServiceStub(channel)
         for resp in stub.StreamPipeline(requests()):
@@ -61,12 +72,18 @@ def main() -> None:
                 print(f"session {resp.ready.session_id} ready; speaking…")
                 ready.set()
             elif kind == "result":
-                audio = resp.result.data_outputs["tts"].audio
-                first = first or time.perf_counter()
+                out = resp.result.data_outputs["tts"]
+                if out.WhichOneof("data_type") == "json":  # {"event": "interrupted", ...}
+                    print(f"  event: {json.loads(out.json.json_payload)}")
+                    continue
+                audio = out.audio
                 rate = audio.sample_rate
                 reply.append(np.frombuffer(audio.samples, "<f4"))
-                text = resp.result.data_outputs["tts"].metadata.get("text", "")
-                print(f"  reply: {text!r} (heard: {resp.result.data_outputs['tts'].metadata.get('transcript')!r})")
+                now = time.perf_counter()
+                played_until["t"] = max(played_until["t"], now) + audio.num_samples / rate
+                if "text" in out.metadata:
+                    print(f"  reply (turn {out.metadata.get('turn_id')}): {out.metadata['text']!r} "
+                          f"(heard: {out.metadata.get('transcript')!r})")
             elif kind == "error":
                 ready.set()
                 sys.exit(f"error {pb.ErrorType.Name(resp.error.error_type)} in {resp.error.failing_node_id}: "
