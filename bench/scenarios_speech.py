@@ -35,7 +35,7 @@ import psutil
 
 from bench.harness import RESULTS, pct, scenario
 from engine import Engine, RuntimeData
-from engine.turns import turn_of
+from engine.turns import TurnEvent, turn_of
 
 MANIFEST = Path(__file__).resolve().parent.parent / "examples" / "speech_to_speech.json"
 QUESTIONS = [
@@ -117,6 +117,20 @@ class Trace:
         if turn:
             self.frames.append((time.perf_counter(), node_id, turn, frame))
 
+    def timeline(self, since: float, t_end: float) -> str:
+        """What happened after `since`, in ms from `t_end` (for a slow turn)."""
+        rows, seen = [], set()
+        for at, e in self.events:
+            if at >= since:
+                rows.append((at, f"{e.source} → {e.kind} {e.turn_id} {dict(e.data) or ''}"))
+        for at, node, turn, f in self.frames:
+            key = (node, turn, f.metadata.get("phrase_index"))
+            if at >= since and key not in seen:
+                seen.add(key)
+                what = f.text if f.kind.name == "TEXT" else f.kind.name.lower()
+                rows.append((at, f"{node} turn {turn}: {what!r}"))
+        return "\n".join(f"      {(at - t_end) * 1000:7.0f} ms  {row}" for at, row in sorted(rows))
+
     def first(self, node_id: str, turn: str) -> tuple[float, Any] | None:
         hits = [(at, f) for at, n, tid, f in self.frames if n == node_id and tid == turn]
         return hits[0] if hits else None
@@ -197,17 +211,18 @@ def wer(reference: str, hypothesis: str) -> float:
     return d[len(hyp)] / max(1, len(ref))
 
 
-def session_cpu_s(session: Any) -> float:
-    """CPU seconds so far of this process and the session's node processes."""
-    total = sum(psutil.Process().cpu_times()[:2])
-    for runner in session.runners.values():
+def session_cpu_s(session: Any) -> dict[str, float]:
+    """CPU seconds so far of this process ("engine", the bench's client included) and of each of
+    the session's node processes."""
+    out = {"engine": sum(psutil.Process().cpu_times()[:2])}
+    for nid, runner in session.runners.items():
         pid = getattr(runner, "pid", None)
         if pid:
             try:
-                total += sum(psutil.Process(pid).cpu_times()[:2])
+                out[nid] = sum(psutil.Process(pid).cpu_times()[:2])
             except psutil.NoSuchProcess:
-                pass
-    return total
+                out[nid] = 0.0
+    return out
 
 
 @dataclass
@@ -218,6 +233,7 @@ class TurnResult:
     reply: str = ""
     reply_audio: np.ndarray | None = None
     reply_rate: int = 0
+    reply_seconds: float = 0.0
     #: the first reply frame's metadata (asr_ms, llm_first_token_ms, tts_ms, ...)
     first_meta: dict = field(default_factory=dict)
 
@@ -246,8 +262,9 @@ def _turn_result(q: Spoken, t_end: float, trace: Trace, client: VoiceClient) -> 
 
 
 async def engine_turns(questions: list[Spoken], manifest: dict, trace: Trace | None = None
-                       ) -> tuple[list[TurnResult], float, float]:
-    """Each question in turn through one session: (results, CPU per turn, session start-up s)."""
+                       ) -> tuple[list[TurnResult], dict[str, float], float]:
+    """Each question in turn through one session: (results, CPU per turn ("total" and by
+    process), session start-up s)."""
     trace = trace or Trace()
     async with Engine(observer=trace) as engine:
         t0 = time.perf_counter()
@@ -266,62 +283,82 @@ async def engine_turns(questions: list[Spoken], manifest: dict, trace: Trace | N
                 r = results[-1]
                 print(f"  {q.text!r}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in r.stages.items()),
                       flush=True)
-            cpu = (session_cpu_s(session) - cpu0) / len(questions)
+                if r.stages["first_audio"] > 0.5:
+                    print(trace.timeline(t_start, t_end), flush=True)
+            cpu1 = session_cpu_s(session)
+    cpu = {k: (cpu1[k] - cpu0[k]) / len(questions) for k in cpu0}
+    cpu["total"] = sum(cpu.values())
     return results, cpu, startup
 
 
 # ---------------------------------------------------------------- the baseline
 
 
-def baseline_turns(questions: list[Spoken], manifest: dict) -> tuple[list[TurnResult], float]:
-    """The same models, called one after another in one process, as a simple voice bot does:
-    the VAD's 320 ms of silence ends the turn, then ASR, then the LLM streams its reply and
-    each phrase is synthesized as it comes. Returns (results, CPU per turn, reply included)."""
-    vad = make_node(manifest, "vad", min_silence_duration_ms=320)
+def baseline_turns(questions: list[Spoken], manifest: dict) -> tuple[list[TurnResult], dict[str, float]]:
+    """The same models in one process, called one after another as a simple voice bot does, on
+    the same real-time clock: each 32 ms chunk goes through the VAD and the same accumulator
+    (no speculation; 320 ms of silence ends the turn), then ASR, then the LLM streams its reply
+    and each phrase is synthesized as it comes, while the audio that arrives meanwhile waits.
+    Returns (results, CPU per turn: "total" and by stage)."""
+    return asyncio.run(_baseline(questions, manifest))
+
+
+async def _baseline(questions: list[Spoken], manifest: dict) -> tuple[list[TurnResult], dict[str, float]]:
+    vad = make_node(manifest, "vad")
+    turns = make_node(manifest, "utterances", speculative=False, endpointing_ms=320, barge_in=False)
     asr = make_node(manifest, "asr")
     llm = make_node(manifest, "llm", end_of_turn=False, pause_for_first_audio_ms=0)
     tts = make_node(manifest, "tts", chunk_ms=0, pace_ahead_ms=0)
-    for node in (vad, asr, llm, tts):
+    for node in (vad, turns, asr, llm, tts):
         node.initialize()
-    results, cpu = [], 0.0
-    silence = np.zeros(int(1.5 * RATE), np.float32)
+    cpu = dict.fromkeys(("total", "listening", "asr", "llm", "tts"), 0.0)
+    results, clock, c_all = [], time.perf_counter(), time.process_time()
+    silence = np.zeros(CHUNK, np.float32)
     for q in questions:
-        c0 = time.process_time()
-        res = TurnResult(q.text)
-        audio = np.concatenate((q.audio, silence))
-        vad._reset()
-        collected, t_stream, turn_end = [], 0.0, None
-        for lo in range(0, audio.size - CHUNK + 1, CHUNK):
-            (frame,) = vad.process(RuntimeData.audio(audio[lo:lo + CHUNK], RATE))
-            t_stream += CHUNK_S
-            if frame.metadata.get("vad_speech") == "1" or frame.metadata.get("vad_event"):
-                collected.append(frame.samples)
-            if frame.metadata.get("vad_event") == "speech_end":
-                turn_end = t_stream - q.end_s
-                break
-        assert turn_end is not None, q.text
-        res.stages["turn_end"] = turn_end
-        t = time.perf_counter()
-        res.transcript, _ = asr.transcribe(np.concatenate(collected))
-        res.stages["asr_done"] = turn_end + time.perf_counter() - t
-        asyncio.run(_baseline_reply(llm, tts, res, t, turn_end))
-        cpu += time.process_time() - c0
+        res, t_end, lo, played_out = TurnResult(q.text), clock + q.end_s, 0, None
+        while played_out is None or time.perf_counter() < played_out + 0.3:
+            clock += CHUNK_S
+            await asyncio.sleep(max(0.0, clock - time.perf_counter()))
+            piece = q.audio[lo:lo + CHUNK] if lo < q.audio.size else silence
+            lo += CHUNK
+            c0 = time.process_time()
+            outs = [o for w in vad.process(RuntimeData.audio(piece, RATE)) for o in turns.process(w)]
+            cpu["listening"] += time.process_time() - c0
+            utterance = next((o for o in outs if TurnEvent.of(o) is None), None)
+            if utterance is not None and played_out is None:
+                res.stages["turn_end"] = time.perf_counter() - t_end
+                res.reply_seconds = reply_s = await _baseline_reply(asr, llm, tts, utterance, res, t_end, cpu)
+                played_out = t_end + res.stages["first_audio"] + reply_s
         results.append(res)
-    return results, cpu / len(questions)
+    cpu["total"] = time.process_time() - c_all
+    return results, {k: v / len(questions) for k, v in cpu.items()}
 
 
-async def _baseline_reply(llm: Any, tts: Any, res: TurnResult, t: float, turn_end: float) -> None:
-    phrases = []
+async def _baseline_reply(asr: Any, llm: Any, tts: Any, utterance: Any, res: TurnResult, t_end: float,
+                          cpu: dict[str, float]) -> float:
+    """ASR, then the LLM's phrases each synthesized as it comes; returns the reply's seconds."""
+    c0 = time.process_time()
+    res.transcript, _ = asr.transcribe(utterance.samples)
+    res.stages["asr_done"] = time.perf_counter() - t_end
+    cpu["asr"] += time.process_time() - c0
+    phrases, seconds = [], 0.0
+    c0 = time.process_time()
     async for frame in llm.process(RuntimeData.text(res.transcript)):
         if not frame.text:
             continue
         if not phrases:
-            res.stages["llm_first_phrase"] = turn_end + time.perf_counter() - t
-        tts.synthesize(frame.text)
+            res.stages["llm_first_phrase"] = time.perf_counter() - t_end
+        c1 = time.process_time()
+        cpu["llm"] += c1 - c0
+        seconds += sum(a.size for a in tts.synthesize(frame.text)) / tts.rate
+        c0 = time.process_time()
+        cpu["tts"] += c0 - c1
         if not phrases:
-            res.stages["first_audio"] = turn_end + time.perf_counter() - t
+            res.stages["first_audio"] = time.perf_counter() - t_end
         phrases.append(frame.text)
+    cpu["llm"] += time.process_time() - c0
     res.reply = " ".join(phrases)
+    return seconds
 
 
 def _in_own_process(fn: Any, *args: Any) -> Any:
@@ -481,7 +518,7 @@ def _round_trip_wer(results: list[TurnResult]) -> float:
 
 def _sessions_held(manifest: dict, questions: list[Spoken], series: dict) -> int:
     held = 0
-    for n in (1, 2, 4, 6, 8, 10, 12):
+    for n in (1, 2, 3, 4, 6, 8):
         lat = asyncio.run(concurrent_sessions(n, questions, manifest))
         series[f"{n} concurrent sessions: first reply audio"] = {"values": lat, "unit": "s"}
         print(f"  {n} sessions: first audio p50 {pct(lat, .5) * 1000:.0f} ms", flush=True)
@@ -506,8 +543,9 @@ def voice_loop() -> dict:
 
     manifest = voice_manifest()
     questions = [Spoken.make(q, seed=i) for i, q in enumerate(QUESTIONS)]
-    engine, cpu_engine, startup = uvloop.run(engine_turns(questions, manifest))
-    base, cpu_base = _in_own_process(baseline_turns, questions, manifest)
+    engine, cpu_e, startup = uvloop.run(engine_turns(questions, manifest))
+    base, cpu_b = _in_own_process(baseline_turns, questions, manifest)
+    cpu_engine, cpu_base = cpu_e["total"], cpu_b["total"]
     series = {**_series("engine", engine), **_series("sequential, one process", base)}
     pairs = list(zip(questions[:6], questions[6:], strict=True))
     barge: dict[str, list[BargeIn]] = {}
@@ -529,6 +567,11 @@ def voice_loop() -> dict:
         "series": series,
         "derived": {"CPU per turn, engine (s)": cpu_engine, "CPU per turn, sequential (s)": cpu_base,
                     "CPU ratio engine / sequential": cpu_engine / cpu_base,
+                    "CPU per turn, engine, by process (s)": {k: round(v, 3) for k, v in cpu_e.items()},
+                    "CPU per turn, sequential, by stage (s)": {k: round(v, 3) for k, v in cpu_b.items()},
+                    "reply audio per turn, engine / sequential (s)": [
+                        round(float(np.mean([r.reply_audio.size / r.reply_rate for r in engine])), 2),
+                        round(float(np.mean([r.reply_seconds for r in base])), 2)],
                     "transcript word error rate": asr_wer, "reply round-trip word error rate": trip,
                     "concurrent sessions at first-audio p50 ≤ 600 ms": held,
                     "session start-up (s)": startup},

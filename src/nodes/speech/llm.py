@@ -102,7 +102,7 @@ class LlamaCppNode(Node):
                                        "description": "the first phrase is cut here (TTS starts sooner)"},
             "end_of_turn": {"type": "boolean", "default": True,
                             "description": "score speculative texts and send an `eou` event"},
-            "min_eou_to_reply": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.002,
+            "min_eou_to_reply": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.001,
                                  "description": "a speculative text less likely finished waits for its commit"},
             "pause_for_first_audio_ms": {"type": "integer", "minimum": 0, "maximum": 5_000, "default": 0,
                                          "description": "after the first phrase, wait up to this long for the "
@@ -123,7 +123,7 @@ class LlamaCppNode(Node):
         self._played: dict[str, str] = {}  # what was played of an interrupted reply still being answered
         self._waiting: dict[str, TextData] = {}  # speculative texts to answer once committed
         self._committed: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._lock: asyncio.Lock | None = None  # one completion at a time (llama.cpp has one slot)
+        self._lock: asyncio.Lock | None = None  # one request at a time (llama.cpp has one slot)
         self._stop = False
         self._cut = False  # stop the completion under way (to continue it later)
         self._first_audio: tuple[str, asyncio.Event] | None = None  # a paused reply waiting for its audio
@@ -239,9 +239,10 @@ class LlamaCppNode(Node):
             return
         if (turn and frame.metadata.get("speculative") == "1" and turn not in self._committed
                 and self.params.get("end_of_turn", True)):
-            prob = await asyncio.to_thread(self.end_of_turn_probability, user)
+            async with self._model_lock():
+                prob = await asyncio.to_thread(self.end_of_turn_probability, user)
             yield self.turn_event("eou", turn, probability=round(prob, 6))
-            if prob < float(self.params.get("min_eou_to_reply", 0.002)) and turn not in self._committed:
+            if prob < float(self.params.get("min_eou_to_reply", 0.001)) and turn not in self._committed:
                 self._waiting[turn] = frame
                 return
         async for out in self._answer(frame, user):
@@ -279,10 +280,13 @@ class LlamaCppNode(Node):
         self._history.append(ex)
         del self._history[:-100]
 
-    async def _answer(self, frame: TextData, user: str) -> AsyncIterator[RuntimeData]:
-        if self._lock is None:
+    def _model_lock(self) -> asyncio.Lock:
+        if self._lock is None:  # made on the node's own loop
             self._lock = asyncio.Lock()
-        async with self._lock:
+        return self._lock
+
+    async def _answer(self, frame: TextData, user: str) -> AsyncIterator[RuntimeData]:
+        async with self._model_lock():
             turn = turn_of(frame)
             if self.superseded(turn):
                 return

@@ -104,6 +104,9 @@ class PiperTTSNode(Node):
             "gate": {"type": "boolean", "default": True,
                      "description": "hold a turn's audio until the turn is committed"},
             "threads": {"type": "integer", "minimum": 0, "maximum": 64, "default": 2},
+            "spin": {"type": "boolean", "default": False,
+                     "description": "let onnxruntime's threads spin between operations: a little faster, "
+                                    "but taking CPU from the other nodes"},
             "chunk_ms": {"type": "integer", "minimum": 0, "maximum": 10_000, "default": 0,
                          "description": "audio frame length; 0 = one frame per sentence"},
             "pace_ahead_ms": {"type": "integer", "minimum": 0, "maximum": 60_000, "default": 0,
@@ -151,7 +154,8 @@ class PiperTTSNode(Node):
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
             # idle pool threads spin by default, taking CPU from the LLM still generating beside us
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.intra_op.allow_spinning",
+                                          "1" if self.params.get("spin", False) else "0")
             self._voice.session = ort.InferenceSession(str(model), sess_options=opts,
                                                        providers=["CPUExecutionProvider"])
         self._config = SynthesisConfig(length_scale=1.0 / float(self.params.get("speed", 1.0)))

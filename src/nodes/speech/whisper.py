@@ -73,6 +73,8 @@ class WhisperNode(Node):
                                            "utterances on a small machine)"},
             "window_s": {"type": "number", "minimum": 0, "maximum": 30, "default": 0,
                          "description": "encoder window: 0 = fitted to the utterance, 30 = Whisper's standard"},
+            "min_window_s": {"type": "number", "minimum": 4, "maximum": 30, "default": 8,
+                             "description": "the shortest fitted window"},
         },
         "additionalProperties": False,
     }
@@ -110,7 +112,7 @@ class WhisperNode(Node):
         """(text, metadata about it) for 16 kHz mono float32 audio (blocking)."""
         seconds = audio16k.size / _RATE
         if self.window_s == 0 and seconds <= _FITTED_MAX_S:
-            return self._fitted(audio16k, max(8.0, 2 * seconds + 1.0))
+            return self._fitted(audio16k, max(float(self.params.get("min_window_s", 8.0)), 2 * seconds + 1.0))
         segments, _info = self._model.transcribe(
             audio16k, language=self.language, beam_size=self.beam_size, temperature=0.0,
             condition_on_previous_text=False, without_timestamps=True, vad_filter=False)
