@@ -105,7 +105,10 @@ def _standby(sock: socket.socket, space, close_fds: list[int]) -> None:
             sock.send(endpoints.inbox_name.encode())
         except OSError:  # already handed a request (still queued here): the process reports it itself
             pass
-        data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 1)
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 1)
+        except ConnectionError:  # the engine went away before handing a request
+            data, fds = b"", []
         sock.close()
         if not data or len(fds) != 1:  # the zygote is gone
             code = 0

@@ -909,8 +909,13 @@ class ProcessRunner(NodeRunner):
                 # between them: once this ping is answered, the process has
                 # taken every event sent before it, so none arrives after EOS.
                 await self.refresh_stats()
+            # The process may have failed (and been released) while the ping
+            # was out: then the session's error is the answer, not a send.
+            sender = self.proc.sender if self.proc is not None else None
+            if sender is None:
+                raise self._gone()
             try:
-                await self.proc.sender.send(codec.eos_prepared())
+                await sender.send(codec.eos_prepared())
             except ChannelClosed:
                 raise self._gone() from None
 
