@@ -474,7 +474,7 @@ def plot_timeline(engine: list[TurnResult], baseline: list[TurnResult], path: Pa
     rows = []
     for i in range(min(turns, len(engine), len(baseline))):
         rows += [(f"{engine[i].question[:28]}… engine", engine[i]), ("baseline", baseline[i])]
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.6))
     for y, (_, r) in enumerate(rows):
         ax.barh(y, r.stages["first_audio"] * 1000, color="tab:green", alpha=0.18, height=0.6)
         for key in STAGES:
@@ -486,7 +486,7 @@ def plot_timeline(engine: list[TurnResult], baseline: list[TurnResult], path: Pa
     ax.invert_yaxis()
     ax.set_xlabel("ms after the end of the user's speech")
     ax.set_title("Voice loop: when each stage of a turn is done")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=5, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -518,7 +518,7 @@ def _round_trip_wer(results: list[TurnResult]) -> float:
 
 def _sessions_held(manifest: dict, questions: list[Spoken], series: dict) -> int:
     held = 0
-    for n in (1, 2, 3, 4, 6, 8):
+    for n in (1, 2, 3, 4, 5, 6, 8):
         lat = asyncio.run(concurrent_sessions(n, questions, manifest))
         series[f"{n} concurrent sessions: first reply audio"] = {"values": lat, "unit": "s"}
         print(f"  {n} sessions: first audio p50 {pct(lat, .5) * 1000:.0f} ms", flush=True)

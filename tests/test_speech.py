@@ -88,14 +88,15 @@ async def test_tts_streams_non_silent_audio_at_the_declared_rate(mp_engine):
     assert result.outputs["tts"].sample_rate == 16000
 
 
-async def test_asr_transcribes_known_sentences(mp_engine):
+@pytest.mark.parametrize("window_s", [0, 30])  # fitted to the utterance, Whisper's standard
+async def test_asr_transcribes_known_sentences(mp_engine, window_s):
     sentences = ["The quick brown fox jumps over the lazy dog.",
                  "Please call me back before six o'clock tonight.",
                  "What is the capital of France?"]
     errors = []
     for s in sentences:
         audio = spoken(s)
-        result = await mp_engine.execute(one("asr", "WhisperNode"),
+        result = await mp_engine.execute(one("asr", "WhisperNode", window_s=window_s),
                                          {"asr": RuntimeData.audio(audio, 16000)})
         text = result.outputs["asr"].text
         errors.append(wer(s, text))
@@ -127,9 +128,10 @@ async def test_vad_finds_the_speech_segments(mp_engine):
 
 
 async def test_llm_answers_with_streamed_phrases(mp_engine):
-    result = await mp_engine.execute(one("llm", "LlamaCppNode", max_tokens=40),
+    result = await mp_engine.execute(one("llm", "LlamaCppNode", max_tokens=40, first_phrase_max_words=3),
                                      {"llm": RuntimeData.text("Name three colors.")})
     phrases = result.all_outputs["llm"]
+    assert len(phrases[0].text.split()) <= 3, phrases[0].text
     assert phrases[-1].metadata["final"] == "1"
     assert " ".join(p.text for p in phrases).strip()
     assert all(p.metadata["transcript"] == "Name three colors." for p in phrases)
@@ -290,6 +292,21 @@ async def test_the_llm_remembers_only_what_was_played_of_an_interrupted_reply(mp
     assert msgs[-3:] == [{"role": "user", "content": "What is the capital of France"},
                          {"role": "assistant", "content": "The capital"},
                          {"role": "user", "content": "And of Italy?"}], msgs
+
+
+async def test_a_speculative_turn_that_looks_unfinished_is_answered_only_once_committed():
+    from nodes.speech.llm import LlamaCppNode
+
+    spec = default_registry().get("LlamaCppNode")
+    node = LlamaCppNode("llm", spec.normalize_params({"max_tokens": 16, "min_eou_to_reply": 1.0}))
+    await asyncio.to_thread(node.initialize)
+    text = RuntimeData.text("What is the capital of", metadata={"turn_id": "4", "speculative": "1"})
+    out = [f async for f in node.process(text)]
+    assert [TurnEvent.of(f).kind for f in out] == ["eou"], out  # scored, not answered
+    assert TurnEvent.of(out[0]).data["probability"] < 0.01
+    answer = node.on_turn_event(TurnEvent("commit", "4"))
+    phrases = [f async for f in answer]
+    assert phrases and phrases[-1].metadata["final"] == "1" and turn_of(phrases[0]) == "4"
 
 
 async def test_a_cancelled_speculative_reply_stops_using_cpu(mp_engine):

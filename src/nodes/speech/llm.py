@@ -162,11 +162,13 @@ class LlamaCppNode(Node):
             raise NodeExecutionError(f"cannot load {path}: {exc}", node_id=self.node_id,
                                      context={"field": "model_path"}) from exc
         self.report_progress("warming up", 90, "first completion")
-        # The first completion is ~3x slower (cold caches, thread pool) and a
-        # warm one also caches the system prompt: pay for it before ready.
-        self._stream(self.chat_prompt("Hello") + _ASSISTANT, 1, lambda _t: None)
+        # The first completions are several times slower (cold caches, the
+        # thread pool, the KV cache growing) and a warm one also caches the
+        # system prompt: pay for them, at a real turn's size, before ready.
+        warm = "Could you tell me what the weather will be like tomorrow"
         if self.params.get("end_of_turn", True):
-            self.end_of_turn_probability("Hello")
+            self.end_of_turn_probability(warm)
+        self._stream(self.chat_prompt(warm) + _ASSISTANT, 16, lambda _t: None)
         self.report_progress("loaded", 100, os.path.basename(path))
 
     # ------------------------------------------------------------ the model

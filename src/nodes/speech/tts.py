@@ -161,7 +161,7 @@ class PiperTTSNode(Node):
         self._config = SynthesisConfig(length_scale=1.0 / float(self.params.get("speed", 1.0)))
         self.rate = int(self._voice.config.sample_rate)
         self.report_progress("warming up", 80, "first synthesis")
-        self.synthesize("Hello.")  # the first run is several times slower
+        self.synthesize("Hello, this is a first sentence.")  # the first runs are several times slower
         self.report_progress("loaded", 100, f"Piper voice {model.name} ({self.rate} Hz)")
 
     def synthesize(self, text: str) -> list[np.ndarray]:
