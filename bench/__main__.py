@@ -8,6 +8,7 @@ from bench import (  # noqa: F401  (importing a scenarios module registers its s
     harness,
     scenarios_foundation,
     scenarios_multiprocess,
+    scenarios_node_host,
     scenarios_server,
     scenarios_speech,
 )

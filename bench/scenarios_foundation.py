@@ -9,8 +9,8 @@ import numpy as np
 
 from bench.harness import scenario
 from engine import Engine, RuntimeData
+from engine.catalog import default_registry
 from engine.manifest import validate
-from engine.registry import default_registry
 
 
 def ten_node_manifest() -> dict:

@@ -206,7 +206,7 @@ def parallelism() -> dict:
 
 @scenario("memory")
 def memory() -> dict:
-    from engine.executors.multiprocess import process_memory
+    from engine.executors.process.memory import process_memory
 
     async def go():
         async with Engine(CFG) as engine:

@@ -69,7 +69,7 @@ def voice_manifest(**params: dict[str, Any]) -> dict:
 
 def make_node(doc: dict, node_id: str, **override: Any) -> Any:
     """The manifest's node `node_id` as a plain object, params normalized as the engine does."""
-    from engine.registry import default_registry
+    from engine.catalog import default_registry
 
     decl = next(n for n in doc["nodes"] if n["id"] == node_id)
     spec = default_registry().get(decl["node_type"])
@@ -363,12 +363,12 @@ async def _baseline_reply(asr: Any, llm: Any, tts: Any, utterance: Any, res: Tur
 
 def _in_own_process(fn: Any, *args: Any) -> Any:
     """fn(*args) in a fresh process started with the thread settings the engine gives its node
-    processes (see executors.multiprocess), so the baseline is not slowed by idle pools spinning."""
+    processes (see executors.process), so the baseline is not slowed by idle pools spinning."""
     import concurrent.futures
     import multiprocessing
     import os
 
-    from engine.executors.multiprocess import THREAD_VARS
+    from engine.executors.process import THREAD_VARS
 
     saved = {v: os.environ.get(v) for v in THREAD_VARS}
     os.environ.update({v: os.environ.get(v) or "1" for v in THREAD_VARS})

@@ -6,8 +6,7 @@ import copy
 from typing import Any
 
 import pytest
-
-TEST_IPC_ROOT = "/tmp/remotemedia-engine-tests"
+from leakprobe import TEST_IPC_ROOT
 
 
 def manifest(nodes: list[dict[str, Any]], connections: list[tuple[str, str]] | None = None,
@@ -29,14 +28,14 @@ def make_manifest():
 
 
 @contextlib.asynccontextmanager
-async def probed_engine(**config: Any):
-    """An engine with test nodes; once it is closed, nothing it started may remain."""
+async def probed_engine(registry: Any = None, **config: Any):
+    """An engine with test nodes (or `registry`'s); once it is closed, nothing it started may remain."""
     import leakprobe
 
     from engine import Engine
 
     before = leakprobe.snapshot()
-    engine = Engine({"test_nodes": True, "ipc_root": TEST_IPC_ROOT, **config})
+    engine = Engine({"test_nodes": True, "ipc_root": TEST_IPC_ROOT, **config}, registry=registry)
     await engine.start()
     try:
         yield engine
@@ -60,7 +59,6 @@ async def eventually(predicate: Any, what: str, timeout_s: float = 10.0) -> None
                 await asyncio.sleep(0.01)
     except TimeoutError:
         raise AssertionError(f"timed out waiting for {what}") from None
-
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,10 +8,11 @@ from typing import Any
 
 import psutil
 
-from engine import RuntimeData, wire
+from engine import RuntimeData
 from engine._proto import common_pb2 as pb
 from engine._proto import execution_pb2 as epb
 from engine._proto import streaming_pb2 as spb
+from engine.server import wire
 
 CLOSE = spb.StreamRequest(control=spb.StreamControl(command=spb.StreamControl.COMMAND_CLOSE))
 CANCEL = spb.StreamRequest(control=spb.StreamControl(command=spb.StreamControl.COMMAND_CANCEL))

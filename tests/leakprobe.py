@@ -1,4 +1,5 @@
-"""What a test may not leave behind: processes, shared-memory files, fds, threads."""
+"""What a test may not leave behind: processes, shared-memory files, iceoryx2
+files under the engine's `ipc_root`, fds, threads."""
 
 from __future__ import annotations
 
@@ -6,8 +7,38 @@ import gc
 import os
 import threading
 import time
+from pathlib import Path
 
 import psutil
+
+from engine.config import RuntimeConfig
+
+#: where the tests' engines keep their iceoryx2 files (config `ipc_root`):
+#: the tests' own root (conftest.TEST_IPC_ROOT) and the default one, for an
+#: engine a test makes without naming a root
+TEST_IPC_ROOT = "/tmp/remotemedia-engine-tests"
+IPC_ROOTS = (TEST_IPC_ROOT, RuntimeConfig.ipc_root)
+
+
+def ipc_files(roots: tuple[str, ...] = IPC_ROOTS) -> set[str]:
+    """Every path iceoryx2 keeps under the roots for engines of this process.
+
+    An engine's files live in `<root>/rme<pid>x<token>/` (engine.ipc.iox.
+    IpcSpace): node monitors and details, service and port tags, the event
+    sockets of listeners. Only folders of this process's engines count, so
+    an engine of another program using the same root is not taken for a leak.
+    """
+    mine = f"rme{os.getpid()}x"
+    found: set[str] = set()
+    for root in roots:
+        try:
+            engines = [e for e in os.scandir(root) if e.name.startswith(mine)]
+        except FileNotFoundError:
+            continue
+        for entry in engines:
+            found.add(entry.path)
+            found.update(str(p) for p in Path(entry.path).rglob("*"))
+    return found
 
 
 def snapshot() -> dict:
@@ -15,6 +46,7 @@ def snapshot() -> dict:
     return {
         "children": {p.pid for p in me.children(recursive=True)},
         "shm": {f for f in os.listdir("/dev/shm") if f.startswith("rme")},
+        "ipc_files": ipc_files(),
         "fds": len(os.listdir("/proc/self/fd")),
         # the loop's default executor (asyncio.to_thread) lives as long as the
         # loop, which outlives a test's fixtures; every other thread counts
@@ -32,6 +64,7 @@ def leaks(before: dict, settle_s: float = 3.0) -> dict:
         found = {
             "children": after["children"] - before["children"],
             "shm": after["shm"] - before["shm"],
+            "ipc_files": after["ipc_files"] - before["ipc_files"],
             "fds": max(0, after["fds"] - before["fds"]),
             "threads": after["threads"] - before["threads"],
         }

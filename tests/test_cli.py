@@ -48,3 +48,29 @@ def test_run_on_wav_file_writes_output(tmp_path):
     assert res.returncode == 0, res.stderr
     out = read_wav(dst)
     assert out.sample_rate == 16000 and out.frames == 16000
+
+
+def test_nodes_lists_every_node_type(tmp_path):
+    res = cli("nodes")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["NODE", "TYPE", "EXECUTOR", "INPUT", "->", "OUTPUT", "SOURCE"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert rows["AudioChunkerNode"] == ["AudioChunkerNode", "native", "audio", "->", "audio", "built-in"]
+    assert rows["WhisperNode"][:2] == ["WhisperNode", "multiprocess"]
+    assert "EchoNode" not in rows  # test nodes are off by default
+
+    cfg = tmp_path / "runtime.toml"
+    cfg.write_text("test_nodes = true\n")
+    res = cli("nodes", "--json", "--config", str(cfg))
+    assert res.returncode == 0, res.stderr
+    listing = json.loads(res.stdout)
+    assert listing["failed"] == []
+    nodes = {n["node_type"]: n for n in listing["nodes"]}
+    assert nodes["EchoNode"]["source"] == {"kind": "test"}
+    chunker = nodes["AudioChunkerNode"]
+    assert chunker["class"] == "nodes.audio:AudioChunkerNode" and chunker["source"] == {"kind": "builtin"}
+    assert chunker["params_schema"]["type"] == "object" and chunker["params_schema"]["properties"]
+    from engine.catalog import default_registry
+
+    assert sorted(nodes) == default_registry(test_nodes=True).names()

@@ -58,3 +58,19 @@ def test_manifest_overrides_within_caps():
 def test_config_cannot_exceed_its_own_caps():
     with pytest.raises(ValidationError, match="exceeds caps"):
         RuntimeConfig.load({"max_processes_per_session": 50, "caps": {"max_processes_per_session": 20}}, env={})
+
+
+def test_nodes_section(tmp_path):
+    assert RuntimeConfig().nodes.entry_points is True and RuntimeConfig().nodes.modules == ()
+    p = tmp_path / "runtime.toml"
+    p.write_text('[nodes]\nentry_points = false\nmodules = ["mypkg.nodes", "other"]\n')
+    cfg = RuntimeConfig.load(p, env={})
+    assert cfg.nodes.entry_points is False and cfg.nodes.modules == ("mypkg.nodes", "other")
+    with pytest.raises(ValidationError, match="nodes.modules: must be a list of strings"):
+        RuntimeConfig.load({"nodes": {"modules": "mypkg.nodes"}}, env={})
+    with pytest.raises(ValidationError, match="nodes.modules: must be a list of strings"):
+        RuntimeConfig.load({"nodes": {"modules": [1]}}, env={})
+    with pytest.raises(ValidationError, match="nodes.entry_points: must be true or false"):
+        RuntimeConfig.load({"nodes": {"entry_points": "no"}}, env={})
+    with pytest.raises(ValidationError, match="unknown configuration key 'module'"):
+        RuntimeConfig.load({"nodes": {"module": ["x"]}}, env={})

@@ -10,7 +10,7 @@ from engine._proto import common_pb2
 from engine.data import AudioData, PixelFormat, concat
 from engine.errors import TypeValidationError
 from engine.ipc import codec
-from engine.wire import from_proto, to_proto
+from engine.server.wire import from_proto, to_proto
 
 
 def samples():

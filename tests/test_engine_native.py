@@ -140,7 +140,7 @@ class Boom(Node):
 
 
 async def test_node_exception_fails_session_with_node_execution_error():
-    from engine.registry import default_registry
+    from engine.catalog import default_registry
 
     reg = default_registry()
     reg.register(Boom)

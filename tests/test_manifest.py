@@ -8,9 +8,10 @@ import pytest
 from conftest import manifest
 
 from engine._proto import execution_pb2
+from engine.catalog import default_registry
+from engine.data import DataKind
 from engine.errors import ErrorType, ValidationError
 from engine.manifest import validate
-from engine.registry import default_registry
 
 REG = default_registry(test_nodes=True)
 
@@ -191,8 +192,8 @@ def test_proto_manifest_goes_through_the_same_validation():
 
 
 def test_to_proto_round_trips_through_validation():
+    from engine.catalog import default_registry
     from engine.manifest import proto_to_dict, to_proto, validate
-    from engine.registry import default_registry
 
     doc = {"version": "v1", "metadata": {"name": "rt", "createdAt": "2026-01-01T00:00:00Z",
                                          "multiprocess": {"channelCapacity": 8}},
@@ -207,3 +208,83 @@ def test_to_proto_round_trips_through_validation():
     assert [(n.id, n.node_type, dict(n.params), n.executor) for n in a.nodes] == \
         [(n.id, n.node_type, dict(n.params), n.executor) for n in b.nodes]
     assert a.connections == b.connections
+
+
+# ---------------------------------------------------------------- declared data kinds
+
+
+def test_type_mismatch_names_both_nodes_the_field_and_the_types():
+    doc = manifest([
+        {"id": "sum", "node_type": "ChecksumNode"},  # outputs json
+        {"id": "ch", "node_type": "AudioChunkerNode"},  # accepts audio
+    ])
+    (mismatch,) = [i for i in issues_of(doc) if i.code == "type_mismatch"]
+    assert mismatch.path == "$.connections[0]" and mismatch.node_id == "ch" and mismatch.field == "input_types"
+    assert mismatch.extra == {"from": "sum", "to": "ch", "outputs": ["json"], "accepts": ["audio"]}
+    assert "sum (ChecksumNode) outputs json" in mismatch.message
+    assert "ch (AudioChunkerNode) accepts only audio" in mismatch.message
+
+
+def test_a_node_that_declares_no_types_accepts_and_feeds_anything():
+    validate(manifest([{"id": "sum", "node_type": "ChecksumNode"},  # json → any
+                       {"id": "echo", "node_type": "EchoNode"},  # any → audio
+                       {"id": "ch", "node_type": "AudioChunkerNode"}]), REG)
+
+
+def test_types_that_share_one_kind_connect():
+    doc = manifest([{"id": "p", "node_type": "PassThroughNode", "output_types": ["json", "audio"]},
+                    {"id": "ch", "node_type": "AudioChunkerNode"}])
+    assert validate(doc, REG).node("p").output_types == (DataKind.JSON, DataKind.AUDIO)
+
+
+def test_fan_in_checks_every_connection_on_its_own():
+    doc = manifest([
+        {"id": "a", "node_type": "AudioChunkerNode"},
+        {"id": "j", "node_type": "ChecksumNode"},
+        {"id": "rs", "node_type": "AudioResampleNode", "params": {"target_sample_rate": 16000}},
+    ], connections=[("a", "rs"), ("j", "rs")])
+    found = [i for i in issues_of(doc) if i.code == "type_mismatch"]
+    assert [(i.extra["from"], i.extra["to"], i.path) for i in found] == [("j", "rs", "$.connections[1]")]
+
+
+def test_a_manifest_narrows_a_nodes_types_but_cannot_widen_them():
+    # narrowing a node that takes anything: then checked along its connections
+    narrowed = manifest([{"id": "sum", "node_type": "ChecksumNode"},
+                         {"id": "p", "node_type": "PassThroughNode", "input_types": ["text"]}])
+    (mismatch,) = issues_of(narrowed)
+    assert mismatch.code == "type_mismatch" and mismatch.extra["accepts"] == ["text"]
+    # within the class's own kinds: fine
+    validate(manifest([{"id": "ch", "node_type": "AudioChunkerNode", "input_types": ["audio"]}]), REG)
+    # wider than the class handles: refused, on the node, naming the field and both sets of kinds
+    for field, node_type, declared in [("input_types", "AudioChunkerNode", ["text"]),
+                                       ("input_types", "AudioChunkerNode", ["audio", "any"]),
+                                       ("output_types", "ChecksumNode", ["audio"])]:
+        (issue,) = issues_of(manifest([{"id": "n", "node_type": node_type, field: declared}]))
+        assert (issue.code, issue.node_id, issue.field, issue.path) == \
+            ("type_declaration", "n", field, f"$.nodes[0].{field}"), issue
+        assert issue.extra["declared"] == declared and node_type in issue.message, issue
+
+
+def test_declared_types_in_a_proto_manifest_are_checked_the_same():
+    from engine._proto import common_pb2
+
+    pm = execution_pb2.PipelineManifest(version="v1")
+    pm.metadata.name = "proto"
+    node = pm.nodes.add(id="ch", node_type="AudioChunkerNode", params="")
+    node.input_types.append(common_pb2.DATA_TYPE_HINT_TEXT)
+    (issue,) = issues_of(pm)
+    assert (issue.code, issue.field) == ("type_declaration", "input_types")
+
+
+def test_planned_nodes_say_which_kinds_they_accept():
+    from engine.config import SessionSettings
+    from engine.plan import build_plan
+
+    doc = manifest([{"id": "p", "node_type": "PassThroughNode"},
+                    {"id": "ch", "node_type": "AudioChunkerNode"},
+                    {"id": "n", "node_type": "PassThroughNode", "input_types": ["audio", "text"]}],
+                   connections=[("p", "ch")])
+    plan = build_plan(validate(doc, REG), REG, SessionSettings())
+    assert plan.nodes["p"].accepted_kinds is None
+    assert plan.nodes["ch"].accepted_kinds == {DataKind.AUDIO}
+    assert plan.nodes["n"].accepted_kinds == {DataKind.AUDIO, DataKind.TEXT}

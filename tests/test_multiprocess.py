@@ -1,7 +1,8 @@
 """Node processes over shared memory: data integrity, isolation, faults, teardown.
 
-Every test runs under the leak probe of the `mp_engine` fixture: after the
-engine closes, no child process, no shared-memory file, no extra fd and no
+Every test that starts an engine runs under the leak probe (the `mp_engine`
+fixture or `probed_engine`): after the engine closes, no child process, no
+shared-memory file, no iceoryx2 file under its root, no extra fd and no
 extra thread may remain.
 """
 
@@ -35,6 +36,17 @@ def session_services(engine, session, pids) -> list[str]:
 
 async def collect(session):
     return [o async for o in session]
+
+
+async def feed(session, target: str, n: int) -> NodeExecutionError | None:
+    """Send `n` text frames; returns the node error a send failed with (the
+    session failed meanwhile), None when every frame was taken."""
+    for i in range(n):
+        try:
+            await session.send(target, RuntimeData.text(f"item {i}"))
+        except NodeExecutionError as exc:
+            return exc
+    return None
 
 
 async def stream_all(engine, m, target, frames, **kw):
@@ -100,7 +112,7 @@ async def test_outputs_identical_with_multiprocess_on_and_off(mp_engine):
     x = np.random.default_rng(3).standard_normal(48000).astype(np.float32)
     frames = [RuntimeData.audio(x[i:i + 3000], 48000) for i in range(0, 48000, 3000)]
     on = await stream_all(mp_engine, m, "chunk", frames)
-    assert {type(r).__name__ for r in mp_engine._sessions.values()} == set()
+    assert not mp_engine.sessions, f"sessions left after the stream closed: {list(mp_engine.sessions)}"
     async with Engine({"test_nodes": True, "multiprocess_enabled": False}) as native:
         off = await stream_all(native, m, "chunk", frames)
         assert native._process_manager is None  # no process was started
@@ -129,37 +141,19 @@ async def test_crash_modes_give_typed_error_and_clean_teardown(mp_engine, mode, 
     async with mp_engine.stream(m) as s:
         pids = [r.pid for r in s.runners.values()]
         assert len(session_services(mp_engine, s, pids)) == 6  # 2 frame services + 1 inbox per process
+        feeder = asyncio.create_task(feed(s, "echo", 10))  # the node fails at its third frame
         with pytest.raises(NodeExecutionError) as info:
             async for _ in s:
                 pass
-            raise AssertionError("no error")  # pragma: no cover
-    # the iteration above only ends by error; send from a task meanwhile
+            raise AssertionError("the iteration ended without the node's error")
+        refused = await feeder
     assert info.value.node_id == "crash" and info.value.error_type is ErrorType.NODE_EXECUTION
+    # a send after the failure fails with the session's error (not some other one)
+    assert refused is None or refused is info.value, f"a send failed with {refused!r}, not {info.value!r}"
     assert expect in str(info.value) or expect in info.value.traceback_text
     await s.wait_closed()
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
     assert session_services(mp_engine, s, pids) == []
-
-
-@pytest.fixture(autouse=True)
-def _feed_crash_sessions(monkeypatch):
-    """Crash tests iterate first; this starts a feeder when a CrashNode session starts."""
-    from engine.session import Session
-
-    original = Session.start
-
-    async def start(self):
-        await original(self)
-        if any(n.decl.node_type == "CrashNode" for n in self.plan.nodes.values()):
-            async def feed():
-                try:
-                    for i in range(10):
-                        await self.send(self.plan.sources[0], RuntimeData.text(f"item {i}"))
-                except Exception:
-                    pass
-            self.track(feed(), "test-feeder")
-
-    monkeypatch.setattr(Session, "start", start)
 
 
 async def test_kill_minus_9_mid_stream(mp_engine):
@@ -183,10 +177,14 @@ async def test_hang_past_process_deadline(mp_engine):
     m = manifest([{"id": "hang", "node_type": "CrashNode", "params": {"after": 1, "mode": "hang"}}],
                  multiprocess={"process_timeout_secs": 0.5})
     async with mp_engine.stream(m) as s:
+        feeder = asyncio.create_task(feed(s, "hang", 3))  # the second frame hangs the node
         with pytest.raises(NodeExecutionError, match="process_timeout_secs") as info:
             async for _ in s:
                 pass
+            raise AssertionError("the iteration ended without the node's error")
+        refused = await feeder
     assert info.value.node_id == "hang"
+    assert refused is None or refused is info.value, f"a send failed with {refused!r}, not {info.value!r}"
 
 
 async def test_init_timeout(mp_engine):
@@ -287,21 +285,39 @@ async def test_ten_concurrent_sessions_do_not_interfere(mp_engine):
 
 
 async def test_process_limits_are_checked_before_spawning(mp_engine):
+    from engine.zygote import STANDBY_NAME
+
+    pm = mp_engine.process_manager()
+    await pm.ensure_started()  # the zygote and its standby exist: a spawn would take the standby
+    await eventually(lambda: any(p.name() == STANDBY_NAME for p in psutil.Process(pm.zygote_pid).children()),
+                     "a standby")
+    before = {p.pid for p in psutil.Process(pm.zygote_pid).children()}
     m = manifest([{"id": f"e{i}", "node_type": "EchoNode"} for i in range(3)],
                  multiprocess={"max_processes_per_session": 2})
-    with pytest.raises(ResourceLimitError, match="max_processes_per_session"):
-        mp_engine.stream(m)
-    assert mp_engine._process_manager is None or not mp_engine._process_manager.live
+    with pytest.raises(ResourceLimitError, match="max_processes_per_session") as info:
+        async with mp_engine.stream(m):
+            raise AssertionError("a session over max_processes_per_session started")
+    assert info.value.context["field"] == "max_processes_per_session"
+    assert mp_engine.process_count == 0, f"node processes were started: {pm.live}"
+    after = {p.pid for p in psutil.Process(pm.zygote_pid).children()}
+    assert after == before, f"the zygote's children changed: {before} → {after}"
+    assert not mp_engine.sessions
 
 
 async def test_total_process_cap():
-    from engine import Engine
+    from conftest import probed_engine
 
-    async with Engine({"test_nodes": True, "caps": {"max_total_processes": 2}}) as engine:
+    async with probed_engine(caps={"max_total_processes": 2}) as engine:
         m = manifest([{"id": "e", "node_type": "EchoNode"}, {"id": "f", "node_type": "EchoNode"}])
-        async with engine.stream(m):
-            with pytest.raises(ResourceLimitError, match="max_total_processes|cap"):
+        async with engine.stream(m) as running:
+            with pytest.raises(ResourceLimitError) as info:
                 engine.stream(manifest([{"id": "x", "node_type": "EchoNode"}]))
+            # the process cap, not another limit (max_sessions also says "cap")
+            assert info.value.context.get("field") == "max_total_processes", info.value
+            assert len(engine.sessions) == 1 and engine.process_count == 2
+            await running.send("e", RuntimeData.text("still running"))  # the refusal harmed no one
+            await running.close()
+            assert [o.data.text async for o in running] == ["still running"]
 
 
 async def test_memory_limit_fails_session(mp_engine):

@@ -35,7 +35,7 @@ async def prewarmed():
 
 
 def pool_pids(engine: Engine) -> set[int]:
-    return {p.pid for p in engine.process_manager()._pool}
+    return {p.pid for p in engine.process_manager().pool.idle}
 
 
 async def test_engine_start_fills_the_pool(prewarmed):

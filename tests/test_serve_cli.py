@@ -15,9 +15,10 @@ from conftest import TEST_IPC_ROOT
 from grpc_client import CLOSE, chunk, collect, init, kinds, proto_manifest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from engine import RuntimeData, wire
+from engine import RuntimeData
 from engine._proto import common_pb2 as pb
 from engine._proto import streaming_pb2_grpc as spb_grpc
+from engine.server import wire
 
 
 class ServeProcess:

@@ -10,10 +10,11 @@ from grpc_client import collect, init, kinds, proto_manifest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import RuntimeData, wire
+from engine import RuntimeData
 from engine._proto import common_pb2 as pb
 from engine._proto import streaming_pb2 as spb
 from engine._proto import streaming_pb2_grpc as spb_grpc
+from engine.server import wire
 
 MANIFESTS = [
     proto_manifest([("p", "PassThroughNode")]),

@@ -25,10 +25,11 @@ from grpc_client import (
     requests,
 )
 
-from engine import RuntimeData, wire
+from engine import RuntimeData
 from engine._proto import common_pb2 as pb
 from engine._proto import streaming_pb2 as spb
 from engine._proto import streaming_pb2_grpc as spb_grpc
+from engine.server import wire
 from nodes.testing import checksum
 
 

@@ -12,10 +12,11 @@ import pytest
 from grpc_client import buffer, node_processes, proto_manifest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from engine import RuntimeData, wire
+from engine import RuntimeData
 from engine._proto import common_pb2 as pb
 from engine._proto import execution_pb2 as epb
 from engine._proto import execution_pb2_grpc as epb_grpc
+from engine.server import wire
 
 # ---------------------------------------------------------------- version
 

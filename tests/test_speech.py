@@ -18,12 +18,13 @@ from grpc_client import CLOSE, collect, init, kinds, proto_manifest_from_dict, r
 from speech_audio import VOICE_LOOP, paused, question, spoken
 from voice_call import VoiceCall
 
-from engine import RuntimeData, wire
+from engine import RuntimeData
 from engine._proto import streaming_pb2 as spb
 from engine._proto import streaming_pb2_grpc as spb_grpc
+from engine.catalog import default_registry
 from engine.errors import NodeExecutionError
 from engine.manifest import load_document
-from engine.registry import default_registry
+from engine.server import wire
 from engine.turns import TurnEvent, turn_of
 
 pytestmark = pytest.mark.speech

@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 from grpc_client import CLOSE, init, proto_manifest_from_dict
 
-from engine import RuntimeData, wire
+from engine import RuntimeData
 from engine._proto import streaming_pb2 as spb
 from engine._proto import streaming_pb2_grpc as spb_grpc
+from engine.server import wire
 from engine.turns import turn_of
 
 CHUNK, RATE = 512, 16000

@@ -233,6 +233,21 @@ def copy_from_address(size_t address, object dst):
         PyBuffer_Release(&db)
 
 
+def copy_to_address(size_t address, size_t capacity, object src):
+    """Copy a whole buffer to a raw address (a loaned sample of at least
+    `capacity` bytes), GIL released; returns the bytes written."""
+    cdef Py_buffer sb
+    PyObject_GetBuffer(src, &sb, PyBUF_SIMPLE | PyBUF_ANY_CONTIGUOUS)
+    try:
+        if <size_t>sb.len > capacity:
+            raise FrameError(f"frame of {sb.len} bytes does not fit in {capacity}")
+        with nogil:
+            memcpy(<void*>address, sb.buf, <size_t>sb.len)
+        return sb.len
+    finally:
+        PyBuffer_Release(&sb)
+
+
 cdef class SharedView:
     """Buffer over foreign memory that keeps its owner alive.
 

@@ -1,4 +1,4 @@
-"""Command line: `serve`, `run MANIFEST`, `validate MANIFEST`, `bench`.
+"""Command line: `serve`, `run MANIFEST`, `validate MANIFEST`, `nodes`, `bench`.
 
 Only the CLI installs uvloop and signal handlers; the library never does.
 """
@@ -22,12 +22,11 @@ def _engine_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .catalog import default_registry
     from .errors import ValidationError
     from .manifest import validate
-    from .registry import default_registry
 
-    cfg = _engine_config(args)
-    registry = default_registry(test_nodes=cfg.test_nodes)
+    registry = default_registry(_engine_config(args))
     try:
         m = validate(Path(args.manifest), registry)
     except ValidationError as exc:
@@ -37,6 +36,43 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return 2
     print(f"{args.manifest}: valid ({len(m.nodes)} nodes, {len(m.connections)} connections)")
     return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    from .catalog import default_registry
+    from .errors import EngineError
+
+    try:
+        registry = default_registry(_engine_config(args))
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        listing = {"nodes": [spec.describe() for spec in registry.specs()],
+                   "failed": [f.describe() for f in registry.failures]}
+        print(orjson.dumps(listing, option=orjson.OPT_INDENT_2).decode())
+    else:
+        _print_nodes(registry)
+    # a plugin that did not load is an operator's problem to fix: say so in the exit code too
+    return 1 if registry.failures else 0
+
+
+def _print_nodes(registry: Any) -> None:
+    def kinds(types: tuple[Any, ...]) -> str:
+        return ",".join(k.name.lower() for k in types)
+
+    rows = [("NODE TYPE", "EXECUTOR", "INPUT -> OUTPUT", "SOURCE")]
+    for spec in registry.specs():
+        executor = spec.executor if spec.overridable else f"{spec.executor} (fixed)"
+        rows.append((spec.node_type, executor,
+                     f"{kinds(spec.cls.input_types)} -> {kinds(spec.cls.output_types)}", str(spec.source)))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3])
+    if registry.failures:
+        print(f"\nfailed to load ({len(registry.failures)}):")
+        for failure in registry.failures:
+            print(f"  {failure}")
 
 
 def _summary(data: Any) -> str:
@@ -166,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--metrics-port", type=int, default=None)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("nodes", help="list every node type: executor, data types, source, params")
+    p.add_argument("--config")
+    p.add_argument("--json", action="store_true", help="also each params schema, as JSON")
+    p.set_defaults(func=cmd_nodes)
 
     p = sub.add_parser("bench", help="run benchmark scenarios (see bench/)")
     p.add_argument("rest", nargs=argparse.REMAINDER)

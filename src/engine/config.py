@@ -107,10 +107,24 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class NodeSettings:
+    """Node types beyond the built-ins (runtime.toml `[nodes]`). The operator
+    chooses what code loads; a manifest only names node types."""
+
+    #: register the Node classes installed distributions declare in the
+    #: `remotemedia.nodes` entry-point group
+    entry_points: bool = True
+    #: modules to import: each registers every Node subclass defined in it
+    #: (not merely imported into it) that declares a node_type
+    modules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     session: SessionSettings = field(default_factory=SessionSettings)
     caps: Caps = field(default_factory=Caps)
     server: ServerSettings = field(default_factory=ServerSettings)
+    nodes: NodeSettings = field(default_factory=NodeSettings)
     python_executable: str = sys.executable
     test_nodes: bool = False
     #: node processes kept started, never used, so a session's nodes skip the
@@ -144,6 +158,7 @@ class RuntimeConfig:
         issues: list[Issue] = []
         caps = _build(Caps, data.pop("caps", {}), "caps", issues)
         server = _build(ServerSettings, data.pop("server", {}), "server", issues)
+        nodes = _build(NodeSettings, data.pop("nodes", {}), "nodes", issues)
         session_keys = {f.name for f in fields(SessionSettings)}
         sess = {k: data.pop(k) for k in list(data) if k in session_keys}
         if "multiprocess" in data:  # [multiprocess] enabled = false
@@ -151,10 +166,10 @@ class RuntimeConfig:
             if isinstance(mp, dict) and "enabled" in mp:
                 sess["multiprocess_enabled"] = mp["enabled"]
         session = _build(SessionSettings, sess, "", issues)
-        top = _build(cls, data, "", issues, skip={"session", "caps", "server"})
+        top = _build(cls, data, "", issues, skip={"session", "caps", "server", "nodes"})
         if issues:
             raise ValidationError(issues)
-        cfg = replace(top, session=session, caps=caps, server=server)
+        cfg = replace(top, session=session, caps=caps, server=server, nodes=nodes)
         cfg.check()
         return cfg
 
@@ -254,6 +269,10 @@ def _build(cls: Any, data: Any, section: str, issues: list[Issue], skip: set[str
             issues.append(Issue(path, "must be a number"))
         elif isinstance(default, str) and not isinstance(value, str):
             issues.append(Issue(path, "must be a string"))
+        elif isinstance(default, tuple) and (
+            not isinstance(value, list) or not all(isinstance(v, str) for v in value)
+        ):
+            issues.append(Issue(path, "must be a list of strings"))
         else:
             kwargs[key] = tuple(value) if isinstance(default, tuple) else value
     return cls(**kwargs)

@@ -185,11 +185,6 @@ class RuntimeData:
             "source": self.source,
         }
 
-    def with_context(self, sequence: int | None, source: str | None) -> RuntimeData:
-        """Tag this frame (in place) with the causing sequence and the producer."""
-        self.sequence = sequence
-        self.source = source
-        return self
 
     @property
     def nbytes(self) -> int:

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .catalog import default_registry
 from .config import ClientLimits, RuntimeConfig
 from .data import RuntimeData, concat
 from .errors import ResourceLimitError, ValidationError
@@ -28,8 +29,8 @@ from .executors.base import NodeRunner
 from .executors.native import NativeRunner
 from .manifest import Manifest, validate
 from .plan import ExecutionPlan, PlannedNode, build_plan
-from .registry import ExecutorRegistry, default_registry
-from .session import InitProgress, Observer, Output, Session
+from .registry import ExecutorRegistry
+from .session import InitProgress, Observer, Output, OutputSink, Session
 
 log = logging.getLogger("engine")
 
@@ -59,7 +60,7 @@ class Engine:
                  observer: Observer | None = None) -> None:
         self.config = RuntimeConfig.load(config)
         self.observer = observer
-        self.registry = registry or default_registry(test_nodes=self.config.test_nodes)
+        self.registry = registry or default_registry(self.config)
         self._sessions: dict[str, Session] = {}
         self._manifests: collections.OrderedDict[Any, Manifest] = collections.OrderedDict()
         self._process_manager: Any = None
@@ -156,14 +157,15 @@ class Engine:
 
     def stream(self, manifest: Any, *, on_progress: Callable[[InitProgress], Any] | None = None,
                session_id: str | None = None, limits: ClientLimits | None = None,
-               output_sink: Callable[[Output], Awaitable[None]] | None = None,
+               output_sink: OutputSink | Callable[[Output], Awaitable[None]] | None = None,
                observer: Observer | None = None) -> Session:
         """A streaming session; `async with` starts it (all nodes ready) and tears it down.
 
         `limits` (optional) tighten this run's memory, duration and audio
-        frame size below what the configuration allows. With `output_sink`,
-        sink outputs are awaited into it as they are produced (its waiting
-        is the backpressure) instead of being queued for iteration; the
+        frame size below what the configuration allows. With `output_sink`
+        (a `session.OutputSink`, or an async callable), sink outputs go into it
+        as they are produced (its waiting is the backpressure) instead of
+        being queued for iteration; the
         session's end and error are then seen through `wait_closed()`/`error`.
         `observer` replaces the engine's observer for this session.
         """
@@ -198,11 +200,11 @@ class Engine:
                 session.memory_watched = True
                 session.track(manager.monitor_memory(session), "memory")
             return manager.runner(session, planned)
-        return NativeRunner(planned, session.emit, session.node_ended, session.id, session.turns, session.track)
+        return NativeRunner(planned, session)
 
     def process_manager(self) -> Any:
         if self._process_manager is None:
-            from .executors.multiprocess import ProcessManager
+            from .executors.process import ProcessManager
 
             self._process_manager = ProcessManager(self.config, self.registry)
         return self._process_manager

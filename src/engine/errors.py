@@ -49,14 +49,6 @@ class EngineError(Exception):
         where = f"[node {self.node_id}] " if self.node_id else ""
         return f"{where}{self.message}"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "error_type": self.error_type.name,
-            "message": self.message,
-            "node_id": self.node_id,
-            "context": self.context,
-        }
-
 
 @dataclass(frozen=True, slots=True)
 class Issue:
@@ -103,6 +95,8 @@ def _issue_dict(issue: Issue) -> dict[str, Any]:
         d["node_id"] = issue.node_id
     if issue.field:
         d["field"] = issue.field
+    if issue.extra:
+        d["extra"] = issue.extra
     return d
 
 
@@ -140,3 +134,50 @@ class SessionClosedError(EngineError):
     """An operation on a session that was closed or cancelled."""
 
     error_type = ErrorType.VALIDATION
+
+
+#: every class a node or the engine raises, by name (how an error crosses a
+#: process boundary: the same class and message arrive on the other side)
+ERROR_CLASSES: dict[str, type[EngineError]] = {c.__name__: c for c in (
+    EngineError, ValidationError, TypeValidationError, NodeExecutionError, ResourceLimitError,
+    AuthenticationError, VersionMismatchError, InternalError, SessionClosedError)}
+
+#: ErrorType → the class a subclass unknown here arrives as
+CLASS_OF_TYPE: dict[ErrorType, type[EngineError]] = {
+    ErrorType.UNSPECIFIED: EngineError,
+    ErrorType.VALIDATION: ValidationError,
+    ErrorType.NODE_EXECUTION: NodeExecutionError,
+    ErrorType.RESOURCE_LIMIT: ResourceLimitError,
+    ErrorType.AUTHENTICATION: AuthenticationError,
+    ErrorType.VERSION_MISMATCH: VersionMismatchError,
+    ErrorType.INTERNAL: InternalError,
+    ErrorType.TYPE_VALIDATION: TypeValidationError,
+}
+
+
+def error_class(name: str, error_type: str | int) -> type[EngineError]:
+    """The class an error named `name` (of `error_type`, a name or number) is rebuilt as."""
+    cls = ERROR_CLASSES.get(name)
+    if cls is not None:
+        return cls
+    try:
+        kind = ErrorType[error_type] if isinstance(error_type, str) else ErrorType(error_type)
+    except (KeyError, ValueError):
+        kind = ErrorType.INTERNAL
+    return CLASS_OF_TYPE[kind]
+
+
+def rebuild_error(name: str, error_type: str | int, message: str, *, node_id: str | None,
+                  context: dict[str, Any] | None = None, traceback_text: str = "") -> EngineError:
+    """An error that crossed a process boundary, as the class it was raised as."""
+    cls = error_class(name, error_type)
+    err = cls.__new__(cls)
+    EngineError.__init__(err, message, node_id=node_id, context=dict(context or {}),
+                         traceback_text=traceback_text)
+    if isinstance(err, ValidationError):
+        err.issues = [Issue(**{k: v for k, v in i.items() if k in _ISSUE_FIELDS})
+                      for i in err.context.get("issues", []) if isinstance(i, dict)]
+    return err
+
+
+_ISSUE_FIELDS = {"path", "message", "node_id", "field", "code", "extra"}

@@ -7,6 +7,15 @@ schema violations, duplicate ids, dangling connections, self-loops and
 cycles, unknown node types (with suggestions), params that break the node
 type's schema, and data-kind mismatches along connections. Each Issue has a
 JSON path, the node id and an actionable message.
+
+Data kinds: a node's class declares the kinds it accepts and produces
+(Node.input_types / output_types; ANY = whatever comes). A manifest node may
+declare its own `input_types` / `output_types` to narrow the class's, never
+to widen them: the class's code is what handles the frames. Along each
+connection the upstream's output kinds and the downstream's input kinds must
+share one, unless either side accepts or produces ANY (a node that declares
+nothing accepts anything). Frames the caller sends to a source node are not
+known here; the node's host checks those when they arrive.
 """
 
 from __future__ import annotations
@@ -338,14 +347,43 @@ def _parse_kinds(values: Any, path: str, node_id: str, issues: list[Issue]) -> t
     return tuple(kinds)
 
 
+def _any(kinds: tuple[DataKind, ...]) -> bool:
+    return not kinds or DataKind.ANY in kinds
+
+
 def _compatible(out_kinds: tuple[DataKind, ...], in_kinds: tuple[DataKind, ...]) -> bool:
-    if not out_kinds or not in_kinds or DataKind.ANY in out_kinds or DataKind.ANY in in_kinds:
+    if _any(out_kinds) or _any(in_kinds):
         return True
     return bool(set(out_kinds) & set(in_kinds))
 
 
 def _kinds(kinds: tuple[DataKind, ...]) -> str:
     return "|".join(k.name.lower() for k in kinds)
+
+
+def _names(kinds: tuple[DataKind, ...]) -> list[str]:
+    return [k.name.lower() for k in kinds]
+
+
+def _declared_kinds(spec: NodeTypeSpec, node_id: str, path: str, field: str,
+                    declared: tuple[DataKind, ...], issues: list[Issue]) -> tuple[DataKind, ...]:
+    """The kinds a node accepts (or produces): the manifest's where it declares
+    some, else the class's. Kinds the class does not handle are an issue: a
+    manifest narrows a node's types, it cannot make its code take more."""
+    of_class: tuple[DataKind, ...] = getattr(spec.cls, field)
+    if not declared:
+        return of_class
+    if _any(of_class):
+        return declared
+    extra = tuple(k for k in declared if k not in of_class)
+    if extra:
+        what = "accepts" if field == "input_types" else "produces"
+        issues.append(Issue(
+            f"{path}.{field}", f"{field} {_kinds(declared)} is wider than what node type "
+            f"{spec.node_type!r} {what} ({_kinds(of_class)}); remove {_kinds(extra)} or leave "
+            f"{field} out", node_id=node_id, field=field, code="type_declaration",
+            extra={"declared": _names(declared), "node_type": _names(of_class)}))
+    return declared
 
 
 def _params_issues(spec: NodeTypeSpec, node_id: str, path: str, params: dict[str, Any]) -> list[Issue]:
@@ -366,6 +404,17 @@ def _params_issues(spec: NodeTypeSpec, node_id: str, path: str, params: dict[str
         issues.append(Issue(f"{path}.params" + "".join(f".{p}" for p in parts), message,
                             node_id=node_id, field=field, code=f"params.{err.validator}"))
     return issues
+
+
+def _type_mismatch(path: str, upstream: NodeDecl, downstream: NodeDecl) -> Issue:
+    outs, ins = _kinds(upstream.output_types), _kinds(downstream.input_types)
+    return Issue(
+        path, f"type mismatch: {upstream.id} ({upstream.node_type}) outputs {outs} but {downstream.id} "
+        f"({downstream.node_type}) accepts only {ins}; connect {downstream.id} to a node that outputs "
+        f"{ins}, or put a converting node between them", node_id=downstream.id, field="input_types",
+        code="type_mismatch",
+        extra={"from": upstream.id, "to": downstream.id, "outputs": _names(upstream.output_types),
+               "accepts": _names(downstream.input_types)})
 
 
 def validate(source: Any, registry: ExecutorRegistry) -> Manifest:
@@ -425,8 +474,8 @@ def validate(source: Any, registry: ExecutorRegistry) -> Manifest:
         in_kinds = _parse_kinds(n.get("input_types"), f"{path}.input_types", nid, issues)
         out_kinds = _parse_kinds(n.get("output_types"), f"{path}.output_types", nid, issues)
         if spec is not None:
-            in_kinds = in_kinds or spec.cls.input_types
-            out_kinds = out_kinds or spec.cls.output_types
+            in_kinds = _declared_kinds(spec, nid, path, "input_types", in_kinds, issues)
+            out_kinds = _declared_kinds(spec, nid, path, "output_types", out_kinds, issues)
         decls.append(NodeDecl(
             id=nid, node_type=ntype, params=MappingProxyType(params),
             executor=n.get("executor") if n.get("executor") in ("native", "multiprocess") else None,
@@ -466,9 +515,7 @@ def validate(source: Any, registry: ExecutorRegistry) -> Manifest:
         conns.append(Connection(src, dst))
         a, b = by_id.get(src), by_id.get(dst)
         if a is not None and b is not None and not _compatible(a.output_types, b.input_types):
-            issues.append(Issue(path, f"type mismatch: {src} outputs {_kinds(a.output_types)} "
-                                f"but {dst} accepts {_kinds(b.input_types)}", node_id=dst,
-                                code="type_mismatch"))
+            issues.append(_type_mismatch(path, a, b))
 
     cycle = _find_cycle([d.id for d in decls], edges)
     if cycle:

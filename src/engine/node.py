@@ -23,8 +23,7 @@ must be identical either way.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -37,7 +36,7 @@ ProgressCallback = Callable[[str, float, str], None]
 
 class FrameMemory:
     """Where a node's new output frames live: the heap. A node process
-    installs one that lends shared memory instead (see worker.LoanedMemory)."""
+    installs one that lends shared memory instead (see ipc.loans.LoanedMemory)."""
 
     def array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         return np.empty(shape, dtype)
@@ -123,35 +122,3 @@ class Node:
 
     def cleanup(self) -> Any:
         return None
-
-
-async def call(fn: Callable[..., Any], *args: Any) -> Any:
-    """Call a node method that may be sync or async."""
-    result = fn(*args)
-    if inspect.isawaitable(result):
-        result = await result
-    return result
-
-
-async def iterate_outputs(result: Any) -> AsyncIterator[RuntimeData]:
-    """Normalize a process()/flush() result into an async stream of frames."""
-    if result is None:
-        return
-    if inspect.isawaitable(result):
-        result = await result
-        if result is None:
-            return
-    if isinstance(result, RuntimeData):
-        yield result
-    elif hasattr(result, "__aiter__"):
-        async for item in result:
-            if item is not None:
-                yield item
-    elif isinstance(result, Iterable):
-        for item in result:
-            if item is not None:
-                yield item
-    else:
-        raise TypeError(f"process() returned {type(result).__name__}, expected RuntimeData, a list or an async generator")
-
-

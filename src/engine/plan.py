@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import SessionSettings
+from .data import DataKind
 from .manifest import Manifest, NodeDecl
 from .registry import ExecutorKind, ExecutorRegistry, NodeTypeSpec
 
@@ -30,6 +31,15 @@ class PlannedNode:
     @property
     def is_source(self) -> bool:
         return not self.upstream
+
+    @property
+    def accepted_kinds(self) -> frozenset[DataKind] | None:
+        """The kinds of frame this node takes, None = any: its manifest's
+        `input_types` where declared (validated to lie within its class's),
+        else its class's. Along connections validation checked them; what a
+        caller sends to a source node is checked against them on arrival."""
+        kinds = self.decl.input_types
+        return None if not kinds or DataKind.ANY in kinds else frozenset(kinds)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,10 @@
 A manifest names node types; the registry maps each to a registered class.
 Nothing named by a manifest is ever imported. A manifest node's `executor`
 field wins over the class default where the class allows it.
+
+The registry knows nothing of where classes come from: the default one (the
+built-in `nodes` package plus plugins) is assembled by engine.catalog, the
+composition root, so that importing the registry never imports the nodes.
 """
 
 from __future__ import annotations
@@ -18,6 +22,51 @@ import jsonschema
 from .node import Node
 
 ExecutorKind = Literal["native", "multiprocess"]
+SourceKind = Literal["builtin", "test", "entry_point", "module", "registered"]
+
+
+@dataclass(frozen=True)
+class NodeSource:
+    """Where a node type came from, as `remotemedia-engine nodes` lists it."""
+
+    kind: SourceKind = "registered"
+    #: the entry point's name, or the module's for a runtime.toml module
+    name: str = ""
+    #: the installed distribution that declares the entry point
+    distribution: str = ""
+    #: the entry point's value (`pkg.module:Class`)
+    value: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "entry_point":
+            dist = f" ({self.distribution})" if self.distribution else ""
+            return f"entry point {self.name}{dist}"
+        if self.kind == "module":
+            return f"module {self.name} (runtime.toml)"
+        return {"builtin": "built-in", "test": "built-in (test nodes)"}.get(self.kind, self.kind)
+
+    def describe(self) -> dict[str, str]:
+        out = {"kind": self.kind}
+        out.update({k: v for k, v in (("name", self.name), ("distribution", self.distribution),
+                                      ("value", self.value)) if v})
+        return out
+
+
+REGISTERED = NodeSource()
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    """A plugin that did not load: reported at start-up and by `nodes`; the rest still load."""
+
+    source: NodeSource
+    error: str  # "ModuleNotFoundError: No module named 'x'"
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.error}"
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.source.name, "source": self.source.describe(), "error": self.error}
 
 
 @dataclass(frozen=True)
@@ -31,6 +80,7 @@ class NodeTypeSpec:
     params_validator: Any = field(repr=False)  # jsonschema validator (full error lists)
     params_fast: Any = field(repr=False)  # compiled fastjsonschema (the fast path)
     defaults: MappingProxyType = field(repr=False, default_factory=lambda: MappingProxyType({}))
+    source: NodeSource = REGISTERED
 
     def resolve_executor(self, requested: str | None) -> ExecutorKind:
         if requested is None or not self.overridable:
@@ -45,13 +95,30 @@ class NodeTypeSpec:
             out.setdefault(key, value)
         return out
 
+    def describe(self) -> dict[str, Any]:
+        """What `remotemedia-engine nodes --json` lists for this node type."""
+        doc = (self.cls.__doc__ or "").strip()
+        return {
+            "node_type": self.node_type,
+            "executor": self.executor,
+            "executor_overridable": self.overridable,
+            "input_types": [k.name.lower() for k in self.cls.input_types],
+            "output_types": [k.name.lower() for k in self.cls.output_types],
+            "source": self.source.describe(),
+            "class": f"{self.module}:{self.qualname}",
+            "description": doc.splitlines()[0] if doc else "",
+            "params_schema": self.cls.params_schema,
+        }
+
 
 class ExecutorRegistry:
     def __init__(self) -> None:
         self._specs: dict[str, NodeTypeSpec] = {}
+        #: plugins that did not load (see engine.catalog); their node types are absent
+        self.failures: list[PluginFailure] = []
 
     def register(self, cls: type[Node], *, node_type: str | None = None,
-                 executor: ExecutorKind | None = None) -> NodeTypeSpec:
+                 executor: ExecutorKind | None = None, source: NodeSource = REGISTERED) -> NodeTypeSpec:
         name = node_type or cls.node_type
         if not name:
             raise ValueError(f"{cls.__qualname__} declares no node_type")
@@ -78,6 +145,7 @@ class ExecutorRegistry:
             params_validator=jsonschema.Draft7Validator(schema),
             params_fast=fastjsonschema.compile(schema),
             defaults=MappingProxyType(defaults),
+            source=source,
         )
         self._specs[name] = spec
         return spec
@@ -91,6 +159,9 @@ class ExecutorRegistry:
     def names(self) -> list[str]:
         return sorted(self._specs)
 
+    def specs(self) -> list[NodeTypeSpec]:
+        return [self._specs[name] for name in self.names()]
+
     def suggest(self, node_type: str, n: int = 3) -> list[str]:
         lower = {k.lower(): k for k in self._specs}
         hits = difflib.get_close_matches(node_type.lower(), list(lower), n=n, cutoff=0.5)
@@ -100,15 +171,3 @@ class ExecutorRegistry:
         return sorted({s.module for s in self._specs.values()
                        if s.executor == "multiprocess" or s.overridable})
 
-
-def default_registry(*, test_nodes: bool = False) -> ExecutorRegistry:
-    """The built-in node types (plus the test nodes when enabled)."""
-    import nodes
-
-    registry = ExecutorRegistry()
-    for cls in nodes.builtin_nodes():
-        registry.register(cls)
-    if test_nodes:
-        for cls in nodes.test_nodes():
-            registry.register(cls)
-    return registry

@@ -46,6 +46,34 @@ class Output:
     data: RuntimeData
 
 
+class OutputSink(Protocol):
+    """Where a session's sink outputs go instead of its queue (Engine.stream's
+    `output_sink`). Outputs that can be taken at once are handed over right
+    where they arrive, without a task switch (as iteration gets them)."""
+
+    def has_room(self) -> bool:
+        """True when put_nowait() may be called now."""
+
+    def put_nowait(self, out: Output) -> None:
+        """Take `out` (called only after has_room() said True)."""
+
+    async def put(self, out: Output) -> None:
+        """Take `out`, waiting while full (the waiting is the backpressure)."""
+
+
+class AwaitedSink:
+    """An async callable as an OutputSink: every output is awaited into it."""
+
+    def __init__(self, fn: Callable[[Output], Awaitable[None]]) -> None:
+        self.put = fn
+
+    def has_room(self) -> bool:
+        return False
+
+    def put_nowait(self, out: Output) -> None:  # pragma: no cover - has_room() is False
+        raise RuntimeError("AwaitedSink takes outputs only through put()")
+
+
 @dataclass(frozen=True, slots=True)
 class InitProgress:
     node_id: str
@@ -99,14 +127,13 @@ class Session:
         on_close: Callable[[Session], Any] | None = None,
         session_id: str | None = None,
         observer: Observer | None = None,
-        output_sink: Callable[[Output], Awaitable[None]] | None = None,
+        output_sink: OutputSink | Callable[[Output], Awaitable[None]] | None = None,
     ) -> None:
         self.id = session_id or uuid.uuid4().hex[:16]
         self.manifest = manifest
         self.plan = plan
         self.settings = settings
         self.metrics = SessionMetrics()
-        self.progress_events: list[InitProgress] = []
         self._on_progress = on_progress
         self._on_close = on_close
         self._factory = runner_factory
@@ -123,7 +150,8 @@ class Session:
         self._send_times: dict[int, float] = {}
         self._started_at = time.perf_counter()
         self._observer = observer
-        self._sink = output_sink
+        self._sink: OutputSink | None = output_sink if output_sink is None or hasattr(output_sink, "has_room") \
+            else AwaitedSink(output_sink)  # type: ignore[arg-type]
         self._deadline: asyncio.TimerHandle | None = None
         self.memory_watched = False  # set once a process executor samples this session
         #: turns voided in this session (see engine.turns); native nodes share it
@@ -181,7 +209,6 @@ class Session:
     def _progress(self, node_id: str, phase: str, percent: float, message: str) -> None:
         ev = InitProgress(node_id, phase, percent, message,
                           int((time.perf_counter() - self._started_at) * 1000))
-        self.progress_events.append(ev)
         if self._on_progress is not None:
             try:
                 self._on_progress(ev)
@@ -244,7 +271,7 @@ class Session:
         if planned.is_sink:
             out = self._sink_output(planned, frame)
             if self._sink is not None:
-                await self._sink(out)
+                await self._sink.put(out)
             else:
                 await self._outputs.put(out)
             return
@@ -256,12 +283,25 @@ class Session:
         """emit() when it needs no waiting: a sink's output while the caller's
         queue has room. False = not done (use emit)."""
         planned = self.plan.nodes[node_id]
-        if not planned.is_sink or self._sink is not None or len(self._outputs) >= self._outputs.capacity \
-                or getattr(frame, "schema_type", None) == TURN_EVENT_SCHEMA:
+        if not planned.is_sink or getattr(frame, "schema_type", None) == TURN_EVENT_SCHEMA:
+            return False
+        sink = self._sink
+        if not (sink.has_room() if sink is not None else len(self._outputs) < self._outputs.capacity):
             return False
         if self.turns.drops(frame):
             return True
-        return self._outputs.try_put(self._sink_output(planned, frame))
+        out = self._sink_output(planned, frame)
+        if sink is None:
+            return self._outputs.try_put(out)  # room checked above
+        sink.put_nowait(out)
+        return True
+
+    def forwards_encoded(self, node_id: str) -> bool:
+        """True when every output of `node_id` goes to node processes only, so
+        its frames may stay encoded on the way (see codec.Encoded)."""
+        planned = self.plan.nodes[node_id]
+        return (not planned.is_sink and self._on_frame is None and bool(planned.downstream)
+                and all(self.plan.nodes[t].executor == "multiprocess" for t in planned.downstream))
 
     async def deliver(self, event: TurnEvent, source: str) -> None:
         """Hand a turn event from node `source` to every other node (see engine.turns)."""

@@ -10,7 +10,8 @@ progress), says Ready, and processes frames as they arrive: a node with
 plain process()/flush() from a loop that blocks in poll() between frames,
 an async one on the process's asyncio loop, both woken by iceoryx2 events.
 Control (ping, shutdown) is read by a thread so it is never stuck behind
-data. A timer (SIGALRM) ends the process when one process() call exceeds
+data. The node itself is called through the node host (`engine.host`), as in the
+engine. A timer (SIGALRM) ends the process when one process() call exceeds
 its deadline. The process exits when the engine closes the control socket
 (engine gone) and, through PR_SET_PDEATHSIG, when the zygote dies.
 """
@@ -22,20 +23,19 @@ import collections
 import importlib
 import inspect
 import os
+import pickle
 import select
 import signal
 import socket
 import threading
 import time
 import traceback
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from . import _fastpath
-from .data import RuntimeData
-from .errors import EngineError, ErrorType
+from .data import DataKind, RuntimeData
+from .errors import EngineError, ErrorType, NodeExecutionError
+from .executors.base import NodeStats
+from .host import Deadline, NodeHost
 from .ipc import codec, iox
 from .ipc.channel import EOS, FrameReceiver, FrameSender, Inbox
 from .ipc.control import (
@@ -54,116 +54,10 @@ from .ipc.control import (
     Stats,
     SyncChannel,
 )
-from .node import FrameMemory, Node, iterate_outputs
+from .ipc.endpoints import Endpoints, ProcessArgs
+from .ipc.loans import LoanedMemory, loan_of, send_in_place
+from .node import Node
 from .turns import TURN_EVENT_SCHEMA, TurnEvent, TurnLedger
-
-try:  # imported here so the zygote preloads it (an import in the child costs ~6 ms a start)
-    import uvloop
-except ImportError:  # pragma: no cover - uvloop is a declared dependency
-    uvloop = None  # type: ignore[assignment]
-
-
-@dataclass(frozen=True)
-class EngineSpace:
-    """Where the engine's iceoryx2 files are and how many slots its inbox has (fixed per engine)."""
-
-    root: str
-    prefix: str
-    inbox_slots: int
-
-
-@dataclass(frozen=True)
-class ProcessArgs:
-    """What a node process needs before it knows its node: where its channels are."""
-
-    space: EngineSpace
-    names: iox.ChannelNames
-    capacity: int
-    #: this process's slot on the engine's inbox
-    slot: int
-
-
-class Endpoints:
-    """A process's own iceoryx2 set-up, independent of any session: its
-    iceoryx2 node, a notifier on the engine's inbox, and its own inbox.
-
-    The zygote keeps one standby child with these made (and its event loop
-    created) before anyone asks for a process; a child forked on demand makes
-    them first thing.
-    """
-
-    def __init__(self, es: EngineSpace) -> None:
-        self.space = iox.IpcSpace(es.root, es.prefix)
-        self.ionode = self.space.node(f"w{os.getpid()}")
-        self.to_engine = iox.open_event_service(self.ionode, iox.ENGINE_INBOX, es.inbox_slots, "open").notifier_builder().create()
-        self.inbox_name = f"rm/proc/{os.getpid()}x{os.urandom(4).hex()}/inbox"
-        self.listener, self.fd = iox.make_listener(iox.open_event_service(self.ionode, self.inbox_name, how="create"), self.space)
-        self.loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
-
-
-#: bytes kept for a frame's meta (JSON: metadata, source, layout) in front of
-#: an in-place payload; a frame whose meta outgrows it is sent by copy
-META_ROOM = 1024
-
-
-class Loan:
-    """A loaned output sample whose payload a node writes in place."""
-
-    __slots__ = ("sample", "address", "offset", "nbytes")
-
-    def __init__(self, sample: Any, offset: int, nbytes: int) -> None:
-        self.sample = sample
-        self.address = sample.payload_ptr
-        self.offset = offset
-        self.nbytes = nbytes
-
-
-class LoanedMemory(FrameMemory):
-    """New output frames in the output channel's shared memory (see Node.new_tensor).
-
-    Falls back to the heap when no sample can be loaned (the publisher's
-    loan limit; the frame is then sent by copy like any other).
-    """
-
-    def __init__(self, sender: FrameSender) -> None:
-        self.sender = sender
-        self.lent = False  # any loan made yet (else no output can be in place)
-
-    def array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        offset = _fastpath.payload_offset(len(shape), META_ROOM)
-        try:
-            sample = iox.loan_slice(self.sender.pub, offset + nbytes)
-        except Exception:  # noqa: BLE001 - loan limit or memory: the heap will do
-            return super().array(shape, dtype)
-        self.lent = True
-        loan = Loan(sample, offset, nbytes)
-        view = _fastpath.SharedView(loan.address + offset, nbytes, loan, True)
-        return np.frombuffer(view, dtype=dtype, count=nbytes // dtype.itemsize if dtype.itemsize else 0).reshape(shape)
-
-
-def _array_of(frame: RuntimeData) -> np.ndarray | None:
-    arr = getattr(frame, "array", None)  # TensorData
-    return getattr(frame, "samples", None) if arr is None else arr  # AudioData
-
-
-def loan_of(frame: RuntimeData) -> Loan | None:
-    """The loan a frame's payload lies in, if the whole payload is exactly that loan."""
-    arr = _array_of(frame)
-    if arr is None:
-        return None
-    base = arr
-    while isinstance(base, np.ndarray):
-        base = base.base
-    if isinstance(base, memoryview):
-        base = base.obj
-    if not isinstance(base, _fastpath.SharedView) or not isinstance(base.owner, Loan):
-        return None
-    loan = base.owner
-    if loan.sample is None or arr.ctypes.data != loan.address + loan.offset or arr.nbytes != loan.nbytes \
-            or not arr.flags.c_contiguous:
-        return None
-    return loan
 
 
 def _plain(fn: Any) -> bool:
@@ -171,7 +65,15 @@ def _plain(fn: Any) -> bool:
 
 
 def load_class(module: str, qualname: str) -> type[Node]:
-    obj: Any = importlib.import_module(module)
+    try:
+        obj: Any = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if not exc.name or not (module == exc.name or module.startswith(exc.name + ".")):
+            raise  # the module itself imports something missing: its own error says what
+        raise NodeExecutionError(
+            f"initialize() failed: the node process cannot import {module!r} ({exc}); node processes "
+            f"import with the engine's own import path (its sys.path entries and PYTHONPATH): make "
+            f"{module!r} importable there, e.g. install it or add its folder to PYTHONPATH") from exc
     for part in qualname.split("."):
         obj = getattr(obj, part)
     return obj
@@ -181,8 +83,33 @@ class NodeFailed(Exception):
     """An event handler failed; its Failure was sent already."""
 
 
-def _error_type(exc: BaseException) -> str:
-    return exc.error_type.name if isinstance(exc, EngineError) else ErrorType.NODE_EXECUTION.name
+class AlarmDeadline(Deadline):
+    """The process() deadline: SIGALRM with its default action ends the
+    process even when process() is stuck in native code holding the GIL; the
+    engine reports that death as the timeout. A timer costs a syscall per
+    call and nothing while idle (a watchdog thread polled)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._armed = False
+
+    def arm(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        self._armed = True
+
+    def disarm(self) -> None:
+        if self._armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self._armed = False
+
+
+def _picklable(context: dict[str, Any]) -> dict[str, Any]:
+    try:
+        pickle.dumps(context)
+        return dict(context)
+    except Exception:  # noqa: BLE001 - whatever a node put there: its text will do
+        return {k: v if isinstance(v, str | int | float | bool | type(None)) else repr(v)
+                for k, v in context.items()}
 
 
 class Worker:
@@ -192,15 +119,12 @@ class Worker:
         self.endpoints = endpoints
         self.assigned: Assign | None = None
         self._assign = threading.Event()
-        self.node: Node | None = None
+        self.host: NodeHost | None = None
+        self.counts = NodeStats()  # the node host's counters
         self.stopping = False
-        self.items_in = self.items_out = 0
-        self.busy_s = 0.0
         self.send_s = 0.0  # CPU spent handing outputs to the channel (encoding, copying)
         self.sent_in_place = 0
-        self._busy_seq: int | None = None
-        self._armed = False
-        self._memory: Any = None  # the node's LoanedMemory, once it exists
+        self._memory: LoanedMemory | None = None  # the node's, once it exists
         self._wake = asyncio.Event()
         self._channels_ready = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -255,21 +179,9 @@ class Worker:
         except BlockingIOError:  # already signalled
             pass
 
-    def _arm(self) -> None:
-        # The process() deadline: SIGALRM with its default action ends the
-        # process even when process() is stuck in native code holding the
-        # GIL; the engine reports that death as the timeout. A timer costs a
-        # syscall per call and nothing while idle (a watchdog thread polled).
-        signal.setitimer(signal.ITIMER_REAL, self._timeout)
-        self._armed = True
-
-    def _disarm(self) -> None:
-        if self._armed:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            self._armed = False
-
     def stats(self) -> Stats:
-        return Stats(self.items_in, self.items_out, self.busy_s, cpu_s=time.process_time(),
+        c = self.counts
+        return Stats(c.items_in, c.items_out, c.busy_s, cpu_s=time.process_time(),
                      extra={"send_s": self.send_s, "sent_in_place": self.sent_in_place})
 
     # ---------------------------------------------------------------- main
@@ -314,19 +226,20 @@ class Worker:
     async def _serve(self, receiver: FrameReceiver, sender: FrameSender) -> int:
         a = self.assigned
         assert a is not None
-        self._timeout = a.process_timeout_secs
-        self._node_id = a.node_id
-        self._where = "initialize"
+        self._sender = sender
+
+        async def emit(out: RuntimeData) -> None:
+            await self._send(out, sender)
+
+        self._emit = emit
         try:
             cls = load_class(a.module, a.qualname)
-            node = cls(a.node_id, dict(a.params))
-            node._progress = lambda phase, pct, msg: self.ctrl.send(Progress(phase, pct, msg))
-            node._memory = self._memory = LoanedMemory(sender)
-            node._turns = self.turns
-            self._sender = sender
-            result = node.initialize()
-            if inspect.isawaitable(result):
-                await result
+            host = self.host = NodeHost(a.node_id, cls, dict(a.params), stats=self.counts, turns=self.turns,
+                                        deadline=AlarmDeadline(a.process_timeout_secs),
+                                        accepts=None if a.accepts is None else [DataKind(k) for k in a.accepts])
+            self._memory = LoanedMemory(sender)
+            node = await host.start(lambda phase, pct, msg: self.ctrl.send(Progress(phase, pct, msg)),
+                                    self._memory)
             # A node whose process() and flush() are plain functions is driven
             # by a loop that blocks in poll() between frames, without the event
             # loop's task switches (most of a hop's cost here). A node with
@@ -334,7 +247,6 @@ class Worker:
             self._blocking = (self._inbox.fd is not None and _plain(node.process) and _plain(node.flush))
             if self._blocking:
                 self._inbox.detach()
-            self.node = node
             self.ctrl.send(Ready())
             signal.signal(signal.SIGALRM, signal.SIG_DFL)
             borrow = bool(node.zero_copy_inputs)
@@ -344,7 +256,7 @@ class Worker:
                 self._wake.clear()
                 self._drain_events()
                 if self._events:
-                    await self._take_events(sender)
+                    await self._take_events()
                 receiver.return_borrowed()
                 item = receiver.receive(borrow)
                 if item is None:
@@ -355,51 +267,52 @@ class Worker:
                         await self._wake.wait()
                     continue
                 if item is EOS:
-                    await self._finish_events(sender)
-                    self._where = "flush"
-                    await self._run(node.flush, None, sender)
+                    await self._finish_events()
+                    await host.flush(emit)
                     await self._send_prepared(codec.eos_prepared(), sender)
                     self.ctrl.send(self.stats())
                     continue
-                self.items_in += 1
-                if self.turns.drops(item):  # its turn was cancelled or interrupted while it waited
-                    item = None
-                    continue
-                self._where = "process"
-                await self._run(node.process, item, sender)
+                await host.process(item, emit)
                 item = None  # a lent input goes back as soon as the node let it go
         except Exception as exc:
-            self._report_failure(self._where, exc)
+            self._report_failure(exc, self.host.where if self.host is not None else "initialize")
             return 1
         await self._cancel_events()
         try:
-            if self.node is not None:
-                result = self.node.cleanup()
-                if inspect.isawaitable(result):
-                    await result
+            if self.host is not None:
+                await self.host.cleanup()
         finally:
             self.ctrl.send(ShutdownAck(self.stats()))
         return 0
 
-    def _report_failure(self, where: str, exc: BaseException) -> None:
+    def _report_failure(self, exc: BaseException, where: str) -> None:
         if self._failed:
             return
         self._failed = True
-        self.ctrl.send(Failure(where, _error_type(exc), f"{where}() failed: {type(exc).__name__}: {exc}",
-                               "".join(traceback.format_exception(exc)), self._busy_seq))
+        if isinstance(exc, NodeFailed):
+            return
+        if self.host is not None:
+            err = self.host.wrap(exc, where)
+        elif isinstance(exc, EngineError):
+            err = exc
+        else:
+            err = NodeExecutionError(f"{where}() failed: {type(exc).__name__}: {exc}")
+        self.ctrl.send(Failure(err.context.get("where", where), err.error_type.name, err.message,
+                               err.traceback_text or "".join(traceback.format_exception(exc)),
+                               err.context.get("sequence"), type(err).__name__, _picklable(err.context)))
 
     # ---------------------------------------------------------------- turn events
 
     def _events_arrived(self) -> None:
         # On the loop: an async node takes its events at once, while a running
         # process() awaits; a plain node's blocking loop takes them between frames.
-        if self.node is not None and not self._blocking and self._sender is not None:
-            self._start_event_tasks(self._sender)
+        if self.host is not None and self.host.node is not None and not self._blocking:
+            self._start_event_tasks()
 
-    def _start_event_tasks(self, sender: FrameSender) -> None:
+    def _start_event_tasks(self) -> None:
         loop = asyncio.get_running_loop()
         while self._events:
-            task = loop.create_task(self._run_event(self._events.popleft(), sender))
+            task = loop.create_task(self._run_event(self._events.popleft()))
             self._event_tasks.add(task)
             task.add_done_callback(self._event_done)
 
@@ -408,18 +321,18 @@ class Worker:
         if not task.cancelled() and task.exception() is not None:
             # The node failed: say so now (the data loop may be inside a long
             # process()); the engine tears the session down, which stops us.
-            self._report_failure("on_turn_event", task.exception())  # type: ignore[arg-type]
+            self._report_failure(task.exception(), "on_turn_event")  # type: ignore[arg-type]
 
-    async def _take_events(self, sender: FrameSender) -> None:
+    async def _take_events(self) -> None:
         if self._blocking:
             while self._events:
-                await self._run_event(self._events.popleft(), sender)
+                await self._run_event(self._events.popleft())
         else:
-            self._start_event_tasks(sender)
+            self._start_event_tasks()
 
-    async def _finish_events(self, sender: FrameSender) -> None:
+    async def _finish_events(self) -> None:
         """Before end of stream: every event taken and its outputs sent."""
-        await self._take_events(sender)
+        await self._take_events()
         while self._event_tasks:
             await asyncio.gather(*self._event_tasks, return_exceptions=True)
         if self._failed:
@@ -431,15 +344,9 @@ class Worker:
         if self._event_tasks:
             await asyncio.gather(*self._event_tasks, return_exceptions=True)
 
-    async def _run_event(self, event: TurnEvent, sender: FrameSender) -> None:
-        node = self.node
-        if node is None or type(node).on_turn_event is Node.on_turn_event:
-            return
-        result = node.on_turn_event(event)
-        if inspect.isawaitable(result):
-            result = await result
-        async for out in iterate_outputs(result):
-            await self._send(out, event.sequence, sender)
+    async def _run_event(self, event: TurnEvent) -> None:
+        if self.host is not None:
+            await self.host.turn_event(event, self._emit)
 
     def _drain_events(self) -> None:
         # A synchronous process() keeps the loop from running the inbox
@@ -457,6 +364,8 @@ class Worker:
             if fd == self._wake_r:
                 os.read(self._wake_r, 64)
 
+    # ---------------------------------------------------------------- outputs
+
     async def _send_prepared(self, p: codec.Prepared, sender: FrameSender) -> None:
         """Send one frame, waiting for room while the engine's buffer is full."""
         if sender.try_send(p):
@@ -473,31 +382,8 @@ class Worker:
                 self._block()
                 self._drain_events()
 
-    async def _run(self, fn: Any, frame: Any, sender: FrameSender) -> None:
-        seq = frame.sequence if frame is not None else self._busy_seq
-        self._busy_seq = seq
-        t0 = time.monotonic()
-        self._arm()
-        try:
-            result = fn(frame) if frame is not None else fn()
-            if result is None:
-                return
-            if isinstance(result, RuntimeData):  # the common case, without generator machinery
-                self._disarm()
-                await self._send(result, seq, sender)
-                return
-            if inspect.isawaitable(result):
-                result = await result
-            async for out in iterate_outputs(result):
-                self._disarm()  # waiting for the consumer is not the node's time
-                await self._send(out, seq, sender)
-                self._arm()
-        finally:
-            self._disarm()
-            self.busy_s += time.monotonic() - t0
-
-
-    async def _send(self, out: RuntimeData, seq: int | None, sender: FrameSender) -> None:
+    async def _send(self, out: RuntimeData, sender: FrameSender) -> None:
+        """A stamped output (see NodeHost) → the output channel, in place when it can."""
         if self.turns.drops(out):
             return
         if getattr(out, "schema_type", None) == TURN_EVENT_SCHEMA:
@@ -505,36 +391,13 @@ class Worker:
             if event is not None:
                 self.turns.note(event)  # this node's own cancel applies here too
         t0 = time.thread_time()
-        out.sequence = seq
-        out.source = self._node_id
-        self.items_out += 1
         p = codec.prepare(out)
-        loan = loan_of(out) if self._memory.lent else None
-        if loan is not None and self._send_in_place(p, loan, out, sender):
+        loan = loan_of(out) if self._memory is not None and self._memory.lent else None
+        if loan is not None and send_in_place(p, loan, out, sender):
             self.sent_in_place += 1
         else:
             await self._send_prepared(p, sender)
         self.send_s += time.thread_time() - t0
-
-    @staticmethod
-    def _send_in_place(p: codec.Prepared, loan: Loan, out: RuntimeData, sender: FrameSender) -> bool:
-        """Send a frame whose payload was written into its loaned sample; False = send it by copy."""
-        if len(p.meta) > META_ROOM:
-            return False  # the loan stays valid as the copy's source until it is collected
-        payload_at = loan.address + loan.offset
-        _fastpath.header_to_address(loan.address, loan.offset + loan.nbytes, p.kind, p.elem, p.sequence,
-                                    p.timestamp_us, p.a, p.b, p.extra, 0, p.shape,
-                                    p.meta.ljust(META_ROOM), loan.nbytes)  # JSON allows trailing blanks
-        sample, loan.sample = loan.sample, None
-        _array_of(out).flags.writeable = False  # type: ignore[union-attr]  # it is the consumer's now
-        if sender.send_loaned(sample):
-            return True
-        # The channel was full, and the sample went back to the pool unsent.
-        # Nothing in this process loans before this line, so the payload is
-        # still there: take a copy and send it the usual way (with credit).
-        p.payload = bytearray(loan.nbytes)
-        _fastpath.copy_from_address(payload_at, p.payload)
-        return False
 
 
 def run(ctrl_fd: int, args: ProcessArgs, endpoints: Endpoints | None = None) -> int:
@@ -548,7 +411,7 @@ def run(ctrl_fd: int, args: ProcessArgs, endpoints: Endpoints | None = None) -> 
     except Exception as exc:
         try:
             ctrl.send(Failure("startup", ErrorType.INTERNAL.name, f"node process failed to start: {exc}",
-                              "".join(traceback.format_exception(exc))))
+                              "".join(traceback.format_exception(exc)), error_class="InternalError"))
         except OSError:
             pass
         return 1

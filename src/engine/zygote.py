@@ -8,18 +8,14 @@ then forks node processes; children share the preloaded pages copy-on-write.
 It holds no iceoryx2 object itself (one must never cross a fork).
 
 It keeps STANDBYS standby children (`standby_processes`): forked ahead, with
-their event loop, iceoryx2 node and inbox already made (`worker.Endpoints`),
+their event loop, iceoryx2 node and inbox already made (`ipc.endpoints.Endpoints`),
 waiting on a private socket. A request is answered with the oldest, and new
 standbys are forked once requests pause, so a burst past them forks on
 demand and never waits for a standby.
 
-Protocol on its SOCK_SEQPACKET socket with the engine (pickled dicts):
-  engine → zygote  {"op": "spawn", "req": n, "args": worker.ProcessArgs} + the child's control fd
-  zygote → engine  {"op": "spawned", "req": n, "pid": pid, "inbox": name or None}
-                   (the standby, with its inbox when made, or a fresh fork)
-                   {"op": "exited", "pid": pid, "status": wait status}
-                   {"op": "error", "req": n, "message": str}
-End of the engine socket → the zygote kills every child's process group and exits.
+Protocol on its SOCK_SEQPACKET socket with the engine: the typed messages
+of `ipc.zygote_protocol` (Spawn → Spawned | Refused; Exited). End of the
+engine socket → the zygote kills every child's process group and exits.
 """
 
 from __future__ import annotations
@@ -99,8 +95,9 @@ def _standby(sock: socket.socket, space, close_fds: list[int]) -> None:
         _become_child(close_fds)
         set_process_name(STANDBY_NAME)
         from engine import worker
+        from engine.ipc.endpoints import Endpoints
 
-        endpoints = worker.Endpoints(space)
+        endpoints = Endpoints(space)
         try:  # the engine opens it while this process starts
             sock.send(endpoints.inbox_name.encode())
         except OSError:  # already handed a request (still queued here): the process reports it itself
@@ -128,11 +125,12 @@ def main(argv: list[str]) -> int:
     set_parent_death_signal(signal.SIGKILL)
     set_process_name(ZYGOTE_NAME)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine orchestrates shutdown
-    from engine.worker import EngineSpace
+    from engine.ipc import zygote_protocol as zp
+    from engine.ipc.endpoints import EngineSpace
 
     space = EngineSpace(argv[1], argv[2], int(argv[3]))
     n_standby = int(argv[4])
-    for name in ("numpy", "iceoryx2", "orjson", "engine.worker", "engine.ipc.channel", *argv[5:]):
+    for name in ("numpy", "iceoryx2", "orjson", "engine.worker", *argv[5:]):
         try:
             importlib.import_module(name)
         except Exception as exc:  # a broken node module fails its nodes, not the zygote
@@ -151,9 +149,9 @@ def main(argv: list[str]) -> int:
     sel.register(sock, selectors.EVENT_READ, "engine")
     sel.register(rsig, selectors.EVENT_READ, "sigchld")
 
-    def reply(msg: dict) -> None:
+    def reply(msg: zp.ZygoteMessage) -> None:
         try:
-            sock.send(pickle.dumps(msg))
+            sock.send(zp.dumps(msg))
         except OSError:
             pass
 
@@ -199,7 +197,7 @@ def main(argv: list[str]) -> int:
                 if standby_deaths == MAX_STANDBY_DEATHS:
                     print("zygote: standby processes keep dying; forking on demand only", file=sys.stderr)
                 continue
-            reply({"op": "exited", "pid": pid, "status": status})
+            reply(zp.Exited(pid, status))
 
     def hand_over(args, ctrl_fd: int) -> tuple[int | None, str | None]:
         """Give the request to the oldest standby: (its pid or None, its inbox if it is made)."""
@@ -242,20 +240,23 @@ def main(argv: list[str]) -> int:
                     data, fds = b"", []
                 if not data:
                     return 0
-                msg = pickle.loads(data)
-                if msg["op"] != "spawn" or len(fds) != 1:
+                try:
+                    msg = zp.loads(data)
+                except Exception:  # noqa: BLE001 - answered, not fatal
+                    msg = None
+                if not isinstance(msg, zp.Spawn) or len(fds) != 1:
                     for fd in fds:
                         os.close(fd)
-                    reply({"op": "error", "req": msg.get("req"), "message": "bad request"})
+                    reply(zp.Refused(getattr(msg, "req", None), "bad request"))
                     continue
-                pid, inbox = hand_over(msg["args"], fds[0])
+                pid, inbox = hand_over(msg.args, fds[0])
                 if pid is None:
                     pid = os.fork()
                     if pid == 0:
-                        _child(fds[0], msg["args"], private_fds())
+                        _child(fds[0], msg.args, private_fds())
                 os.close(fds[0])
                 children.add(pid)
-                reply({"op": "spawned", "req": msg["req"], "pid": pid, "inbox": inbox})
+                reply(zp.Spawned(msg.req, pid, inbox))
     finally:
         for pid in list(children):
             try:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from engine.node import Node
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # importing the package itself loads no engine module
+    from engine.node import Node
+
+#: engine.catalog checks this to tell the built-in package from a module of the
+#: same name that hides it (an app's own nodes.py)
+REMOTEMEDIA_BUILTIN_NODES = True
 
 
 def builtin_nodes() -> list[type[Node]]:

@@ -6,10 +6,14 @@ import abc
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..data import RuntimeData
-from ..turns import TurnEvent
+from ..turns import TurnEvent, TurnLedger
+
+if TYPE_CHECKING:
+    from ..config import SessionSettings
+    from ..errors import EngineError
 
 #: called by a runner for every frame its node emits (the session routes it)
 Emit = Callable[[str, RuntimeData], Awaitable[None]]
@@ -30,6 +34,41 @@ class NodeStats:
     cpu_s: float = 0.0
     dropped: int = 0
     extra: dict = field(default_factory=dict)
+
+
+class RunnerContext(Protocol):
+    """What a runner may use of the session it runs a node for."""
+
+    id: str
+    settings: SessionSettings
+    #: the session's turn ledger (voided turns; see engine.turns)
+    turns: TurnLedger
+
+    @property
+    def error(self) -> EngineError | None:
+        """The session's first error, if it failed."""
+
+    @property
+    def state(self) -> str:
+        """new → starting → running → closing → closed."""
+
+    async def emit(self, node_id: str, frame: RuntimeData) -> None:
+        """Route one output of `node_id` (awaits downstream room)."""
+
+    def emit_nowait(self, node_id: str, frame: RuntimeData) -> bool:
+        """Route an output if that needs no waiting; False = use emit()."""
+
+    async def node_ended(self, node_id: str) -> None:
+        """`node_id` has flushed at end of stream."""
+
+    def forwards_encoded(self, node_id: str) -> bool:
+        """True when `node_id`'s outputs all go to node processes (they may stay encoded)."""
+
+    def track(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
+        """Run a task the session owns (cancelled at close; its failure fails the session)."""
+
+    def fail_soon(self, error: BaseException) -> None:
+        """Fail the session with `error` (from a callback: the teardown runs in a task)."""
 
 
 class NodeRunner(abc.ABC):

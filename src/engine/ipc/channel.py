@@ -21,6 +21,8 @@ import collections
 import threading
 from collections.abc import Callable
 
+from .. import _fastpath
+from ..data import DataKind
 from . import codec
 from .iox import EV_CREDIT, EV_DATA, EV_SPAN, EV_WANT_CREDIT, assume_init, event_id, loan_slice
 
@@ -111,13 +113,24 @@ class FrameSender:
         self.notifier.notify_with_custom_event_id(self._ev_data)
         return True
 
-    async def send(self, p: codec.Prepared, *, drop_when_full: bool = False) -> bool:
+    def try_send_encoded(self, frame: codec.Encoded) -> bool:
+        """try_send() for a frame still encoded: its bytes are copied as they are."""
+        size = len(frame.data)
+        sample = loan_slice(self.pub, size)
+        _fastpath.copy_to_address(sample.payload_ptr, size, frame.data)
+        if assume_init(sample).send() == 0:
+            return False
+        self.notifier.notify_with_custom_event_id(self._ev_data)
+        return True
+
+    async def send(self, p: codec.Prepared | codec.Encoded, *, drop_when_full: bool = False) -> bool:
         """Send one frame; wait for credit while the consumer's buffer is full.
 
         With `drop_when_full` a full buffer refuses the frame instead (returns
         False; the caller counts the drop).
         """
-        while not self.try_send(p):
+        try_send = self.try_send_encoded if type(p) is codec.Encoded else self.try_send
+        while not try_send(p):  # type: ignore[arg-type]
             if drop_when_full:
                 return False
             if self.closed:
@@ -183,6 +196,29 @@ class FrameReceiver:
                 sample.delete()
         self.freed()
         return EOS if frame is None else frame
+
+    def receive_encoded(self):
+        """Next frame without decoding its payload (a codec.Encoded; a JSON
+        frame decoded), codec.EOS, or None when empty."""
+        sample = self.sub.receive()
+        if sample is None:
+            return None
+        length = sample.header.number_of_elements
+        try:
+            address = sample.payload_ptr
+            header = _fastpath.decode_at_address(address, length)
+            if header[0] == codec.KIND_EOS:
+                frame: object = EOS
+            elif header[0] == DataKind.JSON:
+                frame = codec.decode_from_address(address, length)
+            else:
+                data = bytearray(length)
+                _fastpath.copy_from_address(address, data)
+                frame = codec.Encoded(data, header)
+        finally:
+            sample.delete()
+        self.freed()
+        return frame
 
     def return_borrowed(self) -> None:
         """Give back the samples whose frames are gone (call on the receiving thread)."""

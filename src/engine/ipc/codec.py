@@ -91,6 +91,33 @@ def prepare(frame: RuntimeData) -> Prepared:
     raise TypeValidationError(f"cannot encode {type(frame).__name__}")
 
 
+class Encoded:
+    """A frame still in its wire form, on its way from one node process to
+    another: its header is read (routing, a voided turn's drop), its payload
+    is neither decoded nor encoded again; it is copied as it is.
+
+    Only frames whose kind is not JSON travel so (a JSON frame may be a turn
+    event, which the session routes by its content).
+    """
+
+    __slots__ = ("data", "kind", "sequence", "metadata", "source")
+    schema_type = ""
+
+    def __init__(self, data: bytearray, header: tuple) -> None:
+        self.data = data
+        meta_b = header[9]
+        meta = orjson.loads(meta_b) if meta_b else {}
+        self.kind = DataKind(header[0])
+        self.sequence = None if header[2] == NO_SEQUENCE else header[2]
+        self.metadata = meta.get("md", {})
+        self.source = meta.get("src")
+
+    def decode(self) -> RuntimeData:
+        frame = decode(self.data)
+        assert frame is not None
+        return frame
+
+
 def eos_prepared() -> Prepared:
     return Prepared(KIND_EOS, 0, NO_SEQUENCE, 0, 0, 0, 0, (), _EMPTY, _EMPTY)
 

@@ -58,6 +58,8 @@ class Assign:
     qualname: str
     params: dict
     process_timeout_secs: float
+    #: the data kinds (DataKind values) the node takes; None = any
+    accepts: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -76,11 +78,13 @@ class Ready:
 class Failure:
     """The node failed; the process exits right after sending this."""
 
-    where: str  # "initialize" | "process" | "flush" | "timeout" | "startup"
+    where: str  # "initialize" | "process" | "flush" | "on_turn_event" | "startup"
     error_type: str  # errors.ErrorType name
-    message: str
+    message: str  # EngineError.message (without the node prefix)
     traceback: str = ""
     sequence: int | None = None
+    error_class: str = ""  # the EngineError subclass raised (errors.ERROR_CLASSES)
+    context: dict = field(default_factory=dict)  # its context, where it pickles
 
 
 @dataclass(frozen=True)

@@ -59,13 +59,6 @@ class IpcSpace:
                 .signal_handling_mode(iox2.SignalHandlingMode.Disabled)
                 .create(iox2.ServiceType.Ipc))
 
-    def files(self) -> list[str]:
-        """Every file this space holds now (shm objects and the root folder)."""
-        shm = [f"/dev/shm/{f}" for f in os.listdir("/dev/shm") if f.startswith(self.prefix)
-               and not f.endswith(".global_mgmt")]
-        root = [str(p) for p in Path(self.root).rglob("*") if p.is_file()] if os.path.isdir(self.root) else []
-        return shm + root
-
     def remove(self) -> None:
         """Remove everything under this space (the engine is shutting down)."""
         for f in os.listdir("/dev/shm"):

@@ -1,6 +1,6 @@
 """Engine values ↔ remotemedia.v1 messages: errors, metrics, versions, limits.
 
-Frames themselves convert in `engine.wire`; this module holds what only the
+Frames themselves convert in `engine.server.wire`; this module holds what only the
 gRPC service needs.
 """
 

@@ -17,12 +17,12 @@ from typing import Any
 import orjson
 from grpc import aio
 
-from .. import wire
 from .._proto import common_pb2 as pb
 from .._proto import execution_pb2 as epb
 from .._proto import execution_pb2_grpc as epb_grpc
 from ..engine import Engine
 from ..errors import EngineError, ValidationError, VersionMismatchError
+from . import wire
 from .convert import (
     check_client_version,
     engine_error,

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 from grpc import aio
 
-from .. import wire
 from .._proto import streaming_pb2 as spb
 from .._proto import streaming_pb2_grpc as spb_grpc
 from ..config import ServerSettings
@@ -43,6 +42,7 @@ from ..engine import Engine
 from ..errors import EngineError, ValidationError, VersionMismatchError
 from ..fifo import BoundedFifo
 from ..session import InitProgress, Output, Session
+from . import wire
 from .convert import (
     check_client_version,
     engine_error,
@@ -178,7 +178,7 @@ class StreamCall:
     def _open_session(self, init: spb.StreamInit) -> None:
         self.session = self.engine.stream(init.manifest, on_progress=self._progress,
                                           limits=limits_from_proto(init.resource_limits),
-                                          output_sink=self._deliver)
+                                          output_sink=self)
         self.metrics.sessions.labels("stream").inc()
         self.log = logging.LoggerAdapter(log, {"session_id": self.session.id, "node_id": "-"})
         self.known_nodes = set(self.session.plan.order)
@@ -374,8 +374,17 @@ class StreamCall:
         if self.session.error is not None:
             self._fail(self.session.error)
 
-    async def _deliver(self, out: Output) -> None:
-        """The session's sink: each output becomes a result (waits while the outbox is full)."""
+    # The session's output sink (session.OutputSink): each output becomes a
+    # result, right where it arrives while the outbox has room.
+
+    def has_room(self) -> bool:
+        return len(self.outbox) < self.outbox.capacity
+
+    def put_nowait(self, out: Output) -> None:
+        self.outbox.try_put(self._result(out))
+
+    async def put(self, out: Output) -> None:
+        """Waits while the outbox is full: the call's backpressure."""
         await self.outbox.put(self._result(out))
 
     def _result(self, out: Output) -> spb.StreamResponse:

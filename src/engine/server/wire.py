@@ -12,8 +12,8 @@ import math
 import numpy as np
 import orjson
 
-from ._proto import common_pb2 as pb
-from .data import (
+from .._proto import common_pb2 as pb
+from ..data import (
     AudioData,
     BinaryData,
     JsonData,
@@ -25,7 +25,7 @@ from .data import (
     TextData,
     VideoData,
 )
-from .errors import TypeValidationError
+from ..errors import TypeValidationError
 
 
 def to_proto(frame: RuntimeData, out: pb.DataBuffer | None = None) -> pb.DataBuffer:
