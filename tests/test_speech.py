@@ -37,7 +37,7 @@ def test_models():
     from nodes.speech.whisper import WhisperNode
 
     spoken("Hello.")
-    checker = WhisperNode("check", {})
+    checker = WhisperNode("check", {"window_s": 30})  # the standard model judges
     checker.initialize()
     return {"asr": checker}
 
@@ -396,7 +396,7 @@ async def test_a_conversation_in_real_time_is_heard_and_answered_turn_by_turn(se
     questions = ["How many legs does a spider have?", "Which planet is the largest in our system?",
                  "What do cows usually eat on a farm?"]
     async with VoiceCall(channel, _voice_manifest()) as call:
-        errors = []
+        errors, replies = [], []
         for q in questions:
             start = await call.say(question(q, lead_s=0.3, tail_s=0.0))
             await call.silence_until(lambda start=start: _played_out(call, start), f"a reply to {q!r}")
@@ -404,9 +404,11 @@ async def test_a_conversation_in_real_time_is_heard_and_answered_turn_by_turn(se
             assert len(turns) == 1, f"{q!r} answered {len(turns)} times"
             audio, said, transcript, rate = call.reply(turns[0])
             errors.append(wer(q, transcript))
-            heard = await _heard(test_models, audio, rate)
-            assert wer(said, heard) < 0.35, (said, heard)
+            replies.append((said, await _heard(test_models, audio, rate)))
         responses = await call.close()
+    # each reply is its text (one misheard short word in a short reply is 0.4)
+    assert all(wer(said, heard) < 0.5 for said, heard in replies), replies
+    assert sum(wer(said, heard) for said, heard in replies) / len(replies) < 0.25, replies
     assert kinds(responses)[-1] == "closed"
     assert sum(errors) / len(errors) < 0.15, errors
     assert not call.events(), "nothing was interrupted"

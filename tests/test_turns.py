@@ -105,7 +105,10 @@ async def test_events_reach_every_other_node_upstream_and_downstream(mp_engine, 
         reader = Reader(s)
         await s.send("ctl", RuntimeData.text("ctl event commit 7"))  # downstream: ctl → worker
         await s.send("ctl", RuntimeData.text("worker event played 7"))  # upstream: worker → ctl
-        await s.close()  # both are handled before the end of stream
+        # ctl is upstream of the sender: an event reaches it while it has not
+        # ended (once ctl has flushed, nothing more is handed to it)
+        await eventually(lambda: seen(reader.outputs, "ctl"), "the upstream event to reach ctl")
+        await s.close()  # the downstream event is handled before the end of stream
         await reader.task
     at_worker, at_ctl = seen(reader.outputs, "worker"), seen(reader.outputs, "ctl")
     assert [(e["saw"], e["turn_id"], e["source"]) for e in at_worker] == [("commit", "7", "ctl")], at_worker
