@@ -16,6 +16,9 @@ connection the upstream's output kinds and the downstream's input kinds must
 share one, unless either side accepts or produces ANY (a node that declares
 nothing accepts anything). Frames the caller sends to a source node are not
 known here; the node's host checks those when they arrive.
+
+One module on purpose (~530 lines): every check feeds one list of Issues in
+one pass, and the checks read the same normalized document.
 """
 
 from __future__ import annotations

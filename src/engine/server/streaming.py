@@ -22,6 +22,9 @@ is what slows the pipeline down for a slow reader. An `error`, `closed` or
 the end of the request stream is terminal: the generator sends it and
 returns, and its `finally` tears the session down. A client that goes away
 cancels the generator: the same `finally`.
+
+One module on purpose (~400 lines): the two tasks, the outbox and the
+call's end share one StreamCall's state.
 """
 
 from __future__ import annotations
