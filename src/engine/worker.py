@@ -14,6 +14,9 @@ data. The node itself is called through the node host (`engine.host`), as in the
 engine. A timer (SIGALRM) ends the process when one process() call exceeds
 its deadline. The process exits when the engine closes the control socket
 (engine gone) and, through PR_SET_PDEATHSIG, when the zygote dies.
+
+One module on purpose (~430 lines): the control thread, the data loop and
+the turn-event tasks share the one Worker's state and its wake-ups.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ from .ipc.control import (
 )
 from .ipc.endpoints import Endpoints, ProcessArgs
 from .ipc.loans import LoanedMemory, loan_of, send_in_place
+from .ipc.logs import LogCapture
+from .ipc.logs import capture as capture_logs
 from .node import Node
 from .turns import TURN_EVENT_SCHEMA, TurnEvent, TurnLedger
 
@@ -77,6 +82,10 @@ def load_class(module: str, qualname: str) -> type[Node]:
     for part in qualname.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+#: how long a node process waits for its queued log records to reach the engine before it exits
+LOG_FLUSH_S = 1.0
 
 
 class NodeFailed(Exception):
@@ -137,6 +146,7 @@ class Worker:
         self._event_tasks: set[asyncio.Task] = set()
         self._failed = False
         self._sender: FrameSender | None = None
+        self.logs: LogCapture | None = None  # once assigned
 
     # ---------------------------------------------------------------- control
 
@@ -226,6 +236,9 @@ class Worker:
     async def _serve(self, receiver: FrameReceiver, sender: FrameSender) -> int:
         a = self.assigned
         assert a is not None
+        # Before the node's module is imported, so what it says while loading
+        # reaches the engine too; the engine tags it with the session and node.
+        self.logs = capture_logs(self.ctrl.send, level=a.log_level)
         self._sender = sender
 
         async def emit(out: RuntimeData) -> None:
@@ -282,8 +295,16 @@ class Worker:
             if self.host is not None:
                 await self.host.cleanup()
         finally:
+            self._flush_logs()
             self.ctrl.send(ShutdownAck(self.stats()))
         return 0
+
+    def _flush_logs(self) -> None:
+        # The process ends with os._exit, which would lose what is still
+        # queued; and the engine should read the node's last words before its
+        # Failure or acknowledgement (the control lane keeps their order).
+        if self.logs is not None:
+            self.logs.flush(LOG_FLUSH_S)
 
     def _report_failure(self, exc: BaseException, where: str) -> None:
         if self._failed:
@@ -297,6 +318,7 @@ class Worker:
             err = exc
         else:
             err = NodeExecutionError(f"{where}() failed: {type(exc).__name__}: {exc}")
+        self._flush_logs()
         self.ctrl.send(Failure(err.context.get("where", where), err.error_type.name, err.message,
                                err.traceback_text or "".join(traceback.format_exception(exc)),
                                err.context.get("sequence"), type(err).__name__, _picklable(err.context)))

@@ -9,6 +9,7 @@ own code; nothing from a client is ever unpickled).
 from __future__ import annotations
 
 import asyncio
+import logging
 import pickle
 import socket
 import struct
@@ -60,6 +61,9 @@ class Assign:
     process_timeout_secs: float
     #: the data kinds (DataKind values) the node takes; None = any
     accepts: tuple[int, ...] | None = None
+    #: the least level the engine shows of what the node logs (see ipc.logs):
+    #: the node process does not even make the records below it
+    log_level: int = logging.INFO
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ formatted there, since its args may neither pickle nor mean anything in the
 engine; exception and stack text likewise) and puts it on a bounded queue; a
 sender thread drains the queue in `LogBatch`es through the `send` callable it
 was given (the control lane's). fds 1 and 2 are pointed at pipes read by a
-thread that turns each line into an entry on the same queue. Nothing here
-waits for the engine: when the queue is full a record is dropped and
-counted, and the count travels in the next batch. What waits is the sender
+thread that turns each line into an entry on the same queue (ipc.stdio).
+Nothing here waits for the engine: when the queue is full a record is
+dropped and counted, and the count travels in the next batch. What waits is the sender
 thread, in `send`, which is the back-pressure that keeps a flooding node from
 flooding the engine: the node's queue overflows instead.
 
@@ -37,19 +37,16 @@ the bound it does not have and the fd-level capture it does not do.
 from __future__ import annotations
 
 import collections
-import contextlib
-import ctypes
-import fcntl
 import logging
 import os
-import select
 import sys
-import termios
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from .stdio import StdioCapture
 
 #: the logger all node-process records are re-emitted under
 PREFIX = "engine.node"
@@ -62,15 +59,6 @@ BATCH_CHARS = 256 * 1024
 #: characters kept of one message, and of one exception or stack text
 MAX_MESSAGE_CHARS = 16 * 1024
 MAX_TRACE_CHARS = 64 * 1024
-#: bytes of a stray line kept as one record (a longer "line" becomes several)
-MAX_LINE_BYTES = 8 * 1024
-#: what the capture pipes may hold (Linux caps it at /proc/sys/fs/pipe-max-size,
-#: 1 MiB by default); see _StreamCapture for why it matters
-PIPE_BYTES = 1 << 20
-_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, named there only from Python 3.10 on some builds
-
-#: stray lines: (fd, entry name, level)
-STREAMS = ((1, "stdout", logging.INFO), (2, "stderr", logging.WARNING))
 
 
 @dataclass(frozen=True)
@@ -153,8 +141,8 @@ class LogQueue:
         self.dropped = 0
         #: entries handed to `send`
         self.sent = 0
-        self._thread = threading.Thread(target=self._forward, name="node-logs", daemon=True)
-        self._thread.start()
+        # started by the first entry: a node that never logs pays nothing for it
+        self._thread: threading.Thread | None = None
 
     def full(self) -> bool:
         return self._broken or len(self._entries) >= self.capacity
@@ -166,8 +154,14 @@ class LogQueue:
                 self._drop(1)
                 return False
             self._entries.append(entry)
+            self._start()
             self._work.notify()
         return True
+
+    def _start(self) -> None:
+        if self._thread is None:  # (under the lock) the thread takes it once we let go
+            self._thread = threading.Thread(target=self._forward, name="node-logs", daemon=True)
+            self._thread.start()
 
     def drop(self, n: int = 1) -> None:
         """Count entries dropped before they were made (see LogHandler)."""
@@ -176,8 +170,9 @@ class LogQueue:
 
     def _drop(self, n: int) -> None:
         self.dropped += n
-        if not self._broken:
+        if not self._broken and not self._closed:
             self._unreported += n
+            self._start()
             self._work.notify()
 
     def _forward(self) -> None:
@@ -224,7 +219,9 @@ class LogQueue:
         with self._work:
             self._closed = True
             self._work.notify()
-        self._thread.join(timeout)
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
 
     @property
     def idle(self) -> threading.Condition:
@@ -261,186 +258,10 @@ class LogHandler(logging.Handler):
             self.handleError(record)
 
 
-def _libc() -> Any:
-    try:
-        return ctypes.CDLL(None)
-    except OSError:  # pragma: no cover - no C library to speak of
-        return None
-
-
-def _c_flush(libc: Any) -> None:
-    if libc is not None:
-        with contextlib.suppress(Exception):
-            libc.fflush(None)
-
-
-def _c_line_buffer_stdout(libc: Any) -> None:
-    # C's stdout is fully buffered on a pipe, and a node process ends with
-    # os._exit(), which never flushes it: line buffering makes a C library's
-    # printf arrive as the line is written. glibc names the stream `stdout`.
-    if libc is None:
-        return
-    with contextlib.suppress(Exception):
-        stream = ctypes.c_void_p.in_dll(libc, "stdout")
-        libc.setvbuf(stream, None, 1, 0)  # _IOLBF
-
-
-def _pending_bytes(fd: int) -> int:
-    buf = bytearray(4)
-    try:
-        fcntl.ioctl(fd, termios.FIONREAD, buf)
-    except OSError:
-        return 0
-    return int.from_bytes(buf, sys.byteorder)
-
-
-class _StreamCapture:
-    """fds 1 and 2 → pipes → a reader thread → one entry per line.
-
-    At the fd level, so a C library's writes and a subprocess's inherited
-    output are captured as well as Python's `print`. Python's own
-    sys.stdout/sys.stderr keep writing to fds 1/2, line-buffered, so Python
-    and C output stay in the order written.
-
-    Nothing waits on the engine here either: the reader puts lines on the
-    queue without waiting (dropped and counted when it is full). A writer
-    waits only while the pipe is full and the reader has not yet read it; the
-    reader needs the GIL for that, so a C call that holds the GIL while
-    writing more than the pipe holds (PIPE_BYTES) waits until it lets the GIL
-    go (during process(), at most until the node's deadline timer).
-    """
-
-    def __init__(self, queue: LogQueue) -> None:
-        self.queue = queue
-        self._libc = _libc()
-        self._saved: dict[int, int] = {}  # fd → a duplicate of what it was
-        self._readers: dict[int, tuple[str, int]] = {}  # pipe read end → (entry name, level)
-        self._open: set[int] = set()  # read ends not at EOF yet; changed under queue.idle
-        self._reading = False  # guarded by queue.idle; see pending()
-        self._line_buffering: dict[str, bool] = {}
-        self._flush_all()
-        try:
-            for fd, name, level in STREAMS:
-                r, w = os.pipe()
-                self._readers[r] = (name, level)
-                self._open.add(r)
-                try:
-                    with contextlib.suppress(OSError):
-                        fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_BYTES)
-                    saved = os.dup(fd)
-                    os.dup2(w, fd)  # inheritable: a subprocess's output is captured too
-                    self._saved[fd] = saved
-                finally:
-                    os.close(w)
-        except OSError:
-            self.restore(0.0)
-            raise
-        for attr in ("stdout", "stderr"):
-            stream = getattr(sys, attr)
-            if hasattr(stream, "reconfigure") and hasattr(stream, "line_buffering"):
-                self._line_buffering[attr] = stream.line_buffering
-                stream.reconfigure(line_buffering=True)
-        _c_line_buffer_stdout(self._libc)
-        self._keep_faults_visible()
-        self._thread = threading.Thread(target=self._read, name="node-stdio", daemon=True)
-        self._thread.start()
-
-    def _keep_faults_visible(self) -> None:
-        # faulthandler writes a crashing process's traceback to fd 2 as it
-        # dies, when no thread of it can read a pipe any more: keep that on
-        # the stderr the process was given.
-        import faulthandler
-
-        if faulthandler.is_enabled() and 2 in self._saved:
-            faulthandler.enable(file=self._saved[2])
-
-    def _flush_all(self) -> None:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        _c_flush(self._libc)
-
-    def _read(self) -> None:
-        poller = select.poll()
-        for r in self._readers:
-            poller.register(r, select.POLLIN)
-        tails = {r: bytearray() for r in self._readers}
-        open_fds = self._open
-        while open_fds:
-            for r, _ in poller.poll():
-                with self.queue.idle:
-                    self._reading = True
-                try:
-                    data = os.read(r, 65536)
-                except OSError:
-                    data = b""
-                if data:
-                    self._lines(r, tails[r], data)
-                else:  # every write end closed
-                    poller.unregister(r)
-                    if tails[r]:
-                        self._put(r, bytes(tails[r]))
-                    with self.queue.idle:
-                        open_fds.discard(r)  # before its number can be reused (see pending())
-                    os.close(r)
-                with self.queue.idle:
-                    self._reading = False
-                    self.queue.idle.notify_all()
-
-    def _lines(self, r: int, tail: bytearray, data: bytes) -> None:
-        tail += data
-        start = 0
-        while True:
-            end = tail.find(b"\n", start)
-            if end < 0:
-                break
-            self._put(r, bytes(tail[start:end]))
-            start = end + 1
-        del tail[:start]
-        while len(tail) > MAX_LINE_BYTES:  # a "line" without end: keep it in pieces
-            self._put(r, bytes(tail[:MAX_LINE_BYTES]))
-            del tail[:MAX_LINE_BYTES]
-
-    def _put(self, r: int, line: bytes) -> None:
-        text = line.decode("utf-8", "replace").rstrip("\r")
-        if not text.strip():
-            return
-        name, level = self._readers[r]
-        self.queue.put(LogEntry(name, level, text, time.time(), pid=os.getpid()))
-
-    def pending(self) -> bool:
-        """Anything written and not yet on the queue (called under queue.idle).
-
-        A byte is either still in its pipe or being handled by the reader,
-        which says so before it reads.
-        """
-        return self._reading or any(_pending_bytes(r) for r in self._open)
-
-    def flush(self) -> None:
-        self._flush_all()
-
-    def restore(self, timeout: float) -> None:
-        self._flush_all()
-        for attr, line_buffering in self._line_buffering.items():
-            with contextlib.suppress(Exception):
-                getattr(sys, attr).reconfigure(line_buffering=line_buffering)
-        for fd, saved in self._saved.items():
-            os.dup2(saved, fd)
-            os.close(saved)
-        self._saved.clear()
-        thread = getattr(self, "_thread", None)
-        if thread is not None:  # EOF once no one else (a subprocess) holds a write end
-            thread.join(timeout)
-        else:  # set-up failed before the reader started
-            for r in self._open:
-                os.close(r)
-            self._open.clear()
-
-
 class LogCapture:
     """What `capture` installed in a node process; `flush` before the process exits."""
 
-    def __init__(self, queue: LogQueue, handler: LogHandler | None, streams: _StreamCapture | None,
+    def __init__(self, queue: LogQueue, handler: LogHandler | None, streams: StdioCapture | None,
                  root_level: int | None) -> None:
         self.queue = queue
         self.handler = handler
@@ -497,8 +318,11 @@ def capture(send: Callable[[LogBatch], Any], *, level: int = logging.INFO, strea
     logging.captureWarnings(True)
     stream_capture = None
     if streams:
+        def put_line(name: str, level: int, line: str) -> None:
+            queue.put(LogEntry(name, level, line, time.time(), pid=os.getpid()))
+
         try:
-            stream_capture = _StreamCapture(queue)
+            stream_capture = StdioCapture(put_line, queue.idle)
         except OSError as exc:  # e.g. fd 1 or 2 closed: its logs still go, its stray lines do not
             logging.getLogger(__name__).warning("stdout/stderr of this node process are not captured: %s", exc)
     return LogCapture(queue, handler, stream_capture, root_level)

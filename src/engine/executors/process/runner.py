@@ -35,6 +35,7 @@ from ...ipc.control import (
     ShutdownAck,
     Stats,
 )
+from ...ipc.logs import LogBatch, NodeLog, engine_level
 from ...plan import PlannedNode
 from ...turns import TurnEvent
 from ..base import NodeRunner, NodeStats, RunnerContext
@@ -73,6 +74,7 @@ class ProcessRunner(NodeRunner):
         self._events_sent = 0
         self._forward = False
         self.log = logging.LoggerAdapter(log, {"session_id": session.id, "node_id": self.node_id})
+        self._logs = NodeLog(session.id, self.node_id, planned.spec.node_type)
 
     @property
     def pid(self) -> int | None:
@@ -87,7 +89,7 @@ class ProcessRunner(NodeRunner):
         kinds = self.planned.accepted_kinds
         assign = Assign(self.session.id, self.node_id, spec.node_type, spec.module, spec.qualname,
                         dict(self.planned.decl.params), s.process_timeout_secs,
-                        None if kinds is None else tuple(int(k) for k in kinds))
+                        None if kinds is None else tuple(int(k) for k in kinds), log_level=engine_level())
         proc = m.take_prewarmed(s.channel_capacity)
         if proc is not None:
             self.proc = proc
@@ -104,6 +106,8 @@ class ProcessRunner(NodeRunner):
                 progress(self.node_id, msg.phase, msg.percent, msg.message)
             elif isinstance(msg, Ready):
                 break
+            elif isinstance(msg, LogBatch):  # initialize() may log
+                self._on_logs(msg)
             else:
                 raise await self._start_failure(msg, "initialize")
         # Frames for node processes only stay encoded through the engine.
@@ -191,6 +195,8 @@ class ProcessRunner(NodeRunner):
                 self._failure = msg
                 if not self._closing:
                     self.session.fail_soon(self._error_from(msg))
+            elif isinstance(msg, LogBatch):
+                self._on_logs(msg)
             elif isinstance(msg, Stats):
                 self._merge(msg)
             elif isinstance(msg, ShutdownAck):
@@ -218,6 +224,12 @@ class ProcessRunner(NodeRunner):
             pass
         finally:
             self._pings.pop(token, None)
+
+    def _on_logs(self, batch: LogBatch) -> None:
+        """What the node process logged → the engine's logging, tagged with the session and node."""
+        self._logs.handle(batch)
+        if batch.dropped:
+            self.stats.extra["log_records_dropped"] = self._logs.dropped
 
     def _merge(self, st: Stats) -> None:
         self.stats.busy_s = st.busy_s
@@ -352,7 +364,9 @@ class ProcessRunner(NodeRunner):
         try:
             async with asyncio.timeout(0.2):
                 while (msg := await ctrl.recv()) is not None:
-                    if isinstance(msg, Stats):
+                    if isinstance(msg, LogBatch):  # cleanup() may log
+                        self._on_logs(msg)
+                    elif isinstance(msg, Stats):
                         self._merge(msg)
                     elif isinstance(msg, ShutdownAck) and msg.stats is not None:
                         self._merge(msg.stats)
