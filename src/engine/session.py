@@ -288,8 +288,19 @@ class Session:
         """emit() when it needs no waiting: a sink's output while the caller's
         queue has room. False = not done (use emit)."""
         planned = self.plan.nodes[node_id]
-        if not planned.is_sink or getattr(frame, "schema_type", None) == TURN_EVENT_SCHEMA:
+        if getattr(frame, "schema_type", None) == TURN_EVENT_SCHEMA:
             return False
+        if not planned.is_sink:
+            # one downstream that takes it at once (a node process with room):
+            # no task switch per frame between two node processes
+            if len(planned.downstream) != 1:
+                return False
+            if self.turns.drops(frame):
+                return True
+            if not self._runners[planned.downstream[0]].push_nowait(frame):
+                return False
+            self._observe(planned, frame)
+            return True
         sink = self._sink
         if not (sink.has_room() if sink is not None else len(self._outputs) < self._outputs.capacity):
             return False

@@ -85,6 +85,11 @@ class NodeRunner(abc.ABC):
     async def push(self, frame: RuntimeData) -> None:
         """Deliver one input frame; awaits while the node cannot accept more."""
 
+    def push_nowait(self, frame: RuntimeData) -> bool:
+        """Deliver one input frame if that needs no waiting and no work on this
+        call's stack; False = nothing done (use push)."""
+        return False
+
     @abc.abstractmethod
     async def turn_event(self, event: TurnEvent) -> None:
         """Hand the node a turn event sent by another node, ahead of its queued inputs,

@@ -299,6 +299,20 @@ class ProcessRunner(NodeRunner):
         except ChannelClosed:
             raise self._gone() from None
 
+    def push_nowait(self, frame: Any) -> bool:
+        """push() when it needs no waiting: the frame fits in the channel now
+        (or, under a drop policy, is dropped). False = nothing done."""
+        sender = self.proc.sender if self.proc is not None else None
+        if sender is None or self._closing or sender.closed:
+            return False
+        encoded = type(frame) is codec.Encoded
+        if not (sender.try_send_encoded(frame) if encoded else sender.try_send(codec.prepare(frame))):
+            if not self._drop:
+                return False
+            self.stats.dropped += 1
+        self.stats.items_in += 1
+        return True
+
     async def turn_event(self, event: TurnEvent) -> None:
         ctrl = self.proc.ctrl if self.proc is not None else None
         if ctrl is None or self._closing:
