@@ -26,6 +26,7 @@ from typing import Any
 import conformance_nodes
 import numpy as np
 import pytest
+import pytest_asyncio
 from conftest import eventually, manifest, probed_engine
 
 from engine import RuntimeData
@@ -42,7 +43,9 @@ from engine.errors import (
 from engine.registry import ExecutorRegistry
 from nodes.testing import checksum
 
-pytestmark = pytest.mark.multiprocess
+# One engine for the module (its zygote starts once); each case checks that
+# its sessions and node processes are gone, and the engine's close is leak-probed.
+pytestmark = [pytest.mark.multiprocess, pytest.mark.asyncio(loop_scope="module")]
 
 #: the reference first
 EXECUTORS = ("native", "multiprocess")
@@ -59,10 +62,19 @@ def conformance_registry() -> ExecutorRegistry:
     return registry
 
 
-@pytest.fixture
-async def engine():
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_engine():
     async with probed_engine(registry=conformance_registry()) as e:
         yield e
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def engine(shared_engine):
+    yield shared_engine
+    # what a case started is gone when it ends, not only when the engine closes
+    assert not shared_engine.sessions, "a session outlived its case"
+    manager = shared_engine.process_manager()
+    await eventually(lambda: not manager.live, "the case's node processes to exit")
 
 
 # ---------------------------------------------------------------- what the caller sees

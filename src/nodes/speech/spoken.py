@@ -16,7 +16,8 @@ import soxr
 def _voice():  # noqa: ANN202 - a PiperTTSNode, imported lazily with the speech extra
     from .tts import PiperTTSNode
 
-    node = PiperTTSNode("spoken", {})
+    # the same text, the same audio: tests and benchmarks are reproducible
+    node = PiperTTSNode("spoken", {"variation": False})
     node.initialize()
     return node
 

@@ -111,6 +111,9 @@ class PiperTTSNode(Node):
                          "description": "audio frame length; 0 = one frame per sentence"},
             "pace_ahead_ms": {"type": "integer", "minimum": 0, "maximum": 60_000, "default": 0,
                               "description": "send audio at most this far ahead of real time; 0 = at once"},
+            "variation": {"type": "boolean", "default": True,
+                          "description": "the voice's random variation of sound and timing (false: the "
+                                         "same text gives the same audio every time)"},
         },
         "additionalProperties": False,
     }
@@ -158,7 +161,8 @@ class PiperTTSNode(Node):
                                           "1" if self.params.get("spin", False) else "0")
             self._voice.session = ort.InferenceSession(str(model), sess_options=opts,
                                                        providers=["CPUExecutionProvider"])
-        self._config = SynthesisConfig(length_scale=1.0 / float(self.params.get("speed", 1.0)))
+        fixed = {} if self.params.get("variation", True) else {"noise_scale": 0.0, "noise_w_scale": 0.0}
+        self._config = SynthesisConfig(length_scale=1.0 / float(self.params.get("speed", 1.0)), **fixed)
         self.rate = int(self._voice.config.sample_rate)
         self.report_progress("warming up", 80, "first synthesis")
         self.synthesize("Hello, this is a first sentence.")  # the first runs are several times slower
