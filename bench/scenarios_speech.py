@@ -90,7 +90,7 @@ class Spoken:
     def make(cls, text: str, lead_s: float = LEAD_S, seed: int = 0) -> Spoken:
         from nodes.speech.spoken import spoken
 
-        speech = spoken(text)
+        speech = spoken(text, variation=True)  # the voice as people hear it, not one fixed take
         lead = np.zeros(int(lead_s * RATE), np.float32)
         audio = np.concatenate((lead, speech))
         audio = np.concatenate((audio, np.zeros(-audio.size % CHUNK, np.float32)))

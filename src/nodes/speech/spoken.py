@@ -13,25 +13,27 @@ import soxr
 
 
 @functools.cache
-def _voice():  # noqa: ANN202 - a PiperTTSNode, imported lazily with the speech extra
+def _voice(variation: bool):  # noqa: ANN202 - a PiperTTSNode, imported lazily with the speech extra
     from .tts import PiperTTSNode
 
-    # the same text, the same audio: tests and benchmarks are reproducible
-    node = PiperTTSNode("spoken", {"variation": False})
+    node = PiperTTSNode("spoken", {"variation": variation})
     node.initialize()
     return node
 
 
 @functools.cache
-def _spoken(text: str, rate: int) -> np.ndarray:
-    node = _voice()
+def _spoken(text: str, rate: int, variation: bool = False) -> np.ndarray:
+    node = _voice(variation)
     audio = np.concatenate(node.synthesize(text))
     return soxr.resample(audio, node.rate, rate).astype(np.float32)
 
 
-def spoken(text: str, rate: int = 16000) -> np.ndarray:
-    """`text` spoken by the default voice: mono float32 at `rate` (a fresh copy)."""
-    return _spoken(text, rate).copy()
+def spoken(text: str, rate: int = 16000, *, variation: bool = False) -> np.ndarray:
+    """`text` spoken by the default voice: mono float32 at `rate` (a fresh copy).
+
+    Without `variation` the same text gives the same audio in every run (what
+    tests want); with it, the voice's natural variation of sound and timing."""
+    return _spoken(text, rate, variation).copy()
 
 
 def question(text: str, *, lead_s: float = 0.5, tail_s: float = 1.0, noise: float = 0.003, seed: int = 0,
