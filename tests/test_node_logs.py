@@ -10,7 +10,6 @@ then the whole path, in a real engine with nodes in their own processes
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import pickle
@@ -21,7 +20,7 @@ import textwrap
 import threading
 
 import pytest
-from conftest import TEST_IPC_ROOT, eventually, manifest
+from conftest import TEST_IPC_ROOT, eventually, manifest, probed_engine
 
 from engine.data import RuntimeData
 from engine.ipc.control import SyncChannel
@@ -299,29 +298,17 @@ def test_close_sends_the_unfinished_line_and_gives_stdout_back(caplog):
 # ---------------------------------------------------------------- in a real engine
 
 
-@contextlib.asynccontextmanager
-async def log_engine():
-    """An engine whose registry has the nodes of tests/lognodes.py; leak-checked
-    once closed, like conftest.probed_engine."""
-    import leakprobe
+def log_engine():
+    """A leak-probed engine whose registry also has the nodes of tests/lognodes.py."""
     import lognodes
 
-    from engine import Engine
     from engine.catalog import default_registry
     from engine.config import RuntimeConfig
 
-    config = {"test_nodes": True, "ipc_root": TEST_IPC_ROOT}
-    registry = default_registry(RuntimeConfig.load(config))
+    registry = default_registry(RuntimeConfig.load({"test_nodes": True, "ipc_root": TEST_IPC_ROOT}))
     registry.register(lognodes.ChattyNode)
     registry.register(lognodes.FloodNode)
-    before = leakprobe.snapshot()
-    engine = Engine(config, registry=registry)
-    await engine.start()
-    try:
-        yield engine
-    finally:
-        await engine.aclose()
-    assert leakprobe.leaks(before) == {}
+    return probed_engine(registry=registry)
 
 
 @pytest.mark.multiprocess

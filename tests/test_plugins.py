@@ -127,19 +127,7 @@ def nodes_cli(site: Path, cfg: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 async def start_server(site: Path, cfg: Path) -> ServeProcess:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine", "serve", "--port", "0", "--config", str(cfg),
-        stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL, env=plugin_env(site))
-    srv = ServeProcess(proc)
-    async with asyncio.timeout(60):
-        while not srv.address:
-            line = (await proc.stderr.readline()).decode()
-            assert line, "server exited: " + "".join(srv.lines)
-            srv.lines.append(line)
-            if "serving remotemedia.v1 on " in line:
-                srv.address = line.rsplit("serving remotemedia.v1 on ", 1)[1].split()[0]
-    srv._pump = asyncio.get_running_loop().create_task(srv._read_rest())
-    return srv
+    return await ServeProcess.launch(cfg, env=plugin_env(site))
 
 
 def node_processes_of(pid: int) -> set[int]:

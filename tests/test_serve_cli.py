@@ -33,9 +33,14 @@ class ServeProcess:
         cfg = tmp_path / "runtime.toml"
         body = "\n".join(f"{k} = {v!r}" for k, v in server.items())
         cfg.write_text(f'ipc_root = "{TEST_IPC_ROOT}"\ntest_nodes = true\n[server]\n{body}\n')
+        return await cls.launch(cfg)
+
+    @classmethod
+    async def launch(cls, cfg: os.PathLike[str] | str, env: dict[str, str] | None = None) -> ServeProcess:
+        """`serve` with config file `cfg` (and environment `env`), once it listens."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "engine", "serve", "--port", "0", "--config", str(cfg),
-            stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+            stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL, env=env)
         self = cls(proc)
         async with asyncio.timeout(60):
             while not self.address:
