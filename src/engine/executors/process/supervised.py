@@ -87,8 +87,14 @@ class NodeProcess:
         finally:
             theirs.close()
         self.exited = loop.create_future()
-        self._pidfd = os.pidfd_open(self.pid)
-        loop.add_reader(self._pidfd, self._on_pidfd)
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            # Gone already (a standby killed just as it was handed the
+            # request): its control lane ends, and hello() says so.
+            self.exited.set_result(None)
+        else:
+            loop.add_reader(self._pidfd, self._on_pidfd)
         self.ctrl = await AsyncChannel.open(ours)
         self._ctrl_sock = None
         # Each side makes the channel it publishes on, in parallel; each then
