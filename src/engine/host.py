@@ -30,7 +30,8 @@ from .turns import TurnEvent, TurnLedger
 Emit = Callable[[RuntimeData], Awaitable[None]]
 
 _DONE = object()
-_FROM_CLASS = object()
+#: results that iterate but are not outputs (a bare array, text)
+_NOT_OUTPUTS = (np.ndarray, str, bytes)
 
 
 class Deadline:
@@ -79,7 +80,7 @@ class NodeHost:
     def __init__(self, node_id: str, cls: type[Node], params: dict[str, Any], *,
                  stats: NodeStats | None = None, turns: TurnLedger | None = None,
                  in_thread: bool = False, deadline: Deadline = NO_DEADLINE,
-                 accepts: Iterable[DataKind] | None | object = _FROM_CLASS) -> None:
+                 accepts: Iterable[DataKind] | None = None) -> None:
         self.node_id = node_id
         self.cls = cls
         self.params = params
@@ -92,9 +93,9 @@ class NodeHost:
         #: the sequence of the input being handled (a failure's context)
         self.sequence: int | None = None
         self.last_sequence: int | None = None
-        # the kinds of frame the node takes (None = any): the plan's (a
-        # manifest may narrow its class's), else the class's
-        kinds = tuple(cls.input_types if accepts is _FROM_CLASS else accepts or ())  # type: ignore[arg-type]
+        # the kinds of frame the node takes, None = any (the plan's: a
+        # manifest may narrow its class's)
+        kinds = tuple(accepts or ())
         self._accepts = None if not kinds or DataKind.ANY in kinds else frozenset(kinds)
 
     # ------------------------------------------------------------ life
@@ -178,7 +179,7 @@ class NodeHost:
                     return
             if isinstance(result, RuntimeData):  # the common case, without generator machinery
                 outputs: Any = (result,)
-            elif isinstance(result, np.ndarray | str | bytes) or not (
+            elif isinstance(result, _NOT_OUTPUTS) or not (
                     hasattr(result, "__aiter__") or isinstance(result, Iterable)):
                 raise TypeValidationError(f"{where}() returned {_returned(result)}; {_EXPECTED}",
                                           node_id=self.node_id, context={"field": "outputs"})

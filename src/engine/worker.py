@@ -145,7 +145,6 @@ class Worker:
         self._events: collections.deque[TurnEvent] = collections.deque()  # arrived, not yet handed over
         self._event_tasks: set[asyncio.Task] = set()
         self._failed = False
-        self._sender: FrameSender | None = None
         self.logs: LogCapture | None = None  # once assigned
 
     # ---------------------------------------------------------------- control
@@ -239,7 +238,6 @@ class Worker:
         # Before the node's module is imported, so what it says while loading
         # reaches the engine too; the engine tags it with the session and node.
         self.logs = capture_logs(self.ctrl.send, level=a.log_level)
-        self._sender = sender
 
         async def emit(out: RuntimeData) -> None:
             await self._send(out, sender)

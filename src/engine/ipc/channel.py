@@ -104,20 +104,17 @@ class FrameSender:
         self.notifier.notify_with_custom_event_id(self._ev_data)
         return True
 
-    def try_send(self, p: codec.Prepared) -> bool:
-        size = p.size
-        sample = loan_slice(self.pub, size)
-        codec.write_to_address(sample.payload_ptr, size, p)
-        if assume_init(sample).send() == 0:
-            return False
-        self.notifier.notify_with_custom_event_id(self._ev_data)
-        return True
-
-    def try_send_encoded(self, frame: codec.Encoded) -> bool:
-        """try_send() for a frame still encoded: its bytes are copied as they are."""
-        size = len(frame.data)
-        sample = loan_slice(self.pub, size)
-        _fastpath.copy_to_address(sample.payload_ptr, size, frame.data)
+    def try_send(self, p: codec.Prepared | codec.Encoded) -> bool:
+        """Send one frame if the consumer has room; a frame still encoded
+        (codec.Encoded) is copied as it is."""
+        if type(p) is codec.Encoded:
+            size = len(p.data)
+            sample = loan_slice(self.pub, size)
+            _fastpath.copy_to_address(sample.payload_ptr, size, p.data)
+        else:
+            size = p.size
+            sample = loan_slice(self.pub, size)
+            codec.write_to_address(sample.payload_ptr, size, p)
         if assume_init(sample).send() == 0:
             return False
         self.notifier.notify_with_custom_event_id(self._ev_data)
@@ -129,8 +126,7 @@ class FrameSender:
         With `drop_when_full` a full buffer refuses the frame instead (returns
         False; the caller counts the drop).
         """
-        try_send = self.try_send_encoded if type(p) is codec.Encoded else self.try_send
-        while not try_send(p):  # type: ignore[arg-type]
+        while not self.try_send(p):
             if drop_when_full:
                 return False
             if self.closed:

@@ -20,7 +20,6 @@ from .inbox import EngineInbox, EventTarget
 from .memory import watch_memory
 from .pool import ProcessPool
 from .runner import ProcessRunner
-from .supervised import NodeProcess
 from .zygote_client import ZygoteClient
 
 if TYPE_CHECKING:
@@ -103,9 +102,6 @@ class ProcessManager:
         """Start the zygote and fill the pool now (rather than at the first session)."""
         await self.ensure_started()
         await self.pool.filled()
-
-    def take_prewarmed(self, capacity: int) -> NodeProcess | None:
-        return self.pool.take(capacity)
 
     def cleanup_dead(self) -> None:
         if self.ionode is not None:

@@ -90,7 +90,7 @@ class ProcessRunner(NodeRunner):
         assign = Assign(self.session.id, self.node_id, spec.node_type, spec.module, spec.qualname,
                         dict(self.planned.decl.params), s.process_timeout_secs,
                         None if kinds is None else tuple(int(k) for k in kinds), log_level=engine_level())
-        proc = m.take_prewarmed(s.channel_capacity)
+        proc = m.pool.take(s.channel_capacity)
         if proc is not None:
             self.proc = proc
             proc.on_exit = self._on_exit
@@ -293,8 +293,7 @@ class ProcessRunner(NodeRunner):
             raise self._gone()
         self.stats.items_in += 1
         try:
-            wire = frame if type(frame) is codec.Encoded else codec.prepare(frame)
-            if not await sender.send(wire, drop_when_full=self._drop):
+            if not await sender.send(_wire(frame), drop_when_full=self._drop):
                 self.stats.dropped += 1
         except ChannelClosed:
             raise self._gone() from None
@@ -305,8 +304,7 @@ class ProcessRunner(NodeRunner):
         sender = self.proc.sender if self.proc is not None else None
         if sender is None or self._closing or sender.closed:
             return False
-        encoded = type(frame) is codec.Encoded
-        if not (sender.try_send_encoded(frame) if encoded else sender.try_send(codec.prepare(frame))):
+        if not sender.try_send(_wire(frame)):
             if not self._drop:
                 return False
             self.stats.dropped += 1
@@ -386,3 +384,8 @@ class ProcessRunner(NodeRunner):
                         self._merge(msg.stats)
         except (TimeoutError, ValueError, pickle.UnpicklingError):
             pass
+
+
+def _wire(frame: Any) -> codec.Prepared | codec.Encoded:
+    """What goes into the channel: a forwarded frame as it came, anything else encoded."""
+    return frame if type(frame) is codec.Encoded else codec.prepare(frame)
