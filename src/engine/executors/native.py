@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from ..data import RuntimeData
 from ..host import NodeHost
+from ..node import Node
 from ..plan import PlannedNode
 from ..turns import TurnEvent
 from .base import NodeRunner, NodeStats, Progress, RunnerContext
@@ -22,14 +24,16 @@ log = logging.getLogger("engine.native")
 
 
 class NativeRunner(NodeRunner):
-    def __init__(self, planned: PlannedNode, ctx: RunnerContext) -> None:
+    def __init__(self, planned: PlannedNode, ctx: RunnerContext, *,
+                 prepare: Callable[[Node], None] | None = None) -> None:
         self.node_id = planned.id
         self.planned = planned
         self.ctx = ctx
         self.stats = NodeStats()
         self._blocking = planned.spec.cls.blocking
         self.host = NodeHost(planned.id, planned.spec.cls, dict(planned.decl.params), stats=self.stats,
-                             turns=ctx.turns, in_thread=self._blocking, accepts=planned.accepted_kinds)
+                             turns=ctx.turns, in_thread=self._blocking, accepts=planned.accepted_kinds,
+                             prepare=prepare)
         self._event_tasks: set[asyncio.Task] = set()
         self._pending_ends = max(1, len(planned.upstream))
         self._lock = asyncio.Lock()
