@@ -11,6 +11,7 @@ from bench import (  # noqa: F401  (importing a scenarios module registers its s
     scenarios_node_host,
     scenarios_server,
     scenarios_speech,
+    scenarios_wasm,
 )
 
 

@@ -71,6 +71,10 @@ class NativeRunner(NodeRunner):
         self._pending_ends -= 1
         if self._pending_ends > 0:
             return
+        await self.finish()
+
+    async def finish(self) -> None:
+        """Every upstream has ended: handle what is left, flush the node, say so."""
         while self._event_tasks:  # events handed over before the end are handled before the flush
             await asyncio.gather(*self._event_tasks, return_exceptions=True)
         async with self._lock:

@@ -8,9 +8,9 @@ compiled once per engine (by content hash) and instantiated per session;
 calls run on the executor's own threads, so a plugin that spins never holds
 up the event loop.
 
-The node is driven by the one node host, as on the other executors: the
-runner is the native one, with the node bound to this executor's modules and
-threads.
+The node is driven by the one node host, as on the other executors (the
+runner is the native one with a queue in front, see .runner), bound to this
+executor's modules and threads.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 
 from ...config import WasmSettings
 from ...errors import Issue
-from ..native import NativeRunner
 from .modules import ModuleStore
 from .node import WasmNode
+from .runner import WasmRunner
 
 if TYPE_CHECKING:
     from ...manifest import Manifest
@@ -49,11 +49,10 @@ class WasmExecutor:
                 issues += self.modules.check(decl.id, f"$.nodes[{decl.index}]", decl.params)
         return issues
 
-    def runner(self, planned: PlannedNode, ctx: RunnerContext) -> NativeRunner:
+    def runner(self, planned: PlannedNode, ctx: RunnerContext) -> WasmRunner:
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="wasm")
-        pool = self._pool
-        return NativeRunner(planned, ctx, prepare=lambda node: node.bind(self.modules, pool))
+        return WasmRunner(planned, ctx, self.modules, self._pool)
 
     def close(self) -> None:
         """After the engine's sessions are gone: the threads end, the compiled modules go."""

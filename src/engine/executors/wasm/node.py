@@ -102,11 +102,14 @@ class WasmNode(Node):
     async def cleanup(self) -> None:
         self._closing = True
         inflight, plugin = self._inflight, self._plugin
-        self._plugin = None
+        self._plugin = self._inflight = None
         if inflight is not None and not inflight.done() and not inflight.cancel():
             if self._cancel is not None:  # a call still running (a torn-down session): stop it
                 self._cancel.cancel()
-            await asyncio.wait([asyncio.wrap_future(inflight)])
+            waiter = asyncio.wrap_future(inflight)
+            await asyncio.wait([waiter])
+            if not waiter.cancelled():
+                waiter.exception()  # the stopped call's error is this teardown's, not news
         if plugin is not None:
             plugin.__del__()  # its memory goes now, not at some later collection
 
@@ -126,13 +129,15 @@ class WasmNode(Node):
         """One plugin call (on an executor thread; the GIL is released inside)."""
         import extism.extism as ex
 
-        plugin = self._plugin
-        if plugin is None:
+        if self._plugin is None:
             raise NodeExecutionError("the plugin instance was released", node_id=self.node_id)
         try:
-            return plugin.call(self._function, payload)
+            return self._plugin.call(self._function, payload)
         except ex.Error as exc:
-            raise self._plugin_error(str(exc)) from None
+            message = str(exc)
+        # raised outside the handler: the error keeps no frame that holds the
+        # instance (and through it the compiled module) alive
+        raise self._plugin_error(message)
 
     def _plugin_error(self, message: str) -> EngineError:
         limits = self._limits
