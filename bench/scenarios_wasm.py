@@ -5,6 +5,8 @@ Extism call under them, and a session's start with the module compiled
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import time
 from pathlib import Path
 
@@ -71,6 +73,18 @@ def _bare_calls(frame: RuntimeData, n: int) -> list[float]:
     return out
 
 
+async def _thread_hops(n: int) -> list[float]:
+    """What running a call off the loop costs by itself: a no-op's round trip through a thread."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await asyncio.wrap_future(pool.submit(int))
+        out.append(time.perf_counter() - t)
+    pool.shutdown()
+    return out
+
+
 async def _session_starts(n: int) -> tuple[list[float], list[float]]:
     cold, warm = [], []
     for _ in range(n):
@@ -99,6 +113,8 @@ def wasm_node() -> dict:
                     uvloop.run(_round_trips(node, frame, 1000)))
             series.setdefault(f"bare Extism call, {samples} f32", {"values": [], "unit": "s"})["values"].extend(
                 _bare_calls(frame, 2000))
+    series["thread handoff alone (a no-op through a one-thread executor)"] = {
+        "values": uvloop.run(_thread_hops(4000)), "unit": "s"}
     cold, warm = uvloop.run(_session_starts(5))
     series["session start, module compiled (instantiate)"] = {"values": warm, "unit": "s"}
     series["session start, first use (validate + compile + instantiate)"] = {"values": cold, "unit": "s"}
@@ -108,5 +124,5 @@ def wasm_node() -> dict:
                for n in (1024, 16384)}
     return {"series": series, "derived": derived,
             "notes": "one-node streaming pipelines, each frame sent and its output awaited; the WASM "
-                     "node's call runs on the executor's thread pool (a thread handoff each way), the "
+                     "node's call runs on the node's own thread (a thread handoff each way), the "
                      "native node on the event loop; 'bare' is plugin.call() alone, same process"}

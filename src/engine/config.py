@@ -138,8 +138,6 @@ class WasmSettings:
     #: one instance's memory limit when a node sets none, and the most it may set
     memory_mb: int = 16
     max_memory_mb: int = 256
-    #: threads that run plugin calls (off the event loop); 0 = one per core
-    threads: int = 0
     #: compiled modules kept (by content hash and limits)
     compiled_cache: int = 64
 
@@ -244,8 +242,6 @@ class RuntimeConfig:
         for name in ("max_inline_bytes", "max_module_bytes", "compiled_cache"):
             if getattr(w, name) < 1:
                 issues.append(Issue(f"wasm.{name}", "must be >= 1"))
-        if w.threads < 0:
-            issues.append(Issue("wasm.threads", "must be >= 0 (0 = one per core)"))
         if issues:
             raise ValidationError(issues)
 

@@ -5,18 +5,16 @@ Zig, AssemblyScript...) inside the engine's process, in a sandbox: no
 files, no network, no access to the engine's memory, each call stopped at
 its time limit and each instance held to its memory limit. Modules are
 compiled once per engine (by content hash) and instantiated per session;
-calls run on the executor's own threads, so a plugin that spins never holds
-up the event loop.
+each node's calls run on a thread of its own, so a plugin that spins holds up
+neither the event loop nor any other node.
 
 The node is driven by the one node host, as on the other executors (the
 runner is the native one with a queue in front, see .runner), bound to this
-executor's modules and threads.
+executor's modules.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import os
 from typing import TYPE_CHECKING
 
 from ...config import WasmSettings
@@ -34,12 +32,10 @@ __all__ = ["WasmExecutor", "WasmNode"]
 
 
 class WasmExecutor:
-    """One engine's WASM modules and the threads that call them."""
+    """One engine's WASM modules."""
 
     def __init__(self, settings: WasmSettings) -> None:
         self.modules = ModuleStore(settings)
-        self._threads = settings.threads or os.cpu_count() or 1
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def check(self, manifest: Manifest) -> list[Issue]:
         """Validation of the manifest's WASM nodes (module, caps, export)."""
@@ -50,13 +46,8 @@ class WasmExecutor:
         return issues
 
     def runner(self, planned: PlannedNode, ctx: RunnerContext) -> WasmRunner:
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="wasm")
-        return WasmRunner(planned, ctx, self.modules, self._pool)
+        return WasmRunner(planned, ctx, self.modules)
 
     def close(self) -> None:
-        """After the engine's sessions are gone: the threads end, the compiled modules go."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        """After the engine's sessions are gone: the compiled modules go."""
         self.modules.clear()

@@ -16,9 +16,10 @@ import collections
 import hashlib
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ...config import WasmSettings
 from ...errors import Issue

@@ -3,7 +3,7 @@
 Per frame the plugin's export `function` gets the payload bytes and returns
 the new payload (see .payload for each kind). The instance is this node's
 alone (its memory lives as long as the session), so a plugin keeps state
-across frames. Calls run on the WASM executor's threads, never on the event
+across frames. Calls run on a thread of the node's own, never on the event
 loop; Extism stops a call at `timeout_ms` and a memory over `max_memory_mb`.
 """
 
@@ -55,7 +55,7 @@ class WasmNode(Node):
     def __init__(self, node_id: str, params: dict[str, Any]) -> None:
         super().__init__(node_id, params)
         self._store: ModuleStore | None = None
-        self._pool: concurrent.futures.Executor | None = None
+        self._thread: concurrent.futures.Executor | None = None
         self._plugin: Any = None
         self._cancel: Any = None
         self._limits: Limits | None = None
@@ -65,9 +65,9 @@ class WasmNode(Node):
         self._output = DataKind.parse(output) if output else None
         self._function = params.get("function", "process")
 
-    def bind(self, store: ModuleStore, pool: concurrent.futures.Executor) -> None:
-        """The WASM executor's modules and threads (before initialize)."""
-        self._store, self._pool = store, pool
+    def bind(self, store: ModuleStore, thread: concurrent.futures.Executor) -> None:
+        """The WASM executor's modules and the node's own thread (before initialize)."""
+        self._store, self._thread = store, thread
 
     async def initialize(self) -> None:
         store = self._store
@@ -101,32 +101,36 @@ class WasmNode(Node):
 
     async def cleanup(self) -> None:
         self._closing = True
-        inflight, plugin = self._inflight, self._plugin
-        self._plugin = self._inflight = None
-        if inflight is not None and not inflight.done() and not inflight.cancel():
-            if self._cancel is not None:  # a call still running (a torn-down session): stop it
-                self._cancel.cancel()
-            waiter = asyncio.wrap_future(inflight)
-            await asyncio.wait([waiter])
-            if not waiter.cancelled():
-                waiter.exception()  # the stopped call's error is this teardown's, not news
-        if plugin is not None:
-            plugin.__del__()  # its memory goes now, not at some later collection
+        await self.settle()
+        self._release()
+
+    async def settle(self) -> None:
+        """Stop a call still running on the node's thread (a torn-down session) and wait for it."""
+        self._closing = True
+        inflight, self._inflight = self._inflight, None
+        if inflight is None or inflight.done() or inflight.cancel():
+            return
+        if self._cancel is not None:
+            self._cancel.cancel()
+        waiter = asyncio.wrap_future(inflight)
+        await asyncio.wait([waiter])
+        if not waiter.cancelled():
+            waiter.exception()  # the stopped call's error is this teardown's, not news
 
     def _release(self) -> None:
         plugin, self._plugin = self._plugin, None
         if plugin is not None:
-            plugin.__del__()
+            plugin.__del__()  # its memory goes now, not at some later collection
 
     # ------------------------------------------------------------ calls
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        assert self._pool is not None
-        self._inflight = self._pool.submit(fn, *args)
+        assert self._thread is not None
+        self._inflight = self._thread.submit(fn, *args)
         return await asyncio.wrap_future(self._inflight)
 
     def _call(self, payload: bytes) -> bytes:
-        """One plugin call (on an executor thread; the GIL is released inside)."""
+        """One plugin call (on the node's thread; the GIL is released inside)."""
         import extism.extism as ex
 
         if self._plugin is None:

@@ -15,8 +15,16 @@ from typing import Any
 import numpy as np
 import orjson
 
-from ...data import (AudioData, BinaryData, DataKind, JsonData, RuntimeData, TensorData, TextData,
-                     VideoData)
+from ...data import (
+    AudioData,
+    BinaryData,
+    DataKind,
+    JsonData,
+    RuntimeData,
+    TensorData,
+    TextData,
+    VideoData,
+)
 from ...errors import TypeValidationError
 
 _F32 = np.dtype("<f4")

@@ -1,9 +1,11 @@
 """The WASM node's runner: the native runner, with the node working in a task
-of its own behind a bounded queue, as a node process works behind its channel.
+of its own behind a bounded queue, as a node process works behind its channel,
+and its plugin calls on a thread of its own.
 
 So a sender hands a frame over and goes on (at most `channel_capacity` wait),
-a client's cancel is read while a call runs, and tearing the session down
-stops the call that is running (see WasmNode.cleanup).
+a client's cancel is read while a call runs, tearing the session down stops
+the call that is running (see WasmNode.settle), and a plugin that spins
+holds up only its own node: no other node or session waits for its thread.
 """
 
 from __future__ import annotations
@@ -12,19 +14,28 @@ import asyncio
 import concurrent.futures
 
 from ...data import RuntimeData
+from ...node import Node
 from ...plan import PlannedNode
 from ..base import Progress, RunnerContext
 from ..native import NativeRunner
 from .modules import ModuleStore
+from .node import WasmNode
 
 _END = object()
 
 
 class WasmRunner(NativeRunner):
-    def __init__(self, planned: PlannedNode, ctx: RunnerContext, modules: ModuleStore,
-                 pool: concurrent.futures.Executor) -> None:
-        super().__init__(planned, ctx, prepare=lambda node: node.bind(modules, pool))
+    def __init__(self, planned: PlannedNode, ctx: RunnerContext, modules: ModuleStore) -> None:
+        self._modules = modules
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"wasm-{planned.id}")
+        self._node: WasmNode | None = None
+        super().__init__(planned, ctx, prepare=self._bind)
         self._queue: asyncio.Queue[RuntimeData | object] = asyncio.Queue(ctx.settings.channel_capacity)
+
+    def _bind(self, node: Node) -> None:
+        assert isinstance(node, WasmNode)
+        node.bind(self._modules, self._thread)
+        self._node = node
 
     async def start(self, progress: Progress) -> None:
         await super().start(progress)
@@ -50,3 +61,11 @@ class WasmRunner(NativeRunner):
             assert isinstance(item, RuntimeData)
             await super().push(item)
         await self.finish()
+
+    async def aclose(self) -> None:
+        try:
+            await super().aclose()
+        finally:
+            if self._node is not None:  # also one whose initialize() never finished
+                await self._node.settle()
+            self._thread.shutdown(wait=True)  # idle by now: nothing left to wait for
