@@ -275,3 +275,25 @@ async def test_a_client_cancel_tears_the_remote_part_down(local, remote):
         await collect(call)
     await remote.holds_nothing()
     assert not local.engine.sessions
+
+
+async def test_the_hosts_api_key_is_sent(tmp_path, grpc_poller):
+    cfg = tmp_path / "keyed.toml"
+    cfg.write_text(f'ipc_root = "{TEST_IPC_ROOT}"\ntest_nodes = true\nstandby_processes = 0\n'
+                   '[server]\napi_keys = ["s3cret"]\n')
+    keyed = await ServeProcess.launch(cfg)
+    try:
+        m = manifest([{"id": "far", "node_type": "PassThroughNode", "host": keyed.address}])
+        frame = _audio(1)
+        hosts = {keyed.address: {"api_key": "s3cret"}}
+        async with probed_engine(remote={"allowed_hosts": [keyed.address], "hosts": hosts}) as engine:
+            result = await engine.execute(m, {"far": frame})
+            assert checksum(result.outputs["far"]) == checksum(frame)
+        async with probed_engine(remote={"allowed_hosts": [keyed.address]}) as engine:  # no key
+            with pytest.raises(NodeExecutionError) as err:
+                await engine.execute(m, {"far": frame})
+            assert err.value.context["grpc_status"] == "UNAUTHENTICATED"
+            assert "refused this engine's API key" in str(err.value)
+    finally:
+        keyed.proc.send_signal(signal.SIGTERM)
+        await keyed.wait()

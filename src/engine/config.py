@@ -166,7 +166,7 @@ class RemoteSettings:
     #: keepalive ping interval and how long an unanswered ping is borne, in
     #: seconds: a remote that hangs or a network that drops is noticed within their sum
     keepalive_secs: float = 0.5
-    keepalive_timeout_secs: float = 1.0
+    keepalive_timeout_secs: float = 0.75
     hosts: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
 
     def host(self, address: str) -> RemoteHost:
