@@ -5,10 +5,13 @@ service, server reflection and the Prometheus endpoint around one `Engine`.
 It runs on whatever loop is running (the CLI installs uvloop); `serve()` is
 the CLI's main: it adds SIGTERM/SIGINT handlers that drain.
 
-Draining: health turns NOT_SERVING (and keeps answering), new sessions are
-refused with RESOURCE_LIMIT, running sessions get `drain_timeout_secs` to
-finish, then the remaining calls are cancelled and every session is torn
-down.
+Draining, as a load balancer understands it: health turns NOT_SERVING and
+the server stops taking new calls at the connection level (its listener
+closes and every connection gets an HTTP/2 GOAWAY), so a balancer (nginx,
+Envoy, a Kubernetes Service) sends new sessions to another engine instead of
+this one refusing them in-band. Running calls go on: their sessions get
+`drain_timeout_secs` to finish, then the rest answer a RESOURCE_LIMIT error
+("server is shutting down") and every session is torn down.
 """
 
 from __future__ import annotations
@@ -106,6 +109,12 @@ class EngineServer:
         grace = self.config.server.drain_timeout_secs if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
         self.engine.stop_accepting()
+        stopping = None
+        if self._server is not None:
+            # no new call from here on; calls that answered get their linger
+            # (see StreamCall._let_client_finish) and a little more; those still
+            # open then are cancelled, and their sessions tear down in their own `finally`
+            stopping = asyncio.get_running_loop().create_task(self._server.stop(grace=grace + LINGER_S + 1.0))
         if self.engine.sessions:
             log.info("draining: waiting up to %.1f s for %d session(s)", grace, len(self.engine.sessions))
             try:
@@ -118,11 +127,8 @@ class EngineServer:
                 err = ResourceLimitError("server is shutting down: drain deadline passed",
                                          context={"field": "drain_timeout_secs", "limit": grace})
                 await asyncio.gather(*(s.fail(err) for s in sessions), return_exceptions=True)
-        if self._server is not None:
-            # Calls that answered get their linger (see StreamCall._let_client_finish)
-            # and a little more; those still open then are cancelled, and their
-            # sessions tear down in their own `finally`.
-            await self._server.stop(grace=LINGER_S + 1.0)
+        if stopping is not None:
+            await stopping
         await self.engine.aclose()
         self.metrics.close()
         log.info("server stopped")
