@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup bench lint clean proto
+.PHONY: run test setup bench lint clean proto nginx
 
 $(STAMP): pyproject.toml setup.py src/engine/_fastpath.pyx Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,8 +27,13 @@ $(NODE_STAMP): $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
 	cd $(NODE_CLIENT) && npm ci --silent --no-audit --no-fund
 	touch $(NODE_STAMP)
 
+# nginx, for the load-balancer tests (tests/test_balancer.py), from Debian
+NGINX := $(shell command -v nginx || ls /usr/sbin/nginx 2>/dev/null)
+nginx:
+	@test -n "$(NGINX)" || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light; }
+
 ## the whole test suite
-test: $(STAMP) $(NODE_STAMP)
+test: $(STAMP) $(NODE_STAMP) nginx
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
