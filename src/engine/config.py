@@ -104,6 +104,11 @@ class ServerSettings:
     metrics_every_n_chunks: int = 50
     drain_timeout_secs: float = 10.0
     pending_chunks_capacity: int = 256  # chunks queued while a stream starts
+    #: PEM files; with both set the server speaks TLS only
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    #: PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)
+    tls_client_ca_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -148,7 +153,7 @@ class RuntimeConfig:
             if isinstance(source, dict):
                 data = source
             elif source is not None:
-                data = tomllib.loads(Path(source).read_text())
+                data = _read_toml(Path(source))
             cfg = cls.from_dict(data)
         return cfg.with_env(os.environ if env is None else env)
 
@@ -197,6 +202,11 @@ class RuntimeConfig:
         for name in ("channel_capacity", "max_processes_per_session", "output_queue_capacity"):
             if getattr(s, name) < 1:
                 issues.append(Issue(name, "must be >= 1"))
+        tls = self.server
+        if bool(tls.tls_cert_file) != bool(tls.tls_key_file):
+            issues.append(Issue("server.tls_cert_file", "tls_cert_file and tls_key_file go together"))
+        if tls.tls_client_ca_file and not tls.tls_cert_file:
+            issues.append(Issue("server.tls_client_ca_file", "needs tls_cert_file and tls_key_file"))
         if not 0 <= self.standby_processes <= 16:
             issues.append(Issue("standby_processes", "must be between 0 and 16"))
         if not 0 <= self.prewarm_processes <= c.max_total_processes:
@@ -242,6 +252,17 @@ class RuntimeConfig:
         if issues:
             raise ValidationError(issues)
         return replace(settings, **changes)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValidationError(Issue("$", f"cannot read config {path}: {exc.strerror or exc}")) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValidationError(Issue("$", f"{path} is not valid TOML: {exc}")) from None
 
 
 def _truthy(value: str) -> bool:

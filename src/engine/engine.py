@@ -24,7 +24,7 @@ from typing import Any
 from .catalog import default_registry
 from .config import ClientLimits, RuntimeConfig
 from .data import RuntimeData, concat
-from .errors import ResourceLimitError, ValidationError
+from .errors import Issue, ResourceLimitError, ValidationError
 from .executors.base import NodeRunner
 from .executors.native import NativeRunner
 from .manifest import Manifest, validate
@@ -211,12 +211,15 @@ class Engine:
 
     async def execute(self, manifest: Any, inputs: Mapping[str, RuntimeData], *,
                       on_progress: Callable[[InitProgress], Any] | None = None,
-                      limits: ClientLimits | None = None) -> ExecutionResult:
+                      limits: ClientLimits | None = None,
+                      on_output: Callable[[Output], Any] | None = None) -> ExecutionResult:
         """Batch mode: feed `inputs` (keyed by node id), run to completion.
 
-        Returns one value per sink: several outputs of one sink are joined
-        (audio and text concatenated, JSON collected into a list; see
-        data.concat); `all_outputs` keeps them separate.
+        Every source node (one no connection feeds) that takes input must
+        have one. Returns one value per sink: several outputs of one sink are
+        joined (audio and text concatenated, JSON collected into a list; see
+        data.concat); `all_outputs` keeps them separate. `on_output` sees
+        each sink output as it comes.
         """
         t0 = time.perf_counter()
         m = self.validate(manifest)
@@ -225,12 +228,20 @@ class Engine:
             if node_id not in known:
                 raise ValidationError(f"input for unknown node {node_id!r}; nodes: {', '.join(sorted(known))}",
                                       node_id=node_id)
+        fed = {c.target for c in m.connections}
+        starved = [n.id for n in m.nodes if n.id not in fed and n.input_types and n.id not in inputs]
+        if starved:
+            raise ValidationError([Issue("$.data_inputs", f"no input for source node {nid!r}: a batch run "
+                                         "feeds the pipeline only through its inputs", node_id=nid,
+                                         code="missing_input") for nid in starved])
         session = self.stream(m, on_progress=on_progress, limits=limits)
         collected: dict[str, list[RuntimeData]] = collections.defaultdict(list)
 
         async def collect() -> None:
             async for out in session:
                 collected[out.node_id].append(out.data)
+                if on_output is not None:
+                    on_output(out)
 
         async with session:
             t_ready = time.perf_counter()
