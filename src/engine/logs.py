@@ -20,6 +20,14 @@ QUIET = ("grpc", "asyncio", "matplotlib", "PIL", "urllib3", "opentelemetry")
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
 
 
+class ContextAdapter(logging.LoggerAdapter):
+    """A LoggerAdapter whose call-site `extra` (a node_id, say) adds to and overrides its own."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs["extra"] = {**self.extra, **(kwargs.get("extra") or {})}
+        return msg, kwargs
+
+
 def _session_context(record: logging.LogRecord) -> bool:
     if not hasattr(record, "session_id"):
         record.session_id = "-"
@@ -59,4 +67,4 @@ def configure(verbose: bool = False, fmt: str = "text", stream: Any = None) -> N
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-__all__ = ["JsonFormatter", "configure"]
+__all__ = ["ContextAdapter", "JsonFormatter", "configure"]

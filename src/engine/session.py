@@ -37,6 +37,7 @@ from .errors import (
 )
 from .executors.base import NodeRunner
 from .fifo import BoundedFifo
+from .logs import ContextAdapter
 from .manifest import Manifest
 from .plan import ExecutionPlan, PlannedNode
 from .turns import TURN_EVENT_SCHEMA, TurnEvent, TurnLedger
@@ -163,7 +164,7 @@ class Session:
         self.turns = TurnLedger()
         self._on_turn_event = getattr(observer, "turn_event", None)
         self._on_frame = getattr(observer, "node_frame", None)
-        self.log = logging.LoggerAdapter(log, {"session_id": self.id, "node_id": "-"})
+        self.log = ContextAdapter(log, {"session_id": self.id, "node_id": "-"})
 
     # ------------------------------------------------------------ lifecycle
 
@@ -386,7 +387,7 @@ class Session:
 
     def _record_error(self, err: EngineError) -> None:
         self._error = err
-        self.log.warning("session failed: %s", err)
+        self.log.warning("session failed: %s", err, extra={"node_id": err.node_id or "-"})
         self._outputs.put_terminal(err)
 
     def _start_teardown(self) -> None:
@@ -472,7 +473,8 @@ class Session:
                                            return_exceptions=True)
             for runner, res in zip(self._runners.values(), results, strict=True):
                 if isinstance(res, BaseException):
-                    self.log.error("teardown of node %s failed: %r", runner.node_id, res)
+                    self.log.error("teardown of node %s failed: %r", runner.node_id, res,
+                                   extra={"node_id": runner.node_id})
             pending = [t for t in self._tasks if t is not current]
             if pending:
                 await asyncio.wait(pending, timeout=self.settings.shutdown_timeout_secs + 1)

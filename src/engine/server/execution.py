@@ -65,6 +65,7 @@ class PipelineExecutionServicer(epb_grpc.PipelineExecutionServiceServicer):
                 log.exception("ExecutePipeline failed unexpectedly")
             self.metrics.error(err.error_type.name)
             error_to_proto(err, resp.error)
+            _log_call(request, t0, f"failed {err.error_type.name}: {err}", node_id=err.node_id)
             return resp
 
         out = resp.result
@@ -83,6 +84,7 @@ class PipelineExecutionServicer(epb_grpc.PipelineExecutionServiceServicer):
             nr.output_metadata = _node_output_metadata(node_id, st, result)
         out.status = pb.EXECUTION_STATUS_SUCCESS
         self.metrics.execute_latency.observe(time.perf_counter() - t0)
+        _log_call(request, t0, f"ok, {sum(out_kinds.values())} output(s)", session_id=snap.get("session_id"))
         return resp
 
     def _run_checks(self, request: epb.ExecuteRequest) -> None:
@@ -91,6 +93,14 @@ class PipelineExecutionServicer(epb_grpc.PipelineExecutionServiceServicer):
             raise VersionMismatchError(message)
         if not request.HasField("manifest"):
             raise ValidationError("ExecuteRequest.manifest is missing")
+
+
+def _log_call(request: epb.ExecuteRequest, t0: float, outcome: str, *, node_id: str | None = None,
+              session_id: str | None = None) -> None:
+    """The call's one line (an access log): pipeline, outcome, time."""
+    name = request.manifest.metadata.name or "(unnamed)"
+    log.info("ExecutePipeline %r: %s in %.1f ms", name, outcome.replace("\n", "; "),
+             (time.perf_counter() - t0) * 1000, extra={"node_id": node_id or "-", "session_id": session_id or "-"})
 
 
 def _node_output_metadata(node_id: str, stats: dict[str, Any], result: Any) -> str:

@@ -44,6 +44,7 @@ from ..data import RuntimeData
 from ..engine import Engine
 from ..errors import EngineError, ValidationError, VersionMismatchError
 from ..fifo import BoundedFifo
+from ..logs import ContextAdapter
 from ..session import InitProgress, Output, Session
 from . import wire
 from .convert import (
@@ -117,7 +118,7 @@ class StreamCall:
         self.known_nodes: set[str] = set()
         self.last_sequence = -1
         self.started = time.perf_counter()
-        self.log: logging.LoggerAdapter = logging.LoggerAdapter(log, {"session_id": "-", "node_id": "-"})
+        self.log: logging.LoggerAdapter = ContextAdapter(log, {"session_id": "-", "node_id": "-"})
 
     # ------------------------------------------------------------ the call
 
@@ -183,7 +184,7 @@ class StreamCall:
                                           limits=limits_from_proto(init.resource_limits),
                                           output_sink=self)
         self.metrics.sessions.labels("stream").inc()
-        self.log = logging.LoggerAdapter(log, {"session_id": self.session.id, "node_id": "-"})
+        self.log = ContextAdapter(log, {"session_id": self.session.id, "node_id": "-"})
         self.known_nodes = set(self.session.plan.order)
 
     async def _cleanup(self) -> None:
@@ -205,7 +206,8 @@ class StreamCall:
 
     def _error_response(self, err: EngineError) -> spb.StreamResponse:
         self.metrics.error(err.error_type.name)
-        self.log.info("stream error: %s", err)
+        if self.session is None or err is not self.session.error:  # the session logged its own
+            self.log.info("stream error: %s", err, extra={"node_id": err.node_id or "-"})
         resp = spb.StreamResponse()
         error_to_proto(err, resp.error)
         return resp
