@@ -63,6 +63,7 @@ from .ipc.logs import LogCapture
 from .ipc.logs import capture as capture_logs
 from .node import Node
 from .turns import TURN_EVENT_SCHEMA, TurnEvent, TurnLedger
+from .zygote import set_node_title
 
 
 def _plain(fn: Any) -> bool:
@@ -235,6 +236,7 @@ class Worker:
     async def _serve(self, receiver: FrameReceiver, sender: FrameSender) -> int:
         a = self.assigned
         assert a is not None
+        set_node_title(a.node_id, a.node_type, a.session_id)
         # Before the node's module is imported, so what it says while loading
         # reaches the engine too; the engine tags it with the session and node.
         self.logs = capture_logs(self.ctrl.send, level=a.log_level)
