@@ -125,11 +125,25 @@ class NodeSettings:
 
 
 @dataclass(frozen=True)
+class TracingSettings:
+    """OpenTelemetry traces (runtime.toml `[tracing]`; needs the otel extra). See engine.tracing."""
+
+    enabled: bool = False
+    service_name: str = "remotemedia-engine"
+    #: OTLP/gRPC collector; "" = OTEL_EXPORTER_OTLP_ENDPOINT or localhost:4317
+    otlp_endpoint: str = ""
+    otlp_insecure: bool = True
+    #: share of sessions traced (each whole: its span and every node call's)
+    sample_ratio: float = 1.0
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     session: SessionSettings = field(default_factory=SessionSettings)
     caps: Caps = field(default_factory=Caps)
     server: ServerSettings = field(default_factory=ServerSettings)
     nodes: NodeSettings = field(default_factory=NodeSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
     python_executable: str = sys.executable
     test_nodes: bool = False
     #: node processes kept started, never used, so a session's nodes skip the
@@ -164,6 +178,7 @@ class RuntimeConfig:
         caps = _build(Caps, data.pop("caps", {}), "caps", issues)
         server = _build(ServerSettings, data.pop("server", {}), "server", issues)
         nodes = _build(NodeSettings, data.pop("nodes", {}), "nodes", issues)
+        tracing = _build(TracingSettings, data.pop("tracing", {}), "tracing", issues)
         session_keys = {f.name for f in fields(SessionSettings)}
         sess = {k: data.pop(k) for k in list(data) if k in session_keys}
         if "multiprocess" in data:  # [multiprocess] enabled = false
@@ -171,10 +186,10 @@ class RuntimeConfig:
             if isinstance(mp, dict) and "enabled" in mp:
                 sess["multiprocess_enabled"] = mp["enabled"]
         session = _build(SessionSettings, sess, "", issues)
-        top = _build(cls, data, "", issues, skip={"session", "caps", "server", "nodes"})
+        top = _build(cls, data, "", issues, skip={"session", "caps", "server", "nodes", "tracing"})
         if issues:
             raise ValidationError(issues)
-        cfg = replace(top, session=session, caps=caps, server=server, nodes=nodes)
+        cfg = replace(top, session=session, caps=caps, server=server, nodes=nodes, tracing=tracing)
         cfg.check()
         return cfg
 
@@ -207,6 +222,8 @@ class RuntimeConfig:
             issues.append(Issue("server.tls_cert_file", "tls_cert_file and tls_key_file go together"))
         if tls.tls_client_ca_file and not tls.tls_cert_file:
             issues.append(Issue("server.tls_client_ca_file", "needs tls_cert_file and tls_key_file"))
+        if not 0 <= self.tracing.sample_ratio <= 1:
+            issues.append(Issue("tracing.sample_ratio", "must be between 0 and 1"))
         if not 0 <= self.standby_processes <= 16:
             issues.append(Issue("standby_processes", "must be between 0 and 16"))
         if not 0 <= self.prewarm_processes <= c.max_total_processes:

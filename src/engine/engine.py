@@ -31,6 +31,8 @@ from .manifest import Manifest, validate
 from .plan import ExecutionPlan, PlannedNode, build_plan
 from .registry import ExecutorRegistry
 from .session import InitProgress, Observer, Output, OutputSink, Session
+from .tracing import Tracing
+from .tracing import tracer_provider as tracer_provider_for
 
 log = logging.getLogger("engine")
 
@@ -57,9 +59,12 @@ class ExecutionResult:
 
 class Engine:
     def __init__(self, config: Any = None, *, registry: ExecutorRegistry | None = None,
-                 observer: Observer | None = None) -> None:
+                 observer: Observer | None = None, tracer_provider: Any = None) -> None:
         self.config = RuntimeConfig.load(config)
         self.observer = observer
+        #: OpenTelemetry (engine.tracing): the app's provider, or one made from [tracing]
+        provider = tracer_provider if tracer_provider is not None else tracer_provider_for(self.config.tracing)
+        self.tracing = Tracing(provider, owned=tracer_provider is None) if provider is not None else None
         self.registry = registry or default_registry(self.config)
         self._sessions: dict[str, Session] = {}
         self._manifests: collections.OrderedDict[Any, Manifest] = collections.OrderedDict()
@@ -94,6 +99,8 @@ class Engine:
         if self._process_manager is not None:
             await self._process_manager.aclose()
             self._process_manager = None
+        if self.tracing is not None:
+            self.tracing.shutdown()  # flushes what the exporter still holds
 
     def stop_accepting(self) -> None:
         """Refuse new sessions (RESOURCE_LIMIT); running ones go on. For draining."""
@@ -183,7 +190,7 @@ class Engine:
         session = Session(m, plan, settings, self._make_runner, on_progress=on_progress,
                           on_close=self._session_closed, session_id=session_id,
                           observer=observer if observer is not None else self.observer,
-                          output_sink=output_sink)
+                          output_sink=output_sink, tracing=self.tracing)
         self._sessions[session.id] = session
         self._idle.clear()
         return session

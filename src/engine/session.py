@@ -40,6 +40,7 @@ from .fifo import BoundedFifo
 from .logs import ContextAdapter
 from .manifest import Manifest
 from .plan import ExecutionPlan, PlannedNode
+from .tracing import SessionTrace, Tracing
 from .turns import TURN_EVENT_SCHEMA, TurnEvent, TurnLedger
 
 log = logging.getLogger("engine.session")
@@ -134,8 +135,12 @@ class Session:
         session_id: str | None = None,
         observer: Observer | None = None,
         output_sink: OutputSink | Callable[[Output], Awaitable[None]] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.id = session_id or uuid.uuid4().hex[:16]
+        #: this session's trace when it is sampled (engine.tracing); runners add node calls
+        self.trace: SessionTrace | None = (
+            tracing.session(self.id, manifest.name, len(plan.order)) if tracing is not None else None)
         self.manifest = manifest
         self.plan = plan
         self.settings = settings
@@ -479,6 +484,8 @@ class Session:
             if pending:
                 await asyncio.wait(pending, timeout=self.settings.shutdown_timeout_secs + 1)
         finally:
+            if self.trace is not None:
+                self.trace.end(self._error)
             self._outputs.put_terminal(_END)
             self._torn_down.set()
             if self._on_close is not None:

@@ -43,6 +43,7 @@ from .ipc import codec, iox
 from .ipc.channel import EOS, FrameReceiver, FrameSender, Inbox
 from .ipc.control import (
     Assign,
+    CallRecord,
     ChannelsReady,
     DeliverTurnEvent,
     Failure,
@@ -237,6 +238,7 @@ class Worker:
         a = self.assigned
         assert a is not None
         set_node_title(a.node_id, a.node_type, a.session_id)
+        ctrl = self.ctrl
         # Before the node's module is imported, so what it says while loading
         # reaches the engine too; the engine tags it with the session and node.
         self.logs = capture_logs(self.ctrl.send, level=a.log_level)
@@ -250,6 +252,8 @@ class Worker:
             host = self.host = NodeHost(a.node_id, cls, dict(a.params), stats=self.counts, turns=self.turns,
                                         deadline=AlarmDeadline(a.process_timeout_secs),
                                         accepts=None if a.accepts is None else [DataKind(k) for k in a.accepts])
+            if a.trace:  # each call's timing goes to the engine at once, which makes its span
+                host.on_call = lambda call: ctrl.send(CallRecord((call,)))
             self._memory = LoanedMemory(sender)
             node = await host.start(lambda phase, pct, msg: self.ctrl.send(Progress(phase, pct, msg)),
                                     self._memory)

@@ -30,6 +30,10 @@ class NativeRunner(NodeRunner):
         self._blocking = planned.spec.cls.blocking
         self.host = NodeHost(planned.id, planned.spec.cls, dict(planned.decl.params), stats=self.stats,
                              turns=ctx.turns, in_thread=self._blocking, accepts=planned.accepted_kinds)
+        trace = getattr(ctx, "trace", None)
+        if trace is not None:
+            node_type = planned.spec.node_type
+            self.host.on_call = lambda call: trace.node_call(planned.id, node_type, call)
         self._event_tasks: set[asyncio.Task] = set()
         self._pending_ends = max(1, len(planned.upstream))
         self._lock = asyncio.Lock()

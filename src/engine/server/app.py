@@ -45,14 +45,14 @@ SERVICE_NAMES = (
 
 class EngineServer:
     def __init__(self, config: Any = None, *, host: str | None = None, port: int | None = None,
-                 metrics_port: int | None = None) -> None:
+                 metrics_port: int | None = None, tracer_provider: Any = None) -> None:
         self.config = RuntimeConfig.load(config)
         s = self.config.server
         self.host = host if host is not None else s.host
         self.port = port if port is not None else s.port
         self.metrics_port = metrics_port if metrics_port is not None else s.metrics_port
         self.metrics = ServerMetrics()
-        self.engine = Engine(self.config, observer=self.metrics)
+        self.engine = Engine(self.config, observer=self.metrics, tracer_provider=tracer_provider)
         self.metrics.bind(self.engine)
         self.health = health.aio.HealthServicer()
         self._server: aio.Server | None = None

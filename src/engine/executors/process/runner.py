@@ -25,6 +25,7 @@ from ...ipc import codec, iox
 from ...ipc.channel import EOS, ChannelClosed, FrameReceiver
 from ...ipc.control import (
     Assign,
+    CallRecord,
     DeliverTurnEvent,
     Failure,
     Hello,
@@ -89,7 +90,8 @@ class ProcessRunner(NodeRunner):
         kinds = self.planned.accepted_kinds
         assign = Assign(self.session.id, self.node_id, spec.node_type, spec.module, spec.qualname,
                         dict(self.planned.decl.params), s.process_timeout_secs,
-                        None if kinds is None else tuple(int(k) for k in kinds), log_level=engine_level())
+                        None if kinds is None else tuple(int(k) for k in kinds), log_level=engine_level(),
+                        trace=self.session.trace is not None)
         proc = m.pool.take(s.channel_capacity)
         if proc is not None:
             self.proc = proc
@@ -197,6 +199,11 @@ class ProcessRunner(NodeRunner):
                     self.session.fail_soon(self._error_from(msg))
             elif isinstance(msg, LogBatch):
                 self._on_logs(msg)
+            elif isinstance(msg, CallRecord):
+                trace = self.session.trace
+                if trace is not None:
+                    for call in msg.calls:
+                        trace.node_call(self.node_id, self.planned.spec.node_type, call)
             elif isinstance(msg, Stats):
                 self._merge(msg)
             elif isinstance(msg, ShutdownAck):
