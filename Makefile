@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup bench lint clean proto
+.PHONY: run test setup bench lint clean proto docs
 
 $(STAMP): pyproject.toml setup.py src/engine/_fastpath.pyx Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,10 @@ lint: $(STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py
+
+## docs/nodes.md from the node classes' params schemas
+docs: $(STAMP)
+	$(BIN)/python scripts/gen_node_docs.py
 
 clean:
 	rm -rf $(VENV) $(NODE_CLIENT)/node_modules build src/*.egg-info src/engine/_fastpath.c src/engine/_fastpath*.so

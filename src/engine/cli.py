@@ -46,7 +46,11 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.json:
+    if args.markdown:
+        from .nodedocs import render
+
+        print(render(registry, builtin_only=False), end="")
+    elif args.json:
         listing = {"nodes": [spec.describe() for spec in registry.specs()],
                    "failed": [f.describe() for f in registry.failures]}
         print(orjson.dumps(listing, option=orjson.OPT_INDENT_2).decode())
@@ -274,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("nodes", "list every node type: executor, data types, source, params", config)
     p.add_argument("--json", action="store_true", help="also each params schema, as JSON")
+    p.add_argument("--markdown", action="store_true",
+                   help="a Markdown reference of every node type's params (docs/nodes.md is the built-ins')")
     p.set_defaults(func=cmd_nodes)
 
     p = add("bench", "run benchmark scenarios: bench list | bench all | bench SCENARIO... | bench report")
