@@ -193,21 +193,29 @@ def _bind_problem(host: str, port: int) -> str | None:
     return None
 
 
+def _remove_handlers(loop: asyncio.AbstractEventLoop) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+
+
 async def serve(config: Any = None, *, host: str | None = None, port: int | None = None,
                 metrics_port: int | None = None) -> int:
     """Run the server until SIGTERM or SIGINT, then drain; returns the exit code."""
     server = EngineServer(config, host=host, port=port, metrics_port=metrics_port)
-    await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a signal while starting drains too
         loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+    except BaseException:
+        _remove_handlers(loop)
+        raise
     try:
         await stop.wait()
         log.info("signal received: draining")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        _remove_handlers(loop)
         await server.drain()
     return 0
 
