@@ -13,6 +13,7 @@ from bench import (  # noqa: F401  (importing a scenarios module registers its s
     scenarios_node_host,
     scenarios_server,
     scenarios_speech,
+    scenarios_wasm,
 )
 
 #: scenarios that draw their own figure (kept by `plot`)

@@ -25,9 +25,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .errors import ValidationError
     from .manifest import validate
 
-    registry = default_registry(_engine_config(args))
+    config = _engine_config(args)
+    registry = default_registry(config)
     try:
         m = validate(Path(args.manifest), registry)
+        if any(n.node_type == "WasmNode" for n in m.nodes):
+            from .executors.wasm import WasmExecutor
+
+            issues = WasmExecutor(config.wasm).check(m)
+            if issues:
+                raise ValidationError(issues)
     except ValidationError as exc:
         print(f"{args.manifest}: {len(exc.issues)} problem(s)", file=sys.stderr)
         for issue in exc.issues:

@@ -138,12 +138,36 @@ class TracingSettings:
 
 
 @dataclass(frozen=True)
+class WasmSettings:
+    """The WASM executor (runtime.toml `[wasm]`): where modules come from and
+    the caps on what one plugin instance may use."""
+
+    #: where a WasmNode's `module` names a file; a relative path is taken from
+    #: the directory of the runtime.toml that sets it; "" = no module files
+    modules_dir: str = ""
+    #: accept a module sent in the manifest (`module_base64`): code the
+    #: operator never saw, still sandboxed and capped
+    allow_inline: bool = False
+    max_inline_bytes: int = 4 * 1024 * 1024
+    max_module_bytes: int = 64 * 1024 * 1024
+    #: one call's time limit when a node sets none, and the most it may set
+    timeout_ms: int = 100
+    max_timeout_ms: int = 5000
+    #: one instance's memory limit when a node sets none, and the most it may set
+    memory_mb: int = 16
+    max_memory_mb: int = 256
+    #: compiled modules kept (by content hash and limits)
+    compiled_cache: int = 64
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     session: SessionSettings = field(default_factory=SessionSettings)
     caps: Caps = field(default_factory=Caps)
     server: ServerSettings = field(default_factory=ServerSettings)
     nodes: NodeSettings = field(default_factory=NodeSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
+    wasm: WasmSettings = field(default_factory=WasmSettings)
     python_executable: str = sys.executable
     test_nodes: bool = False
     #: node processes kept started, never used, so a session's nodes skip the
@@ -169,6 +193,8 @@ class RuntimeConfig:
             elif source is not None:
                 data = _read_toml(Path(source))
             cfg = cls.from_dict(data)
+            if isinstance(source, (str, os.PathLike)):
+                cfg = cfg.relative_to(Path(source).resolve().parent)
         return cfg.with_env(os.environ if env is None else env)
 
     @classmethod
@@ -179,6 +205,7 @@ class RuntimeConfig:
         server = _build(ServerSettings, data.pop("server", {}), "server", issues)
         nodes = _build(NodeSettings, data.pop("nodes", {}), "nodes", issues)
         tracing = _build(TracingSettings, data.pop("tracing", {}), "tracing", issues)
+        wasm = _build(WasmSettings, data.pop("wasm", {}), "wasm", issues)
         session_keys = {f.name for f in fields(SessionSettings)}
         sess = {k: data.pop(k) for k in list(data) if k in session_keys}
         if "multiprocess" in data:  # [multiprocess] enabled = false
@@ -186,12 +213,19 @@ class RuntimeConfig:
             if isinstance(mp, dict) and "enabled" in mp:
                 sess["multiprocess_enabled"] = mp["enabled"]
         session = _build(SessionSettings, sess, "", issues)
-        top = _build(cls, data, "", issues, skip={"session", "caps", "server", "nodes", "tracing"})
+        top = _build(cls, data, "", issues, skip={"session", "caps", "server", "nodes", "tracing", "wasm"})
         if issues:
             raise ValidationError(issues)
-        cfg = replace(top, session=session, caps=caps, server=server, nodes=nodes, tracing=tracing)
+        cfg = replace(top, session=session, caps=caps, server=server, nodes=nodes, tracing=tracing, wasm=wasm)
         cfg.check()
         return cfg
+
+    def relative_to(self, base: Path) -> RuntimeConfig:
+        """Relative paths of a runtime.toml are taken from its directory."""
+        w = self.wasm
+        if w.modules_dir and not Path(w.modules_dir).is_absolute():
+            return replace(self, wasm=replace(w, modules_dir=str(base / w.modules_dir)))
+        return self
 
     def with_env(self, env: Any) -> RuntimeConfig:
         cfg = self
@@ -228,6 +262,13 @@ class RuntimeConfig:
             issues.append(Issue("standby_processes", "must be between 0 and 16"))
         if not 0 <= self.prewarm_processes <= c.max_total_processes:
             issues.append(Issue("prewarm_processes", f"must be between 0 and caps.max_total_processes={c.max_total_processes}"))
+        w = self.wasm
+        for name, cap in (("timeout_ms", "max_timeout_ms"), ("memory_mb", "max_memory_mb")):
+            if not 1 <= getattr(w, name) <= getattr(w, cap):
+                issues.append(Issue(f"wasm.{name}", f"must be between 1 and wasm.{cap}={getattr(w, cap)}"))
+        for name in ("max_inline_bytes", "max_module_bytes", "compiled_cache"):
+            if getattr(w, name) < 1:
+                issues.append(Issue(f"wasm.{name}", "must be >= 1"))
         if issues:
             raise ValidationError(issues)
 

@@ -69,6 +69,7 @@ class Engine:
         self._sessions: dict[str, Session] = {}
         self._manifests: collections.OrderedDict[Any, Manifest] = collections.OrderedDict()
         self._process_manager: Any = None
+        self._wasm: Any = None
         self._closed = False
         self._accepting = True
         self._idle = asyncio.Event()
@@ -101,6 +102,9 @@ class Engine:
             self._process_manager = None
         if self.tracing is not None:
             self.tracing.shutdown()  # flushes what the exporter still holds
+        if self._wasm is not None:
+            self._wasm.close()
+            self._wasm = None
 
     def stop_accepting(self) -> None:
         """Refuse new sessions (RESOURCE_LIMIT); running ones go on. For draining."""
@@ -138,6 +142,10 @@ class Engine:
                 self._manifests.move_to_end(key)
                 return hit
         m = validate(manifest, self.registry)
+        if any(n.node_type == "WasmNode" for n in m.nodes):
+            issues = self.wasm_executor().check(m)
+            if issues:
+                raise ValidationError(issues)
         if key is not None:
             self._manifests[key] = m
             if len(self._manifests) > _MANIFEST_CACHE:
@@ -207,6 +215,8 @@ class Engine:
                 session.memory_watched = True
                 session.track(manager.monitor_memory(session), "memory")
             return manager.runner(session, planned)
+        if planned.executor == "wasm":
+            return self.wasm_executor().runner(planned, session)
         return NativeRunner(planned, session)
 
     def process_manager(self) -> Any:
@@ -215,6 +225,13 @@ class Engine:
 
             self._process_manager = ProcessManager(self.config, self.registry)
         return self._process_manager
+
+    def wasm_executor(self) -> Any:
+        if self._wasm is None:
+            from .executors.wasm import WasmExecutor
+
+            self._wasm = WasmExecutor(self.config.wasm)
+        return self._wasm
 
     async def execute(self, manifest: Any, inputs: Mapping[str, RuntimeData], *,
                       on_progress: Callable[[InitProgress], Any] | None = None,

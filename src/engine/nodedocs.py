@@ -29,11 +29,15 @@ def _type(prop: dict[str, Any]) -> str:
     kind = " or ".join(kind) if isinstance(kind, list) else kind
     lo = prop.get("minimum", prop.get("exclusiveMinimum"))
     hi = prop.get("maximum", prop.get("exclusiveMaximum"))
-    if lo is not None or hi is not None:
+    num = lambda v: f"{v:,}".replace(",", "_")  # noqa: E731
+    if lo is not None and hi is not None:
         left = "(" if "exclusiveMinimum" in prop else "["
         right = ")" if "exclusiveMaximum" in prop else "]"
-        kind += f" {left}{'' if lo is None else f'{lo:,}'.replace(',', '_')}, " \
-                f"{'' if hi is None else f'{hi:,}'.replace(',', '_')}{right}"
+        kind += f" {left}{num(lo)}, {num(hi)}{right}"
+    elif lo is not None:
+        kind += f" {'>' if 'exclusiveMinimum' in prop else '≥'} {num(lo)}"
+    elif hi is not None:
+        kind += f" {'<' if 'exclusiveMaximum' in prop else '≤'} {num(hi)}"
     if "minLength" in prop:
         kind += f", ≥ {prop['minLength']} chars"
     return kind
