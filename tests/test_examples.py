@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import sys
+import textwrap
 import wave
 from pathlib import Path
 
@@ -70,8 +71,9 @@ async def test_voice_client_usage(tmp_path):
 
 async def test_readme_embedding_snippet_from_another_directory(tmp_path):
     readme = (ROOT / "README.md").read_text()
-    snippet = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S)
-                   if "from engine import Engine" in block and "engine.stream(" in block)
+    blocks = [textwrap.dedent(code) for indent, code in
+              re.findall(r"^( *)```python\n(.*?)^\1```", readme, re.S | re.M)]
+    snippet = next(b for b in blocks if "from engine import Engine" in b and "engine.stream(" in b)
     (tmp_path / "embed.py").write_text(snippet)
     rc, out, err = await run_script(tmp_path, "embed.py")
     assert rc == 0, err
