@@ -120,7 +120,7 @@ def test_unreadable_input_says_why(tmp_path):
 
 
 @pytest.mark.parametrize("fmt,subtype", [("WAV", "PCM_U8"), ("WAV", "PCM_24"), ("WAV", "FLOAT"),
-                                         ("FLAC", "PCM_16"), ("OGG", "VORBIS")])
+                                         ("FLAC", "PCM_16"), ("OGG", "VORBIS"), ("MP3", "MPEG_LAYER_III")])
 def test_run_reads_audio_formats_and_resamples_to_the_first_nodes_rate(tmp_path, fmt, subtype):
     # a VAD-like first node that declares sampling_rate: input at 44.1 kHz is resampled to 16 kHz
     doc = {"version": "v1", "metadata": {"name": "rate"},

@@ -135,3 +135,38 @@ async def test_a_voice_turns_spans_show_its_stages(spoken_question):
     assert first["asr"] <= first["llm"] <= first["tts"], sorted((s.start_time, s.name) for s in spans)
     root = next(s for s in exporter.get_finished_spans() if s.parent is None)
     assert all(s.context.trace_id == root.context.trace_id for s in spans)
+
+
+async def test_tracing_settings_export_over_otlp_to_a_collector():
+    # a real OTLP/gRPC receiver (the collector's TraceService), in threads of its own
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    received: list = []
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):  # noqa: N802 - the service's method name
+            received.append(request)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    collector = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), collector)
+    port = collector.add_insecure_port("127.0.0.1:0")
+    collector.start()
+    try:
+        engine = Engine({"test_nodes": True, "ipc_root": TEST_IPC_ROOT, "tracing": {
+            "enabled": True, "otlp_endpoint": f"127.0.0.1:{port}", "service_name": "otlp-test"}})
+        async with engine:
+            await engine.execute(manifest([{"id": "p", "node_type": "EchoNode"}], name="exported"),
+                                 {"p": RuntimeData.text("x")})
+        # closing the engine flushed its exporter
+    finally:
+        collector.stop(None)
+    spans = [(rs.resource, span) for req in received for rs in req.resource_spans
+             for ss in rs.scope_spans for span in ss.spans]
+    names = {span.name for _, span in spans}
+    assert {"session exported", "p.process", "p.flush"} <= names, names
+    resource = spans[0][0]
+    assert any(a.key == "service.name" and a.value.string_value == "otlp-test" for a in resource.attributes)

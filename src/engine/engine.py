@@ -100,8 +100,8 @@ class Engine:
         if self._process_manager is not None:
             await self._process_manager.aclose()
             self._process_manager = None
-        if self.tracing is not None:
-            self.tracing.shutdown()  # flushes what the exporter still holds
+        if self.tracing is not None:  # flushes what the exporter holds (a network call: off the loop)
+            await asyncio.to_thread(self.tracing.shutdown)
         if self._wasm is not None:
             self._wasm.close()
             self._wasm = None

@@ -11,7 +11,8 @@ plain process()/flush() from a loop that blocks in poll() between frames,
 an async one on the process's asyncio loop, both woken by iceoryx2 events.
 Control (ping, shutdown) is read by a thread so it is never stuck behind
 data. The node itself is called through the node host (`engine.host`), as in the
-engine. A timer (SIGALRM) ends the process when one process() call exceeds
+engine; in a traced session each call's timing goes to the engine as a
+CallRecord (see engine.tracing). A timer (SIGALRM) ends the process when one process() call exceeds
 its deadline. The process exits when the engine closes the control socket
 (engine gone) and, through PR_SET_PDEATHSIG, when the zygote dies.
 
