@@ -170,3 +170,38 @@ async def test_tracing_settings_export_over_otlp_to_a_collector():
     assert {"session exported", "p.process", "p.flush"} <= names, names
     resource = spans[0][0]
     assert any(a.key == "service.name" and a.value.string_value == "otlp-test" for a in resource.attributes)
+
+
+async def test_a_callers_traceparent_continues_its_trace_through_the_server():
+    import grpc
+    import leakprobe
+    from grpc_client import CLOSE, buffer, chunk, collect, init, proto_manifest, requests
+
+    from engine._proto import execution_pb2 as epb
+    from engine._proto import execution_pb2_grpc as epb_grpc
+    from engine._proto import streaming_pb2_grpc as spb_grpc
+    from engine.server import EngineServer
+
+    tp, exporter = provider()
+    before = leakprobe.snapshot()
+    server = EngineServer({"test_nodes": True, "ipc_root": TEST_IPC_ROOT}, port=0, tracer_provider=tp)
+    await server.start()
+    trace_id, span_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    metadata = (("traceparent", f"00-{trace_id}-{span_id}-01"),)
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            manifest = proto_manifest([("p", "EchoNode")], name="called")
+            req = epb.ExecuteRequest(manifest=manifest)
+            req.data_inputs["p"].CopyFrom(buffer(RuntimeData.text("x")))
+            resp = await epb_grpc.PipelineExecutionServiceStub(channel).ExecutePipeline(req, metadata=metadata)
+            assert resp.WhichOneof("outcome") == "result"
+            await collect(spb_grpc.StreamingPipelineServiceStub(channel).StreamPipeline(
+                requests(init(manifest), chunk("p", RuntimeData.text("y"), 0), CLOSE), metadata=metadata))
+    finally:
+        await server.aclose()
+    assert leakprobe.leaks(before) == {}
+    roots = [s for s in exporter.get_finished_spans() if s.name == "session called"]
+    assert len(roots) == 2
+    for root in roots:
+        assert format(root.context.trace_id, "032x") == trace_id
+        assert format(root.parent.span_id, "016x") == span_id and root.parent.is_remote

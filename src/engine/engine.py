@@ -173,7 +173,7 @@ class Engine:
     def stream(self, manifest: Any, *, on_progress: Callable[[InitProgress], Any] | None = None,
                session_id: str | None = None, limits: ClientLimits | None = None,
                output_sink: OutputSink | Callable[[Output], Awaitable[None]] | None = None,
-               observer: Observer | None = None) -> Session:
+               observer: Observer | None = None, trace_carrier: dict[str, str] | None = None) -> Session:
         """A streaming session; `async with` starts it (all nodes ready) and tears it down.
 
         `limits` (optional) tighten this run's memory, duration and audio
@@ -183,6 +183,7 @@ class Engine:
         being queued for iteration; the
         session's end and error are then seen through `wait_closed()`/`error`.
         `observer` replaces the engine's observer for this session.
+        `trace_carrier` (W3C `traceparent`/`tracestate`) continues a caller's trace.
         """
         if self._closed or not self._accepting:
             raise ResourceLimitError("engine is shutting down; not accepting sessions")
@@ -198,7 +199,7 @@ class Engine:
         session = Session(m, plan, settings, self._make_runner, on_progress=on_progress,
                           on_close=self._session_closed, session_id=session_id,
                           observer=observer if observer is not None else self.observer,
-                          output_sink=output_sink, tracing=self.tracing)
+                          output_sink=output_sink, tracing=self.tracing, trace_carrier=trace_carrier)
         self._sessions[session.id] = session
         self._idle.clear()
         return session
@@ -236,7 +237,8 @@ class Engine:
     async def execute(self, manifest: Any, inputs: Mapping[str, RuntimeData], *,
                       on_progress: Callable[[InitProgress], Any] | None = None,
                       limits: ClientLimits | None = None,
-                      on_output: Callable[[Output], Any] | None = None) -> ExecutionResult:
+                      on_output: Callable[[Output], Any] | None = None,
+                      trace_carrier: dict[str, str] | None = None) -> ExecutionResult:
         """Batch mode: feed `inputs` (keyed by node id), run to completion.
 
         Every source node (one no connection feeds) that takes input must
@@ -258,7 +260,7 @@ class Engine:
             raise ValidationError([Issue("$.data_inputs", f"no input for source node {nid!r}: a batch run "
                                          "feeds the pipeline only through its inputs", node_id=nid,
                                          code="missing_input") for nid in starved])
-        session = self.stream(m, on_progress=on_progress, limits=limits)
+        session = self.stream(m, on_progress=on_progress, limits=limits, trace_carrier=trace_carrier)
         collected: dict[str, list[RuntimeData]] = collections.defaultdict(list)
 
         async def collect() -> None:

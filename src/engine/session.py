@@ -136,11 +136,13 @@ class Session:
         observer: Observer | None = None,
         output_sink: OutputSink | Callable[[Output], Awaitable[None]] | None = None,
         tracing: Tracing | None = None,
+        trace_carrier: dict[str, str] | None = None,
     ) -> None:
         self.id = session_id or uuid.uuid4().hex[:16]
         #: this session's trace when it is sampled (engine.tracing); runners add node calls
         self.trace: SessionTrace | None = (
-            tracing.session(self.id, manifest.name, len(plan.order)) if tracing is not None else None)
+            tracing.session(self.id, manifest.name, len(plan.order), trace_carrier)
+            if tracing is not None else None)
         self.manifest = manifest
         self.plan = plan
         self.settings = settings

@@ -70,8 +70,16 @@ class Tracing:
         self.owned = owned  # made from [tracing]: shut down with the engine
         self.tracer = provider.get_tracer("remotemedia-engine")
 
-    def session(self, session_id: str, pipeline: str, nodes: int) -> SessionTrace | None:
-        span = self.tracer.start_span(f"session {pipeline}", attributes={
+    def session(self, session_id: str, pipeline: str, nodes: int,
+                carrier: dict[str, str] | None = None) -> SessionTrace | None:
+        """The session's root span; a caller's W3C `traceparent` (in `carrier`) makes it a child
+        of the caller's span, and the caller's sampling decision then holds."""
+        parent = None
+        if carrier:
+            from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+            parent = TraceContextTextMapPropagator().extract(carrier)
+        span = self.tracer.start_span(f"session {pipeline}", context=parent, attributes={
             PREFIX + "session_id": session_id, PREFIX + "pipeline": pipeline, PREFIX + "nodes": nodes})
         if not span.is_recording():  # not sampled: nothing more is made for this session
             span.end()

@@ -29,6 +29,7 @@ from .convert import (
     error_to_proto,
     execution_metrics,
     limits_from_proto,
+    trace_carrier,
 )
 from .convert import version_info as fill_version_info
 from .metrics import ServerMetrics
@@ -58,7 +59,8 @@ class PipelineExecutionServicer(epb_grpc.PipelineExecutionServiceServicer):
             t_conv = time.perf_counter()
             inputs = {nid: wire.from_proto(buf, node_id=nid) for nid, buf in request.data_inputs.items()}
             p2r_ms = (time.perf_counter() - t_conv) * 1000
-            result = await self.engine.execute(manifest, inputs, limits=limits_from_proto(request.resource_limits))
+            result = await self.engine.execute(manifest, inputs, limits=limits_from_proto(request.resource_limits),
+                                               trace_carrier=trace_carrier(context))
         except Exception as exc:  # every failure is answered in-band, typed
             err = engine_error(exc)
             if not isinstance(exc, EngineError):

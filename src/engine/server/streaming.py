@@ -54,6 +54,7 @@ from .convert import (
     execution_metrics,
     limits_from_proto,
     stream_metrics,
+    trace_carrier,
 )
 from .metrics import ServerMetrics
 
@@ -94,15 +95,16 @@ class StreamingPipelineServicer(spb_grpc.StreamingPipelineServiceServicer):
 
     async def StreamPipeline(self, request_iterator: AsyncIterator[spb.StreamRequest],
                              context: aio.ServicerContext) -> AsyncIterator[spb.StreamResponse]:
-        call = StreamCall(self.engine, self.metrics, self.settings, request_iterator)
+        call = StreamCall(self.engine, self.metrics, self.settings, request_iterator, trace_carrier(context))
         async for response in call.run():
             yield response
 
 
 class StreamCall:
     def __init__(self, engine: Engine, metrics: ServerMetrics, settings: ServerSettings,
-                 requests: AsyncIterator[spb.StreamRequest]) -> None:
+                 requests: AsyncIterator[spb.StreamRequest], carrier: dict[str, str] | None = None) -> None:
         self.engine = engine
+        self.carrier = carrier
         self.metrics = metrics
         self.settings = settings
         self.requests = requests
@@ -182,7 +184,7 @@ class StreamCall:
     def _open_session(self, init: spb.StreamInit) -> None:
         self.session = self.engine.stream(init.manifest, on_progress=self._progress,
                                           limits=limits_from_proto(init.resource_limits),
-                                          output_sink=self)
+                                          output_sink=self, trace_carrier=self.carrier)
         self.metrics.sessions.labels("stream").inc()
         self.log = ContextAdapter(log, {"session_id": self.session.id, "node_id": "-"})
         self.known_nodes = set(self.session.plan.order)
