@@ -69,8 +69,18 @@ class Call:
         self.reply: list[str] = []
         self.audio: list[np.ndarray] = []
         self.rate = 22050
+        self.error: Exception | None = None  # raised while sending
 
     def requests(self):
+        # gRPC reports an exception raised here only as "Exception iterating
+        # requests!": keep it, so that the real cause is what gets printed
+        try:
+            yield from self._requests()
+        except Exception as exc:
+            self.error = exc
+            raise
+
+    def _requests(self):
         yield spb.StreamRequest(init=spb.StreamInit(manifest=to_proto(str(MANIFEST))))
         while not self.ready.wait(0.1):
             if self.finished.is_set():
@@ -133,6 +143,8 @@ def talk(address: str, call: Call) -> None:
                 elif kind == "closed":
                     print(f"closed: {resp.closed.reason}")
         except grpc.RpcError as exc:
+            if call.error is not None:
+                sys.exit(f"error while sending: {type(call.error).__name__}: {call.error}")
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 sys.exit(f"lost the server at {address}: {exc.details()}")
             sys.exit(f"error: {exc.code().name}: {exc.details()}")

@@ -105,3 +105,21 @@ async def test_voice_client_talks_to_the_voice_loop_and_reports_what_it_measured
     assert "paris" in re.search(r"^reply: (.*)$", out, re.M).group(1).lower(), out
     assert re.search(r"^end of speech → first reply audio: \d+ ms$", out, re.M), out
     assert (tmp_path / "reply.wav").stat().st_size > 10_000
+
+
+async def test_voice_client_says_why_sending_failed(server, tmp_path):
+    # a copy without its manifest beside it: the request stream fails while it is made,
+    # which gRPC alone reports only as "Exception iterating requests!"
+    import shutil
+
+    script = tmp_path / "voice_client.py"
+    shutil.copy(EXAMPLES / "voice_client.py", script)
+    question = tmp_path / "q.wav"
+    with wave.open(str(question), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(np.zeros(1600, "<i2").tobytes())
+    rc, out, err = await run_script(tmp_path, str(script), str(question), "r.wav", "--address", server.address)
+    assert rc == 1 and err.strip().startswith("error while sending: "), err
+    assert "speech_to_speech.json" in err and "Exception iterating requests" not in err
