@@ -141,3 +141,13 @@ async def test_tls_settings_that_cannot_work_are_named(make_server, tmp_path):
                                    "tls_key_file": str(tmp_path / "none.key")}}, port=0)
     with pytest.raises(ValidationError, match=r"server.tls_key_file.*cannot read .*none.key: No such file"):
         await srv.start()
+
+
+def test_tls_files_in_a_runtime_toml_are_taken_from_its_directory(tmp_path):
+    from engine.config import RuntimeConfig
+
+    (tmp_path / "runtime.toml").write_text('[server]\ntls_cert_file = "certs/server.pem"\n'
+                                           'tls_key_file = "/etc/keys/server.key"\n')
+    cfg = RuntimeConfig.load(tmp_path / "runtime.toml", env={})
+    assert cfg.server.tls_cert_file == str(tmp_path / "certs" / "server.pem")
+    assert cfg.server.tls_key_file == "/etc/keys/server.key"

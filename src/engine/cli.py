@@ -22,6 +22,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from .catalog import default_registry
+    from .engine import check_executors
     from .errors import ValidationError
     from .manifest import validate
 
@@ -29,12 +30,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     registry = default_registry(config)
     try:
         m = validate(Path(args.manifest), registry)
-        if any(n.node_type == "WasmNode" for n in m.nodes):
-            from .executors.wasm import WasmExecutor
-
-            issues = WasmExecutor(config.wasm).check(m)
-            if issues:
-                raise ValidationError(issues)
+        check_executors(m, config)
     except ValidationError as exc:
         print(f"{args.manifest}: {len(exc.issues)} problem(s)", file=sys.stderr)
         for issue in exc.issues:

@@ -12,6 +12,7 @@ import sys
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from .errors import Issue, ResourceLimitError, ValidationError
@@ -161,6 +162,58 @@ class WasmSettings:
 
 
 @dataclass(frozen=True)
+class RemoteHost:
+    """How to reach one remote engine (runtime.toml `[remote.hosts."H:P"]`)."""
+
+    #: sent as `authorization: Bearer <key>`
+    api_key: str = ""
+    #: the CA that signed the remote's certificate: TLS; "" = plaintext
+    ca_file: str = ""
+    #: the name its certificate carries, if not the host's
+    server_name: str = ""
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """Nodes on other engines (runtime.toml `[remote]`): a manifest node's
+    `host` must be one of `allowed_hosts`; nothing else is ever dialled."""
+
+    allowed_hosts: tuple[str, ...] = ()
+    #: seconds to connect and open the stream
+    connect_timeout_secs: float = 2.0
+    #: keepalive ping interval and how long an unanswered ping is borne, in
+    #: seconds: a remote that hangs or a network that drops is noticed within their sum
+    keepalive_secs: float = 0.5
+    keepalive_timeout_secs: float = 0.75
+    hosts: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+
+    def host(self, address: str) -> RemoteHost:
+        return self.hosts.get(address) or RemoteHost()
+
+
+def _remote(data: Any, issues: list[Issue]) -> RemoteSettings:
+    if not isinstance(data, dict):
+        issues.append(Issue("remote", "must be a table"))
+        return RemoteSettings()
+    data = dict(data)
+    hosts_raw = data.pop("hosts", {})
+    settings = _build(RemoteSettings, data, "remote", issues, skip={"hosts"})
+    hosts: dict[str, RemoteHost] = {}
+    if not isinstance(hosts_raw, dict):
+        issues.append(Issue("remote.hosts", "must be a table of tables, one per host"))
+        hosts_raw = {}
+    for address, table in hosts_raw.items():
+        if address not in settings.allowed_hosts:
+            issues.append(Issue(f"remote.hosts.{address}", "settings for a host not in allowed_hosts"))
+        hosts[address] = _build(RemoteHost, table, f"remote.hosts.{address}", issues)
+    for address in settings.allowed_hosts:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            issues.append(Issue("remote.allowed_hosts", f"{address!r} is not host:port"))
+    return replace(settings, hosts=MappingProxyType(hosts))
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     session: SessionSettings = field(default_factory=SessionSettings)
     caps: Caps = field(default_factory=Caps)
@@ -168,6 +221,7 @@ class RuntimeConfig:
     nodes: NodeSettings = field(default_factory=NodeSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
     wasm: WasmSettings = field(default_factory=WasmSettings)
+    remote: RemoteSettings = field(default_factory=RemoteSettings)
     python_executable: str = sys.executable
     test_nodes: bool = False
     #: node processes kept started, never used, so a session's nodes skip the
@@ -206,6 +260,7 @@ class RuntimeConfig:
         nodes = _build(NodeSettings, data.pop("nodes", {}), "nodes", issues)
         tracing = _build(TracingSettings, data.pop("tracing", {}), "tracing", issues)
         wasm = _build(WasmSettings, data.pop("wasm", {}), "wasm", issues)
+        remote = _remote(data.pop("remote", {}), issues)
         session_keys = {f.name for f in fields(SessionSettings)}
         sess = {k: data.pop(k) for k in list(data) if k in session_keys}
         if "multiprocess" in data:  # [multiprocess] enabled = false
@@ -213,19 +268,29 @@ class RuntimeConfig:
             if isinstance(mp, dict) and "enabled" in mp:
                 sess["multiprocess_enabled"] = mp["enabled"]
         session = _build(SessionSettings, sess, "", issues)
-        top = _build(cls, data, "", issues, skip={"session", "caps", "server", "nodes", "tracing", "wasm"})
+        top = _build(cls, data, "", issues,
+                     skip={"session", "caps", "server", "nodes", "tracing", "wasm", "remote"})
         if issues:
             raise ValidationError(issues)
-        cfg = replace(top, session=session, caps=caps, server=server, nodes=nodes, tracing=tracing, wasm=wasm)
+        cfg = replace(top, session=session, caps=caps, server=server, nodes=nodes, tracing=tracing, wasm=wasm,
+                      remote=remote)
         cfg.check()
         return cfg
 
     def relative_to(self, base: Path) -> RuntimeConfig:
         """Relative paths of a runtime.toml are taken from its directory."""
-        w = self.wasm
+        cfg, w = self, self.wasm
         if w.modules_dir and not Path(w.modules_dir).is_absolute():
-            return replace(self, wasm=replace(w, modules_dir=str(base / w.modules_dir)))
-        return self
+            cfg = replace(cfg, wasm=replace(w, modules_dir=str(base / w.modules_dir)))
+        tls = {key: str(base / value) for key in ("tls_cert_file", "tls_key_file", "tls_client_ca_file")
+               if (value := getattr(cfg.server, key)) and not Path(value).is_absolute()}
+        if tls:
+            cfg = replace(cfg, server=replace(cfg.server, **tls))
+        hosts = {address: replace(h, ca_file=str(base / h.ca_file))
+                 for address, h in cfg.remote.hosts.items() if h.ca_file and not Path(h.ca_file).is_absolute()}
+        if hosts:
+            cfg = replace(cfg, remote=replace(cfg.remote, hosts=MappingProxyType({**cfg.remote.hosts, **hosts})))
+        return cfg
 
     def with_env(self, env: Any) -> RuntimeConfig:
         cfg = self

@@ -57,6 +57,26 @@ class ExecutionResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def check_executors(m: Manifest, config: RuntimeConfig, wasm: Callable[[], Any] | None = None) -> None:
+    """What only the executors and the operator's settings can tell of a valid
+    manifest: the hosts its remote nodes name, its WASM nodes' modules and caps.
+    `wasm` gives the engine's WASM executor (its compiled-module cache)."""
+    issues = []
+    if any(n.host for n in m.nodes):
+        from .executors import remote
+
+        issues += remote.check(m, config.remote)
+    if any(n.node_type == "WasmNode" and not n.host for n in m.nodes):
+        if wasm is None:
+            from .executors.wasm import WasmExecutor
+
+            issues += WasmExecutor(config.wasm).check(m)
+        else:
+            issues += wasm().check(m)
+    if issues:
+        raise ValidationError(issues)
+
+
 class Engine:
     def __init__(self, config: Any = None, *, registry: ExecutorRegistry | None = None,
                  observer: Observer | None = None, tracer_provider: Any = None) -> None:
@@ -142,10 +162,7 @@ class Engine:
                 self._manifests.move_to_end(key)
                 return hit
         m = validate(manifest, self.registry)
-        if any(n.node_type == "WasmNode" for n in m.nodes):
-            issues = self.wasm_executor().check(m)
-            if issues:
-                raise ValidationError(issues)
+        check_executors(m, self.config, self.wasm_executor)
         if key is not None:
             self._manifests[key] = m
             if len(self._manifests) > _MANIFEST_CACHE:
@@ -218,6 +235,10 @@ class Engine:
             return manager.runner(session, planned)
         if planned.executor == "wasm":
             return self.wasm_executor().runner(planned, session)
+        if planned.executor == "remote":
+            from .executors.remote import RemoteRunner
+
+            return RemoteRunner(planned, session, self.config.remote, session.manifest.name)
         return NativeRunner(planned, session)
 
     def process_manager(self) -> Any:

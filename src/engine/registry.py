@@ -21,7 +21,7 @@ import jsonschema
 
 from .node import Node
 
-ExecutorKind = Literal["native", "multiprocess", "wasm"]
+ExecutorKind = Literal["native", "multiprocess", "wasm", "remote"]
 #: what a manifest may move an overridable node type between
 OVERRIDABLE_KINDS = ("native", "multiprocess")
 SourceKind = Literal["builtin", "test", "entry_point", "module", "registered"]

@@ -41,7 +41,7 @@ class WasmExecutor:
         """Validation of the manifest's WASM nodes (module, caps, export)."""
         issues: list[Issue] = []
         for decl in manifest.nodes:
-            if decl.node_type == WasmNode.node_type:
+            if decl.node_type == WasmNode.node_type and not decl.host:
                 issues += self.modules.check(decl.id, f"$.nodes[{decl.index}]", decl.params)
         return issues
 
