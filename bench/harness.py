@@ -2,7 +2,8 @@
 
 A scenario is a function returning a dict of named series (lists of seconds
 or plain numbers) plus free-form notes; the harness turns each series into
-p50/p95/p99 and writes one JSON file per run under bench/results/.
+p50/p95/p99 and writes one JSON file per run under bench/results/, with
+a PNG of it beside (bench.plots).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from bench import plots
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {}
@@ -88,7 +91,14 @@ def run(names: list[str], argv: list[str]) -> list[dict[str, Any]]:
         path.write_text(json.dumps(result, indent=1))
         out.append(result)
         print_table(result)
-        print(f"  → {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}\n")
+        written = [path]
+        if not data.get("own_plot"):  # a scenario that draws its own figure has written it
+            png = plots.plot(result, path.with_suffix(".png"))
+            if png is not None:
+                written.append(png)
+        for p in written:
+            print(f"  → {p.relative_to(Path.cwd()) if p.is_relative_to(Path.cwd()) else p}")
+        print()
     return out
 
 
