@@ -40,6 +40,21 @@ def pct(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
+async def round_trips(session: Any, node_id: str, frame: Any, n: int, warm: int = 100) -> list[float]:
+    """Seconds from sending `frame` to `node_id` of an open streaming session to
+    its first output, `n` times (after `warm` unmeasured ones); each is awaited
+    before the next is sent."""
+    out = []
+    outputs = session.__aiter__()
+    for i in range(n + warm):
+        t = time.perf_counter()
+        await session.send(node_id, frame)
+        await outputs.__anext__()
+        if i >= warm:
+            out.append(time.perf_counter() - t)
+    return out
+
+
 def summarize(values: list[float], unit: str) -> dict[str, Any]:
     return {
         "unit": unit,
