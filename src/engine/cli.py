@@ -1,4 +1,4 @@
-"""Command line: `serve`, `run MANIFEST`, `validate MANIFEST`, `nodes`, `bench`.
+"""Command line: `serve`, `run MANIFEST`, `validate MANIFEST`, `nodes`, `cleanup`, `bench`.
 
 Only the CLI installs uvloop and signal handlers; the library never does.
 """
@@ -140,6 +140,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(_run(args))
 
 
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    """What an engine does at start, on demand: remove the shared memory of dead engines."""
+    from .ipc import iox, stale
+
+    root = _engine_config(args).ipc_root
+    report = stale.sweep(root, iox.PREFIX_RE)
+    for prefix, paths in report.removed.items():
+        print(f"removed {len(paths)} file(s) of dead engine {prefix.rstrip('_')}:")
+        for path in paths:
+            print(f"  {path}")
+    for prefix in report.live:
+        print(f"left alone: engine {prefix.rstrip('_')} is running")
+    print(f"{len(report.paths)} file(s) of {len(report.removed)} dead engine(s) removed "
+          f"({report.by_iceoryx2} of them by iceoryx2's dead-node cleanup) under {root} and /dev/shm")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(Path.cwd()))
     try:
@@ -207,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config")
     p.add_argument("--json", action="store_true", help="also each params schema, as JSON")
     p.set_defaults(func=cmd_nodes)
+
+    p = sub.add_parser("cleanup", help="remove shared memory left by engines that died (kill -9, OOM)")
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_cleanup)
 
     p = sub.add_parser("bench", help="run benchmark scenarios (see bench/)")
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -81,8 +81,10 @@ class Engine:
 
     async def start(self) -> None:
         self._opened = True
-        if self.config.prewarm_processes and self.config.session.multiprocess_enabled:
-            await self.process_manager().prewarm()
+        if self.config.session.multiprocess_enabled:
+            await self.process_manager().sweep()  # files of engines that crashed before this one
+            if self.config.prewarm_processes:
+                await self.process_manager().prewarm()
 
     async def aclose(self) -> None:
         """Tear down every session, then the process pool."""

@@ -38,6 +38,7 @@ class ProcessManager:
         self.pool = ProcessPool(self)
         self._inbox: EngineInbox | None = None
         self._start_lock = asyncio.Lock()
+        self._swept = False
 
     @property
     def zygote_pid(self) -> int | None:
@@ -53,14 +54,18 @@ class ProcessManager:
             if self.zygote.started:
                 self.zygote.check_alive()
                 return
-            removed = await asyncio.to_thread(iox.sweep_stale, self.config.ipc_root)
-            if removed:
-                log.info("removed %d shared-memory files left by dead engines", len(removed))
+            await self.sweep()
             self.space = iox.IpcSpace.for_engine(self.config.ipc_root)
             self.ionode = self.space.node(f"engine{os.getpid()}")
             self._inbox = EngineInbox(self.ionode, self.space, self.inbox_slots, asyncio.get_running_loop())
             self.zygote.start(self.engine_space, self.registry.multiprocess_modules())
             self.pool.refill()
+
+    async def sweep(self) -> None:
+        """Remove what engines that died (kill -9, OOM) left in shared memory; once per engine."""
+        if not self._swept:
+            self._swept = True
+            await asyncio.to_thread(iox.sweep_stale, self.config.ipc_root)
 
     @property
     def engine_space(self) -> EngineSpace:
