@@ -69,6 +69,9 @@ class Engine:
         self._idle = asyncio.Event()
         self._idle.set()
         self._opened = False
+        #: called with False when node processes cannot be started (the zygote
+        #: died), with True once they can again (the server's health follows it)
+        self.on_serving: Callable[[bool], None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -209,7 +212,18 @@ class Engine:
             from .executors.process import ProcessManager
 
             self._process_manager = ProcessManager(self.config, self.registry)
+            self._process_manager.on_serving = self._serving_changed
         return self._process_manager
+
+    @property
+    def serving(self) -> bool:
+        """Whether a session needing node processes can start now."""
+        pm = self._process_manager
+        return pm is None or pm.serving
+
+    def _serving_changed(self, serving: bool) -> None:
+        if self.on_serving is not None:
+            self.on_serving(serving)
 
     async def execute(self, manifest: Any, inputs: Mapping[str, RuntimeData], *,
                       on_progress: Callable[[InitProgress], Any] | None = None,
