@@ -22,11 +22,12 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .._proto import execution_pb2, execution_pb2_grpc, streaming_pb2, streaming_pb2_grpc
+from .._proto import execution_pb2, streaming_pb2
 from ..config import RuntimeConfig
 from ..engine import Engine
 from ..errors import ResourceLimitError, ValidationError
 from .auth import ApiKeyInterceptor
+from .decode import add_servicer
 from .execution import PipelineExecutionServicer
 from .metrics import ServerMetrics
 from .streaming import LINGER_S, StreamingPipelineServicer
@@ -85,10 +86,10 @@ class EngineServer:
         ]
         interceptors = [ApiKeyInterceptor(self.config.server.api_keys)] if self.config.server.api_keys else []
         server = aio.server(options=options, interceptors=interceptors)
-        execution_pb2_grpc.add_PipelineExecutionServiceServicer_to_server(
-            PipelineExecutionServicer(self.engine, self.metrics), server)
-        streaming_pb2_grpc.add_StreamingPipelineServiceServicer_to_server(
-            StreamingPipelineServicer(self.engine, self.metrics, self.config.server), server)
+        add_servicer(server, PipelineExecutionServicer(self.engine, self.metrics),
+                     execution_pb2.DESCRIPTOR.services_by_name["PipelineExecutionService"])
+        add_servicer(server, StreamingPipelineServicer(self.engine, self.metrics, self.config.server),
+                     streaming_pb2.DESCRIPTOR.services_by_name["StreamingPipelineService"])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{self.host}:{self.port}"

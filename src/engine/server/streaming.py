@@ -231,9 +231,13 @@ class StreamCall:
 
     async def _reader(self) -> None:
         """Requests → the session; once the call is ending, read on and drop (see _let_client_finish)."""
-        async for request in self.requests:
-            if not self.ending:
-                await self._submit(lambda r=request: self._parse(r))
+        try:
+            async for request in self.requests:
+                if not self.ending:
+                    await self._submit(lambda r=request: self._parse(r))
+        except EngineError as exc:  # a request that did not decode (server.decode)
+            self._fail(exc)
+            return
         if not self.ending:
             await self._submit(lambda: _Close(reason="client finished sending"))
 
