@@ -10,6 +10,7 @@ from bench import (  # noqa: F401  (importing a scenarios module registers its s
     scenarios_multiprocess,
     scenarios_node_host,
     scenarios_server,
+    scenarios_soak,
     scenarios_speech,
 )
 
