@@ -98,12 +98,13 @@ class Soak:
                 pass
         return out
 
-    async def quiet(self, timeout_s: float = 30.0) -> None:
-        """Wait until no node process is left and the standbys are back."""
+    async def quiet(self, timeout_s: float = 30.0, settle: bool = True) -> None:
+        """Wait until no node process is left (and, with `settle`, the standbys are back)."""
         async with asyncio.timeout(timeout_s):
-            while self._named(NODE_NAME) or len(self._named(STANDBY_NAME)) < self.standbys:
-                await asyncio.sleep(0.02)
-            await asyncio.sleep(0.1)  # its files and fds are made just after it forks
+            while self._named(NODE_NAME) or (settle and len(self._named(STANDBY_NAME)) < self.standbys):
+                await asyncio.sleep(0.01)
+            if settle:
+                await asyncio.sleep(0.1)  # a standby's files and fds are made just after it forks
 
     async def sample(self) -> Sample:
         await self.quiet()
@@ -139,13 +140,15 @@ class Soak:
         if fault == "node_hang":
             queue.put_nowait(self._chunk(next(seq)))
             t0 = time.perf_counter()
-            kinds = await self._until_end(call)
+            kinds = await self._until_end(call, queue)
             self._ended("node_hang", t0, kinds, expect="error", own=HANG_TIMEOUT_S, measure=measure)
             queue.put_nowait(None)
             return
         for _ in range(frames):
             queue.put_nowait(self._chunk(next(seq)))
             resp = await call.read()
+            while resp.WhichOneof("response") == "metrics":  # sent now and then, between results
+                resp = await call.read()
             if resp.WhichOneof("response") != "result":
                 self.result.unexpected.append(f"{fault}: {resp.WhichOneof('response')} {resp.error.message}")
                 queue.put_nowait(None)
@@ -158,8 +161,8 @@ class Soak:
         if fault == "client_drop":
             queue.put_nowait(None)  # (the request generator ends; the call is dropped as it runs)
             call.cancel()
-            if measure:
-                await self.quiet()
+            if measure:  # gone means its node processes are gone
+                await self.quiet(settle=False)
                 self.result.teardown_s["client_drop"].append(time.perf_counter() - t0)
             return
         if fault == "node_kill":
@@ -168,24 +171,27 @@ class Soak:
                 os.kill(victims[0].pid, signal.SIGKILL)
             t0 = time.perf_counter()
             queue.put_nowait(self._chunk(next(seq)))
-            kinds = await self._until_end(call)
+            kinds = await self._until_end(call, queue)
             self._ended("node_kill", t0, kinds, expect="error", own=0.0, measure=measure)
             queue.put_nowait(None)
             return
         queue.put_nowait(CLOSE)
         queue.put_nowait(None)
-        kinds = await self._until_end(call)
+        kinds = await self._until_end(call, queue)
         self._ended("clean", t0, kinds, expect="closed", own=0.0, measure=measure)
 
     def _chunk(self, seq: int) -> spb.StreamRequest:
         return spb.StreamRequest(data_chunk=spb.DataChunk(node_id="a", buffer=wire.to_proto(self.frame),
                                                           sequence=seq))
 
-    async def _until_end(self, call) -> list[str]:
+    async def _until_end(self, call, queue: asyncio.Queue) -> list[str]:
+        """Read to the end; half-close once the answer is an error (as a client that is done would)."""
         kinds = []
         try:
             while (resp := await call.read()) is not grpc.aio.EOF:
                 kinds.append(resp.WhichOneof("response"))
+                if kinds[-1] == "error":
+                    queue.put_nowait(None)
         except grpc.aio.AioRpcError as exc:
             kinds.append(f"status {exc.code().name}")
         return kinds

@@ -193,6 +193,13 @@ class StreamCall:
             await self.session.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+        # Answers nobody will read (a client that never read, then left) go
+        # now: this call may live on in a reference cycle (an error's
+        # traceback) until the collector's next full pass, and must not keep
+        # up to an outbox of frames (tens of MiB) alive meanwhile.
+        self.outbox.clear()
+        while not self.inbox.empty():
+            self.inbox.get_nowait()
 
     # ------------------------------------------------------------ responses
 
