@@ -74,3 +74,19 @@ def test_nodes_section(tmp_path):
         RuntimeConfig.load({"nodes": {"entry_points": "no"}}, env={})
     with pytest.raises(ValidationError, match="unknown configuration key 'module'"):
         RuntimeConfig.load({"nodes": {"module": ["x"]}}, env={})
+
+
+def test_wasm_section(tmp_path):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "runtime.toml.example"
+    assert RuntimeConfig.load(example, env={}).wasm == RuntimeConfig().wasm  # documents the defaults
+    p = tmp_path / "runtime.toml"
+    p.write_text('[wasm]\nmodules_dir = "plugins"\nallow_inline = true\n')
+    cfg = RuntimeConfig.load(p, env={})
+    assert cfg.wasm.modules_dir == str(tmp_path / "plugins")  # relative to the file
+    assert cfg.wasm.allow_inline
+    with pytest.raises(ValidationError, match="wasm.timeout_ms: must be between 1 and wasm.max_timeout_ms"):
+        RuntimeConfig.load({"wasm": {"timeout_ms": 10_000}}, env={})
+    with pytest.raises(ValidationError, match="unknown configuration key 'modules'"):
+        RuntimeConfig.load({"wasm": {"modules": "x"}}, env={})

@@ -2,7 +2,8 @@
 
 Sources, in order (a node type already taken is refused, never replaced):
 
-1. the built-in `nodes` package (and its test nodes when enabled);
+1. the built-in `nodes` package (and its test nodes when enabled), and the
+   WASM executor's `WasmNode`;
 2. node plugins: the `Node` classes that installed distributions declare in
    the `remotemedia.nodes` entry-point group (runtime.toml
    `[nodes] entry_points = false` turns this off);
@@ -30,6 +31,7 @@ from types import ModuleType
 
 from .config import RuntimeConfig
 from .errors import InternalError
+from .executors.wasm.node import WasmNode
 from .node import Node
 from .registry import ExecutorRegistry, NodeSource, PluginFailure
 
@@ -56,6 +58,7 @@ def default_registry(config: RuntimeConfig | None = None, *, test_nodes: bool | 
     builtins = builtin_package()
     for cls in builtins.builtin_nodes():
         registry.register(cls, source=BUILTIN)
+    registry.register(WasmNode, executor="wasm", source=BUILTIN)
     if cfg.test_nodes if test_nodes is None else test_nodes:
         for cls in builtins.test_nodes():
             registry.register(cls, source=TEST)

@@ -23,12 +23,15 @@ def _engine_config(args: argparse.Namespace) -> Any:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from .catalog import default_registry
+    from .engine import check_executors
     from .errors import ValidationError
     from .manifest import validate
 
-    registry = default_registry(_engine_config(args))
+    config = _engine_config(args)
+    registry = default_registry(config)
     try:
         m = validate(Path(args.manifest), registry)
+        check_executors(m, config)
     except ValidationError as exc:
         print(f"{args.manifest}: {len(exc.issues)} problem(s)", file=sys.stderr)
         for issue in exc.issues:

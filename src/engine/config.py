@@ -12,6 +12,7 @@ import sys
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from .errors import Issue, ResourceLimitError, ValidationError
@@ -120,11 +121,88 @@ class NodeSettings:
 
 
 @dataclass(frozen=True)
+class WasmSettings:
+    """The WASM executor (runtime.toml `[wasm]`): where modules come from and
+    the caps on what one plugin instance may use."""
+
+    #: where a WasmNode's `module` names a file; a relative path is taken from
+    #: the directory of the runtime.toml that sets it; "" = no module files
+    modules_dir: str = ""
+    #: accept a module sent in the manifest (`module_base64`): code the
+    #: operator never saw, still sandboxed and capped
+    allow_inline: bool = False
+    max_inline_bytes: int = 4 * 1024 * 1024
+    max_module_bytes: int = 64 * 1024 * 1024
+    #: one call's time limit when a node sets none, and the most it may set
+    timeout_ms: int = 100
+    max_timeout_ms: int = 5000
+    #: one instance's memory limit when a node sets none, and the most it may set
+    memory_mb: int = 16
+    max_memory_mb: int = 256
+    #: compiled modules kept (by content hash and limits)
+    compiled_cache: int = 64
+
+
+@dataclass(frozen=True)
+class RemoteHost:
+    """How to reach one remote engine (runtime.toml `[remote.hosts."H:P"]`)."""
+
+    #: sent as `authorization: Bearer <key>`
+    api_key: str = ""
+    #: the CA that signed the remote's certificate: TLS; "" = plaintext
+    ca_file: str = ""
+    #: the name its certificate carries, if not the host's
+    server_name: str = ""
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """Nodes on other engines (runtime.toml `[remote]`): a manifest node's
+    `host` must be one of `allowed_hosts`; nothing else is ever dialled."""
+
+    allowed_hosts: tuple[str, ...] = ()
+    #: seconds to connect and open the stream
+    connect_timeout_secs: float = 2.0
+    #: keepalive ping interval and how long an unanswered ping is borne, in
+    #: seconds: a remote that hangs or a network that drops is noticed within their sum
+    keepalive_secs: float = 0.5
+    keepalive_timeout_secs: float = 0.75
+    hosts: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+
+    def host(self, address: str) -> RemoteHost:
+        return self.hosts.get(address) or RemoteHost()
+
+
+def _remote(data: Any, issues: list[Issue]) -> RemoteSettings:
+    if not isinstance(data, dict):
+        issues.append(Issue("remote", "must be a table"))
+        return RemoteSettings()
+    data = dict(data)
+    hosts_raw = data.pop("hosts", {})
+    settings = _build(RemoteSettings, data, "remote", issues, skip={"hosts"})
+    hosts: dict[str, RemoteHost] = {}
+    if not isinstance(hosts_raw, dict):
+        issues.append(Issue("remote.hosts", "must be a table of tables, one per host"))
+        hosts_raw = {}
+    for address, table in hosts_raw.items():
+        if address not in settings.allowed_hosts:
+            issues.append(Issue(f"remote.hosts.{address}", "settings for a host not in allowed_hosts"))
+        hosts[address] = _build(RemoteHost, table, f"remote.hosts.{address}", issues)
+    for address in settings.allowed_hosts:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            issues.append(Issue("remote.allowed_hosts", f"{address!r} is not host:port"))
+    return replace(settings, hosts=MappingProxyType(hosts))
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     session: SessionSettings = field(default_factory=SessionSettings)
     caps: Caps = field(default_factory=Caps)
     server: ServerSettings = field(default_factory=ServerSettings)
     nodes: NodeSettings = field(default_factory=NodeSettings)
+    wasm: WasmSettings = field(default_factory=WasmSettings)
+    remote: RemoteSettings = field(default_factory=RemoteSettings)
     python_executable: str = sys.executable
     test_nodes: bool = False
     #: node processes kept started, never used, so a session's nodes skip the
@@ -153,6 +231,8 @@ class RuntimeConfig:
             elif source is not None:
                 data = tomllib.loads(Path(source).read_text())
             cfg = cls.from_dict(data)
+            if isinstance(source, (str, os.PathLike)):
+                cfg = cfg.relative_to(Path(source).resolve().parent)
         return cfg.with_env(os.environ if env is None else env)
 
     @classmethod
@@ -162,6 +242,8 @@ class RuntimeConfig:
         caps = _build(Caps, data.pop("caps", {}), "caps", issues)
         server = _build(ServerSettings, data.pop("server", {}), "server", issues)
         nodes = _build(NodeSettings, data.pop("nodes", {}), "nodes", issues)
+        wasm = _build(WasmSettings, data.pop("wasm", {}), "wasm", issues)
+        remote = _remote(data.pop("remote", {}), issues)
         session_keys = {f.name for f in fields(SessionSettings)}
         sess = {k: data.pop(k) for k in list(data) if k in session_keys}
         if "multiprocess" in data:  # [multiprocess] enabled = false
@@ -169,11 +251,23 @@ class RuntimeConfig:
             if isinstance(mp, dict) and "enabled" in mp:
                 sess["multiprocess_enabled"] = mp["enabled"]
         session = _build(SessionSettings, sess, "", issues)
-        top = _build(cls, data, "", issues, skip={"session", "caps", "server", "nodes"})
+        top = _build(cls, data, "", issues, skip={"session", "caps", "server", "nodes", "wasm", "remote"})
         if issues:
             raise ValidationError(issues)
-        cfg = replace(top, session=session, caps=caps, server=server, nodes=nodes)
+        cfg = replace(top, session=session, caps=caps, server=server, nodes=nodes, wasm=wasm,
+                      remote=remote)
         cfg.check()
+        return cfg
+
+    def relative_to(self, base: Path) -> RuntimeConfig:
+        """Relative paths of a runtime.toml are taken from its directory."""
+        cfg, w = self, self.wasm
+        if w.modules_dir and not Path(w.modules_dir).is_absolute():
+            cfg = replace(cfg, wasm=replace(w, modules_dir=str(base / w.modules_dir)))
+        hosts = {address: replace(h, ca_file=str(base / h.ca_file))
+                 for address, h in cfg.remote.hosts.items() if h.ca_file and not Path(h.ca_file).is_absolute()}
+        if hosts:
+            cfg = replace(cfg, remote=replace(cfg.remote, hosts=MappingProxyType({**cfg.remote.hosts, **hosts})))
         return cfg
 
     def with_env(self, env: Any) -> RuntimeConfig:
@@ -206,6 +300,13 @@ class RuntimeConfig:
             issues.append(Issue("zygote_restarts_per_minute", "must be between 0 and 1000"))
         if not 0 <= self.prewarm_processes <= c.max_total_processes:
             issues.append(Issue("prewarm_processes", f"must be between 0 and caps.max_total_processes={c.max_total_processes}"))
+        w = self.wasm
+        for name, cap in (("timeout_ms", "max_timeout_ms"), ("memory_mb", "max_memory_mb")):
+            if not 1 <= getattr(w, name) <= getattr(w, cap):
+                issues.append(Issue(f"wasm.{name}", f"must be between 1 and wasm.{cap}={getattr(w, cap)}"))
+        for name in ("max_inline_bytes", "max_module_bytes", "compiled_cache"):
+            if getattr(w, name) < 1:
+                issues.append(Issue(f"wasm.{name}", "must be >= 1"))
         if issues:
             raise ValidationError(issues)
 

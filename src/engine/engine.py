@@ -55,6 +55,26 @@ class ExecutionResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def check_executors(m: Manifest, config: RuntimeConfig, wasm: Callable[[], Any] | None = None) -> None:
+    """What only the executors and the operator's settings can tell of a valid
+    manifest: the hosts its remote nodes name, its WASM nodes' modules and caps.
+    `wasm` gives the engine's WASM executor (its compiled-module cache)."""
+    issues = []
+    if any(n.host for n in m.nodes):
+        from .executors import remote
+
+        issues += remote.check(m, config.remote)
+    if any(n.node_type == "WasmNode" and not n.host for n in m.nodes):
+        if wasm is None:
+            from .executors.wasm import WasmExecutor
+
+            issues += WasmExecutor(config.wasm).check(m)
+        else:
+            issues += wasm().check(m)
+    if issues:
+        raise ValidationError(issues)
+
+
 class Engine:
     def __init__(self, config: Any = None, *, registry: ExecutorRegistry | None = None,
                  observer: Observer | None = None) -> None:
@@ -64,6 +84,7 @@ class Engine:
         self._sessions: dict[str, Session] = {}
         self._manifests: collections.OrderedDict[Any, Manifest] = collections.OrderedDict()
         self._process_manager: Any = None
+        self._wasm: Any = None
         self._closed = False
         self._accepting = True
         self._idle = asyncio.Event()
@@ -99,6 +120,9 @@ class Engine:
         if self._process_manager is not None:
             await self._process_manager.aclose()
             self._process_manager = None
+        if self._wasm is not None:
+            self._wasm.close()
+            self._wasm = None
 
     def stop_accepting(self) -> None:
         """Refuse new sessions (RESOURCE_LIMIT); running ones go on. For draining."""
@@ -136,6 +160,7 @@ class Engine:
                 self._manifests.move_to_end(key)
                 return hit
         m = validate(manifest, self.registry)
+        check_executors(m, self.config, self.wasm_executor)
         if key is not None:
             self._manifests[key] = m
             if len(self._manifests) > _MANIFEST_CACHE:
@@ -205,6 +230,12 @@ class Engine:
                 session.memory_watched = True
                 session.track(manager.monitor_memory(session), "memory")
             return manager.runner(session, planned)
+        if planned.executor == "wasm":
+            return self.wasm_executor().runner(planned, session)
+        if planned.executor == "remote":
+            from .executors.remote import RemoteRunner
+
+            return RemoteRunner(planned, session, self.config.remote, session.manifest.name)
         return NativeRunner(planned, session)
 
     def process_manager(self) -> Any:
@@ -224,6 +255,13 @@ class Engine:
     def _serving_changed(self, serving: bool) -> None:
         if self.on_serving is not None:
             self.on_serving(serving)
+
+    def wasm_executor(self) -> Any:
+        if self._wasm is None:
+            from .executors.wasm import WasmExecutor
+
+            self._wasm = WasmExecutor(self.config.wasm)
+        return self._wasm
 
     async def execute(self, manifest: Any, inputs: Mapping[str, RuntimeData], *,
                       on_progress: Callable[[InitProgress], Any] | None = None,

@@ -80,7 +80,8 @@ class NodeHost:
     def __init__(self, node_id: str, cls: type[Node], params: dict[str, Any], *,
                  stats: NodeStats | None = None, turns: TurnLedger | None = None,
                  in_thread: bool = False, deadline: Deadline = NO_DEADLINE,
-                 accepts: Iterable[DataKind] | None = None) -> None:
+                 accepts: Iterable[DataKind] | None = None,
+                 prepare: Callable[[Node], None] | None = None) -> None:
         self.node_id = node_id
         self.cls = cls
         self.params = params
@@ -88,6 +89,8 @@ class NodeHost:
         self.turns = turns if turns is not None else TurnLedger()
         self.in_thread = in_thread
         self.deadline = deadline
+        #: called with the new node before its initialize() (an executor binds what it lends)
+        self.prepare = prepare
         self.node: Node | None = None
         self.where = "initialize"
         #: the sequence of the input being handled (a failure's context)
@@ -110,6 +113,8 @@ class NodeHost:
             node._turns = self.turns
             if memory is not None:
                 node._memory = memory
+            if self.prepare is not None:
+                self.prepare(node)
             await self._call(node.initialize)
         except asyncio.CancelledError:
             raise

@@ -471,10 +471,11 @@ def validate(source: Any, registry: ExecutorRegistry) -> Manifest:
             params = spec.normalize_params(params)
             issues += _params_issues(spec, nid, path, params)
             executor = n.get("executor")
-            if executor and executor != spec.executor and not spec.overridable:
-                issues.append(Issue(f"{path}.executor", f"node type {ntype!r} must run on the "
-                                    f"{spec.executor!r} executor; it cannot be overridden",
-                                    node_id=nid, field="executor", code="executor"))
+            if executor and not spec.accepts_executor(executor):
+                can = "native or multiprocess" if spec.overridable else repr(spec.executor)
+                issues.append(Issue(f"{path}.executor", f"node type {ntype!r} runs on the {can} "
+                                    f"executor, not {executor!r}", node_id=nid, field="executor",
+                                    code="executor"))
         in_kinds = _parse_kinds(n.get("input_types"), f"{path}.input_types", nid, issues)
         out_kinds = _parse_kinds(n.get("output_types"), f"{path}.output_types", nid, issues)
         if spec is not None:
@@ -482,7 +483,7 @@ def validate(source: Any, registry: ExecutorRegistry) -> Manifest:
             out_kinds = _declared_kinds(spec, nid, path, "output_types", out_kinds, issues)
         decls.append(NodeDecl(
             id=nid, node_type=ntype, params=MappingProxyType(params),
-            executor=n.get("executor") if n.get("executor") in ("native", "multiprocess") else None,
+            executor=n.get("executor") if n.get("executor") in ("native", "multiprocess", "wasm") else None,
             is_streaming=bool(n.get("is_streaming", False)), input_types=in_kinds,
             output_types=out_kinds, capabilities=MappingProxyType(n.get("capabilities") or {}),
             host=n.get("host"), index=i,

@@ -84,5 +84,7 @@ def build_plan(manifest: Manifest, registry: ExecutorRegistry, settings: Session
         kind = spec.resolve_executor(decl.executor)
         if kind == "multiprocess" and not settings.multiprocess_enabled:
             kind = "native"
+        if decl.host:  # on the engine there (which runs it on the executor it chooses)
+            kind = "remote"
         nodes[decl.id] = PlannedNode(decl, spec, kind, tuple(ups[decl.id]), tuple(downs[decl.id]))
     return ExecutionPlan(tuple(order), nodes)

@@ -21,7 +21,9 @@ import jsonschema
 
 from .node import Node
 
-ExecutorKind = Literal["native", "multiprocess"]
+ExecutorKind = Literal["native", "multiprocess", "wasm", "remote"]
+#: what a manifest may move an overridable node type between
+OVERRIDABLE_KINDS = ("native", "multiprocess")
 SourceKind = Literal["builtin", "test", "entry_point", "module", "registered"]
 
 
@@ -81,6 +83,10 @@ class NodeTypeSpec:
     params_fast: Any = field(repr=False)  # compiled fastjsonschema (the fast path)
     defaults: MappingProxyType = field(repr=False, default_factory=lambda: MappingProxyType({}))
     source: NodeSource = REGISTERED
+
+    def accepts_executor(self, requested: str) -> bool:
+        """Whether a manifest may ask for `requested` for this node type."""
+        return requested == self.executor or (self.overridable and requested in OVERRIDABLE_KINDS)
 
     def resolve_executor(self, requested: str | None) -> ExecutorKind:
         if requested is None or not self.overridable:

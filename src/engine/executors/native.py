@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from ..data import RuntimeData
 from ..host import NodeHost
+from ..node import Node
 from ..plan import PlannedNode
 from ..turns import TurnEvent
 from .base import NodeRunner, NodeStats, Progress, RunnerContext
@@ -22,14 +24,16 @@ log = logging.getLogger("engine.native")
 
 
 class NativeRunner(NodeRunner):
-    def __init__(self, planned: PlannedNode, ctx: RunnerContext) -> None:
+    def __init__(self, planned: PlannedNode, ctx: RunnerContext, *,
+                 prepare: Callable[[Node], None] | None = None) -> None:
         self.node_id = planned.id
         self.planned = planned
         self.ctx = ctx
         self.stats = NodeStats()
         self._blocking = planned.spec.cls.blocking
         self.host = NodeHost(planned.id, planned.spec.cls, dict(planned.decl.params), stats=self.stats,
-                             turns=ctx.turns, in_thread=self._blocking, accepts=planned.accepted_kinds)
+                             turns=ctx.turns, in_thread=self._blocking, accepts=planned.accepted_kinds,
+                             prepare=prepare)
         self._event_tasks: set[asyncio.Task] = set()
         self._pending_ends = max(1, len(planned.upstream))
         self._lock = asyncio.Lock()
@@ -67,6 +71,10 @@ class NativeRunner(NodeRunner):
         self._pending_ends -= 1
         if self._pending_ends > 0:
             return
+        await self.finish()
+
+    async def finish(self) -> None:
+        """Every upstream has ended: handle what is left, flush the node, say so."""
         while self._event_tasks:  # events handed over before the end are handled before the flush
             await asyncio.gather(*self._event_tasks, return_exceptions=True)
         async with self._lock:

@@ -83,6 +83,10 @@ class EngineServer:
             ("grpc.max_receive_message_length", caps.max_message_bytes),
             ("grpc.max_send_message_length", caps.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+            # engines that run a node here ping every fraction of a second to notice a
+            # hang or a dropped network (executors.remote): bear their keepalive
+            ("grpc.http2.min_ping_interval_without_data_ms", 100),
+            ("grpc.http2.max_ping_strikes", 0),
         ]
         interceptors = [ApiKeyInterceptor(self.config.server.api_keys)] if self.config.server.api_keys else []
         server = aio.server(options=options, interceptors=interceptors)
