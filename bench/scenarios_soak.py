@@ -48,5 +48,7 @@ def soak() -> dict:
             "teardown <= own work + 1 s": all(w is None or w <= 1.0 for w in worst.values()),
         },
         "notes": "concurrent phase: faults are client drops and node hangs (a node kill -9 there would hit "
-                 "whichever session owns the process it picks).",
+                 "whichever session owns the process it picks). Threads after a burst can differ by the "
+                 "loop's default executor filling up to its bound (min(32, cpus + 4)); the sequential "
+                 "phase compares like with like.",
     }
