@@ -19,7 +19,6 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
@@ -101,7 +100,7 @@ class Soak:
     async def quiet(self, timeout_s: float = 30.0, settle: bool = True) -> None:
         """Wait until no node process is left (and, with `settle`, the standbys are back)."""
         async with asyncio.timeout(timeout_s):
-            while self._named(NODE_NAME) or (settle and len(self._named(STANDBY_NAME)) < self.standbys):
+            while self._named(NODE_NAME) or (settle and len(self._named(STANDBY_NAME)) < self.standbys):  # noqa: ASYNC110 - other processes' state
                 await asyncio.sleep(0.01)
             if settle:
                 await asyncio.sleep(0.1)  # a standby's files and fds are made just after it forks
@@ -110,7 +109,7 @@ class Soak:
         await self.quiet()
         tag = f"rme{self.engine.pid}x"
         iox = 0
-        for d in Path(self.ipc_root).glob(f"{tag}*"):
+        for d in Path(self.ipc_root).glob(f"{tag}*"):  # noqa: ASYNC240 - a few entries, between sessions
             iox += sum(len(files) for _, _, files in os.walk(d))
         s = Sample(self.result.sessions, self.engine.memory_info().rss / 2**20, self.engine.num_fds(),
                    self.engine.num_threads(), sum(f.startswith(tag) for f in os.listdir("/dev/shm")), iox)
@@ -212,7 +211,7 @@ class Soak:
             # warm-up: sequential sessions, then one burst as wide as the concurrent
             # phase, so bounded pools (the loop's executor threads, the allocator's
             # arenas) reach the size the run will use before the first sample
-            for i in range(warm_up):
+            for _ in range(warm_up):
                 await self.session(channel, None, measure=False)
             await asyncio.gather(*(self.session(channel, None, measure=False) for _ in range(concurrent)))
             await self.sample()

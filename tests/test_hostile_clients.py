@@ -154,7 +154,7 @@ async def quiet(srv: ServeProcess) -> None:
     from engine.zygote import NODE_NAME
 
     async with asyncio.timeout(30):
-        while any(p.name() == NODE_NAME for p in psutil.Process(srv.proc.pid).children(recursive=True)):
+        while any(p.name() == NODE_NAME for p in psutil.Process(srv.proc.pid).children(recursive=True)):  # noqa: ASYNC110 - other processes' state
             await asyncio.sleep(0.05)
 
 
