@@ -87,17 +87,20 @@ async def kill_mid_session(tmp_path, root, name: str) -> tuple[int, set[str]]:
     the engine with frames in flight; returns its pid and the files it left."""
     srv, _cfg = await serve(tmp_path, root, name)
     pid = srv.proc.pid
-    async with grpc.aio.insecure_channel(srv.address, options=CHANNEL_OPTS) as ch:
-        stream = Stream(ch)
-        await stream.ready()
-        out = await stream.echo(0, BIG)
-        assert np.array_equal(out.array, BIG.array)
-        for seq in range(1, 9):  # in flight when the engine dies
-            stream.queue.put_nowait(chunk("a", BIG, seq))
-        children = {p.pid for p in psutil.Process(pid).children(recursive=True)}
-        assert len(children) >= 3, f"expected a zygote and two node processes, got {children}"
-        await srv.kill()
-        stream.call.cancel()
+    try:
+        async with grpc.aio.insecure_channel(srv.address, options=CHANNEL_OPTS) as ch:
+            stream = Stream(ch)
+            await stream.ready()
+            out = await stream.echo(0, BIG)
+            assert np.array_equal(out.array, BIG.array)
+            for seq in range(1, 9):  # in flight when the engine dies
+                stream.queue.put_nowait(chunk("a", BIG, seq))
+            children = {p.pid for p in psutil.Process(pid).children(recursive=True)}
+            assert len(children) >= 3, f"expected a zygote and two node processes, got {children}"
+            await srv.kill()
+            stream.call.cancel()
+    finally:
+        await srv.kill()  # (at once, if the test failed before)
     await eventually(lambda: not _alive(children), "the dead engine's node processes to exit")
     left = engine_files(pid, root)
     assert any(f.startswith("/dev/shm/") for f in left) and any(not f.startswith("/dev/shm/") for f in left), (
