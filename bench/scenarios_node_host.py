@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
 
 import numpy as np
 import psutil
 import uvloop
 
-from bench.harness import pct, scenario
+from bench.harness import pct, round_trips, scenario
 from engine import Engine, RuntimeData
 
 CFG = {"test_nodes": True, "ipc_root": "/tmp/remotemedia-bench"}
@@ -32,15 +31,8 @@ def _chain(n: int) -> dict:
 
 
 async def _round_trips(payload: RuntimeData, n: int, warm: int = 50) -> list[float]:
-    out = []
     async with Engine(CFG) as engine, engine.stream(_chain(3)) as s:
-        it = s.__aiter__()
-        for i in range(n + warm):
-            t = time.perf_counter()
-            await s.send("e0", payload)
-            await it.__anext__()
-            if i >= warm:
-                out.append(time.perf_counter() - t)
+        out = await round_trips(s, "e0", payload, n, warm)
         await s.cancel()
     return out
 

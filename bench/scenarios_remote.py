@@ -11,14 +11,13 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import uvloop
 
-from bench.harness import scenario
+from bench.harness import round_trips, scenario
 from engine import Engine, RuntimeData
 from engine.errors import NodeExecutionError
 
@@ -26,7 +25,8 @@ IPC_ROOT = "/tmp/remotemedia-bench"
 
 
 async def _serve() -> tuple[asyncio.subprocess.Process, str]:
-    cfg = Path(tempfile.mkdtemp(prefix="rme-bench-")) / "runtime.toml"
+    cfg = Path(IPC_ROOT) / "remote-engine.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
     cfg.write_text(f'ipc_root = "{IPC_ROOT}"\ntest_nodes = true\n')
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "engine", "serve", "--port", "0", "--config", str(cfg),
@@ -58,15 +58,8 @@ def _engine(host: str, **remote) -> Engine:
 
 async def _round_trips(engine: Engine, host: str | None, frame: RuntimeData, n: int,
                        warm: int = 100) -> list[float]:
-    out = []
     async with engine.stream(_echo(host)) as s:
-        it = s.__aiter__()
-        for i in range(n + warm):
-            t = time.perf_counter()
-            await s.send("e", frame)
-            await it.__anext__()
-            if i >= warm:
-                out.append(time.perf_counter() - t)
+        out = await round_trips(s, "e", frame, n, warm)
         await s.cancel()
     return out
 

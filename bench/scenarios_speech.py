@@ -564,6 +564,7 @@ def voice_loop() -> dict:
     b50 = pct([b.onset_to_event for b in barge["paced"]], .5)
     late = sum(b.old_audio_after_event for runs in barge.values() for b in runs)
     return {
+        "own_plot": True,  # voice_loop.png, the stage timeline above
         "series": series,
         "derived": {"CPU per turn, engine (s)": cpu_engine, "CPU per turn, sequential (s)": cpu_base,
                     "CPU ratio engine / sequential": cpu_engine / cpu_base,

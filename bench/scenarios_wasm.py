@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import uvloop
 
-from bench.harness import pct, scenario
+from bench.harness import pct, round_trips, scenario
 from engine import Engine, RuntimeData
 from engine.catalog import default_registry
 from engine.node import Node
@@ -46,15 +46,8 @@ def _engine() -> Engine:
 
 
 async def _round_trips(node: dict, frame: RuntimeData, n: int, warm: int = 100) -> list[float]:
-    out = []
     async with _engine() as engine, engine.stream(_pipeline(node)) as s:
-        it = s.__aiter__()
-        for i in range(n + warm):
-            t = time.perf_counter()
-            await s.send("g", frame)
-            await it.__anext__()
-            if i >= warm:
-                out.append(time.perf_counter() - t)
+        out = await round_trips(s, "g", frame, n, warm)
         await s.cancel()
     return out
 

@@ -1,13 +1,16 @@
 """A remotemedia.v1 client: version, one unary run, one stream.
 
     make run                                  # in one shell: the server on 127.0.0.1:50051
-    .venv/bin/python examples/grpc_client.py  # in another
+    .venv/bin/python examples/grpc_client.py  # in another (from any directory)
+    .venv/bin/python examples/grpc_client.py --help
 
 Any grpcio client built from proto/ works the same way; this one uses the
 stubs that ship with the engine.
 """
 
+import argparse
 import sys
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -18,8 +21,7 @@ from engine._proto import execution_pb2_grpc, streaming_pb2_grpc
 from engine._proto import streaming_pb2 as spb
 from engine.manifest import to_proto
 
-ADDRESS = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051"
-METADATA = ()  # with api_keys set on the server: (("authorization", "Bearer <key>"),)
+MANIFEST = Path(__file__).resolve().parent / "audio_pipeline.json"  # found from any directory
 
 
 def audio(seconds: float, rate: int = 48_000) -> pb.DataBuffer:
@@ -30,16 +32,29 @@ def audio(seconds: float, rate: int = 48_000) -> pb.DataBuffer:
 
 
 def main() -> None:
-    manifest = to_proto("examples/audio_pipeline.json")  # or build the proto by hand
-    with grpc.insecure_channel(ADDRESS) as channel:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("address", nargs="?", default="127.0.0.1:50051", help="server (default: %(default)s)")
+    parser.add_argument("--api-key", help="when the server sets api_keys (default: none)")
+    args = parser.parse_args()
+    try:
+        run(args.address, (("authorization", f"Bearer {args.api_key}"),) if args.api_key else ())
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            sys.exit(f"no server at {args.address} (start one with `make run`)")
+        sys.exit(f"error: {exc.code().name}: {exc.details()}")
+
+
+def run(address: str, metadata: tuple[tuple[str, str], ...]) -> None:
+    manifest = to_proto(str(MANIFEST))  # or build the proto by hand
+    with grpc.insecure_channel(address) as channel:
         unary = execution_pb2_grpc.PipelineExecutionServiceStub(channel)
-        version = unary.GetVersion(epb.VersionRequest(client_version="v1"), metadata=METADATA)
+        version = unary.GetVersion(epb.VersionRequest(client_version="v1"), metadata=metadata)
         print(f"server {version.version_info.runtime_version}, protocol {version.version_info.protocol_version}, "
               f"{len(version.version_info.supported_node_types)} node types")
 
         request = epb.ExecuteRequest(manifest=manifest)
         request.data_inputs["chunker"].CopyFrom(audio(1.0))
-        response = unary.ExecutePipeline(request, metadata=METADATA)
+        response = unary.ExecutePipeline(request, metadata=metadata)
         if response.WhichOneof("outcome") == "error":
             sys.exit(f"error: {response.error.message}")
         out = response.result.data_outputs["output"].audio
@@ -54,7 +69,7 @@ def main() -> None:
             yield spb.StreamRequest(control=spb.StreamControl(command=spb.StreamControl.COMMAND_CLOSE))
 
         stream = streaming_pb2_grpc.StreamingPipelineServiceStub(channel)
-        for resp in stream.StreamPipeline(requests(), metadata=METADATA):
+        for resp in stream.StreamPipeline(requests(), metadata=metadata):
             kind = resp.WhichOneof("response")
             if kind == "ready":
                 print(f"stream: session {resp.ready.session_id} ready")

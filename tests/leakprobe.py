@@ -58,8 +58,10 @@ def snapshot() -> dict:
 def leaks(before: dict, settle_s: float = 3.0) -> dict:
     """Differences that persist (threads and fds get a moment to wind down)."""
     deadline = time.monotonic() + settle_s
-    gc.collect()  # objects kept alive only by reference cycles (e.g. a caught error's traceback)
     while True:
+        # objects kept alive only by reference cycles (a caught error's traceback,
+        # a closed gRPC channel whose core object goes with its last reference)
+        gc.collect()
         after = snapshot()
         found = {
             "children": after["children"] - before["children"],

@@ -73,14 +73,6 @@ class Remote:
 
 
 @pytest.fixture
-async def grpc_poller():
-    """grpc.aio keeps a poller (an epoll and an eventfd) while any channel
-    lives: one held over the test puts it in the leak probe's snapshots alike."""
-    async with grpc.aio.insecure_channel("127.0.0.1:9") as ch:
-        yield ch
-
-
-@pytest.fixture
 async def remote(tmp_path):
     cfg = tmp_path / "remote.toml"
     # small buffers on the remote, so that its backpressure shows quickly; no
@@ -169,7 +161,7 @@ async def test_the_remote_init_progress_is_the_nodes_own(local, remote):
     assert [p.percent for p in progress] == sorted(p.percent for p in progress)
 
 
-async def test_a_slow_remote_slows_the_sender_and_loses_nothing(remote, grpc_poller):
+async def test_a_slow_remote_slows_the_sender_and_loses_nothing(remote):
     # the remote sleeps 5 ms a frame; 256 KiB frames: only a few fit in the
     # buffers between (the remote's 4 + 4, HTTP/2's window, this engine's 4)
     frames = [_audio(i, 64 * 1024) for i in range(120)]
@@ -195,7 +187,7 @@ async def test_a_slow_remote_slows_the_sender_and_loses_nothing(remote, grpc_pol
     await remote.holds_nothing()
 
 
-async def test_a_host_not_allowed_is_refused_at_validation(make_server, remote, grpc_poller):
+async def test_a_host_not_allowed_is_refused_at_validation(make_server, remote):
     local = await make_server(remote={"allowed_hosts": ["127.0.0.1:1"]})
     with pytest.raises(ValidationError) as err:
         local.engine.validate(manifest([{"id": "far", "node_type": "EchoNode", "host": remote.address}]))
@@ -232,7 +224,7 @@ async def _stream_until_outputs(engine, remote: Remote, n: int):
 
 
 @pytest.mark.parametrize("fault", ["kill -9", "hang (SIGSTOP)"])
-async def test_the_remote_engine_dying_or_hanging_is_a_typed_error(remote, grpc_poller, fault):
+async def test_the_remote_engine_dying_or_hanging_is_a_typed_error(remote, fault):
     async with probed_engine(remote={"allowed_hosts": [remote.address], "keepalive_secs": 0.25,
                                      "keepalive_timeout_secs": 0.5}) as engine:
         session = await _stream_until_outputs(engine, remote, 5)
@@ -277,7 +269,7 @@ async def test_a_client_cancel_tears_the_remote_part_down(local, remote):
     assert not local.engine.sessions
 
 
-async def test_the_hosts_api_key_is_sent(tmp_path, grpc_poller):
+async def test_the_hosts_api_key_is_sent(tmp_path):
     cfg = tmp_path / "keyed.toml"
     cfg.write_text(f'ipc_root = "{TEST_IPC_ROOT}"\ntest_nodes = true\nstandby_processes = 0\n'
                    '[server]\napi_keys = ["s3cret"]\n')
@@ -297,3 +289,24 @@ async def test_the_hosts_api_key_is_sent(tmp_path, grpc_poller):
     finally:
         keyed.proc.send_signal(signal.SIGTERM)
         await keyed.wait()
+
+
+async def test_tls_to_the_remote_with_the_hosts_ca(make_server, tmp_path):
+    from tlscerts import CertAuthority
+
+    ca = CertAuthority(tmp_path)
+    cert, key = ca.issue("server", server=True)
+    tls_remote = await make_server(server={"tls_cert_file": str(cert), "tls_key_file": str(key)})
+    m = manifest([{"id": "far", "node_type": "PassThroughNode", "host": tls_remote.address}])
+    frame = _audio(2)
+    trusted = {tls_remote.address: {"ca_file": str(ca.cert_file)}}
+    async with probed_engine(remote={"allowed_hosts": [tls_remote.address], "hosts": trusted}) as engine:
+        result = await engine.execute(m, {"far": frame})
+        assert checksum(result.outputs["far"]) == checksum(frame)
+    stranger = CertAuthority(tmp_path, "other-ca")
+    untrusted = {tls_remote.address: {"ca_file": str(stranger.cert_file)}}
+    async with probed_engine(remote={"allowed_hosts": [tls_remote.address], "hosts": untrusted,
+                                     "connect_timeout_secs": 0.5}) as engine:
+        with pytest.raises(NodeExecutionError, match="cannot be reached") as err:
+            await engine.execute(m, {"far": frame})
+        assert err.value.node_id == "far"

@@ -11,12 +11,12 @@ import sys
 import grpc
 import numpy as np
 import psutil
+import pytest
 from conftest import TEST_IPC_ROOT
 from grpc_client import CLOSE, chunk, collect, init, kinds, proto_manifest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine import RuntimeData
-from engine._proto import common_pb2 as pb
 from engine._proto import streaming_pb2_grpc as spb_grpc
 from engine.server import wire
 
@@ -98,18 +98,29 @@ async def test_sigterm_drains_running_sessions_then_exits_zero(tmp_path):
             srv.proc.send_signal(signal.SIGTERM)
             health = health_pb2_grpc.HealthStub(ch)
             async with asyncio.timeout(30):
-                # health is what a load balancer polls; so does this test
-                while (await health.Check(health_pb2.HealthCheckRequest())).status != \
-                        health_pb2.HealthCheckResponse.NOT_SERVING:  # noqa: ASYNC110
+                # health is what a load balancer polls; so does this test: NOT_SERVING,
+                # then no answer at all once the server takes no new call
+                while True:
+                    try:
+                        status = (await health.Check(health_pb2.HealthCheckRequest())).status
+                    except grpc.aio.AioRpcError as exc:  # refused, or cut off as it stopped
+                        assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+                        break
+                    assert status in (health_pb2.HealthCheckResponse.SERVING,
+                                      health_pb2.HealthCheckResponse.NOT_SERVING)
                     await asyncio.sleep(0.02)
-            # new sessions are refused while draining ...
+            # new sessions are refused at the connection level while draining (a balancer
+            # sends them elsewhere), not in-band ...
             async def only_init():
                 yield init(proto_manifest([("e", "EchoNode")]))
-                await asyncio.Event().wait()  # nothing more to say: the server ends the call
+                await asyncio.Event().wait()
 
-            refused = await collect(stub.StreamPipeline(only_init()))
-            assert kinds(refused) == ["error"]
-            assert refused[0].error.error_type == pb.ERROR_TYPE_RESOURCE_LIMIT
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await collect(stub.StreamPipeline(only_init()))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(grpc.aio.AioRpcError):  # a new connection: the listener is closed
+                async with grpc.aio.insecure_channel(srv.address) as fresh:
+                    await health_pb2_grpc.HealthStub(fresh).Check(health_pb2.HealthCheckRequest(), timeout=2)
             # ... the running one finishes normally
             queue.put_nowait(chunk("sum", RuntimeData.audio(np.ones(64, np.float32), 16000), 1))
             queue.put_nowait(CLOSE)

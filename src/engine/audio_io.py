@@ -1,4 +1,10 @@
-"""WAV files ↔ AudioData (16-bit PCM through the stdlib `wave` module)."""
+"""Audio files ↔ AudioData.
+
+Reading goes through libsndfile (the `soundfile` package): WAV of any PCM
+width or float, FLAC, OGG/Vorbis/Opus, MP3 and the other formats libsndfile
+knows. 16-bit (and narrower) PCM stays int16, wider PCM becomes int32, the
+rest float32. Writing is 16-bit PCM WAV (stdlib `wave`).
+"""
 
 from __future__ import annotations
 
@@ -6,22 +12,43 @@ import wave
 from pathlib import Path
 
 import numpy as np
+import soundfile
+import soxr
 
 from .data import AudioData, SampleFormat
 from .errors import ValidationError
 
+_INT16 = {"PCM_S8", "PCM_U8", "PCM_16", "ALAW", "ULAW"}
+_INT32 = {"PCM_24", "PCM_32"}
 
-def read_wav(path: str | Path) -> AudioData:
+
+def read_audio(path: str | Path) -> AudioData:
+    """Read an audio file; a ValidationError says why one cannot be read."""
     try:
-        with wave.open(str(path), "rb") as w:
-            width, rate, ch, n = w.getsampwidth(), w.getframerate(), w.getnchannels(), w.getnframes()
-            raw = w.readframes(n)
-    except (OSError, wave.Error, EOFError) as exc:
-        raise ValidationError(f"cannot read WAV {path}: {exc}") from None
-    dtypes = {2: "<i2", 4: "<i4"}
-    if width not in dtypes:
-        raise ValidationError(f"{path}: {8 * width}-bit WAV is not supported (16 or 32-bit PCM)")
-    return AudioData(np.frombuffer(raw, dtype=dtypes[width]).copy(), rate, ch)
+        # opened here so that a missing or unreadable file says why (libsndfile: "System error")
+        with open(path, "rb") as f, soundfile.SoundFile(f) as sf:
+            dtype = "int16" if sf.subtype in _INT16 else "int32" if sf.subtype in _INT32 else "float32"
+            samples, rate, channels = sf.read(dtype=dtype, always_2d=True), sf.samplerate, sf.channels
+    except soundfile.LibsndfileError as exc:
+        raise ValidationError(f"cannot read audio file {path}: {exc.error_string}") from None
+    except (OSError, RuntimeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise ValidationError(f"cannot read audio file {path}: {reason}") from None
+    if samples.shape[0] == 0:
+        raise ValidationError(f"cannot read audio file {path}: it holds no audio frames")
+    return AudioData(np.ascontiguousarray(samples).reshape(-1), int(rate), int(channels))
+
+
+read_wav = read_audio
+
+
+def resample(audio: AudioData, rate: int) -> AudioData:
+    """The same audio at `rate` (soxr, high quality); the sample format is kept."""
+    if audio.sample_rate == rate:
+        return audio
+    x = audio.samples.reshape(-1, audio.channels)
+    y = soxr.resample(x, audio.sample_rate, rate)
+    return AudioData(np.ascontiguousarray(y, dtype=audio.samples.dtype).reshape(-1), rate, audio.channels)
 
 
 def write_wav(path: str | Path, audio: AudioData) -> None:

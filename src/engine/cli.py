@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,11 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.json:
+    if args.markdown:
+        from .nodedocs import render
+
+        print(render(registry, builtin_only=False), end="")
+    elif args.json:
         listing = {"nodes": [spec.describe() for spec in registry.specs()],
                    "failed": [f.describe() for f in registry.failures]}
         print(orjson.dumps(listing, option=orjson.OPT_INDENT_2).decode())
@@ -94,35 +97,69 @@ def _summary(data: Any) -> str:
     return repr(data)
 
 
+def _target_rate(registry: Any, manifest: Any, node_id: str) -> int | None:
+    """The input rate a node declares by its `sampling_rate` param (VAD, ...) or its default."""
+    node = next(n for n in manifest.nodes if n.id == node_id)
+    rate = node.params.get("sampling_rate")
+    if rate is None:
+        spec = registry.get(node.node_type)
+        props = (spec.cls.params_schema or {}).get("properties", {}) if spec is not None else {}
+        rate = props.get("sampling_rate", {}).get("default")
+    return int(rate) if isinstance(rate, int) and not isinstance(rate, bool) else None
+
+
+def _text_printer() -> Any:
+    """Prints the text that passes a sink as the run goes: text outputs, a reply's text and
+    the transcript it answers (speech pipelines tag reply audio with both)."""
+    from .data import TextData
+
+    heard: set[str] = set()
+
+    def show(out: Any) -> None:
+        data = out.data
+        if isinstance(data, TextData):
+            print(f"  {out.node_id}: {data.text!r}", flush=True)
+            return
+        transcript, text = data.metadata.get("transcript"), data.metadata.get("text")
+        if transcript and transcript not in heard:
+            heard.add(transcript)
+            print(f"  heard: {transcript!r}", flush=True)
+        if text:
+            print(f"  {out.node_id}: {text!r}", flush=True)
+
+    return show
+
+
 async def _run(args: argparse.Namespace) -> int:
-    from .audio_io import read_wav, tone, write_wav
+    from .audio_io import read_audio, resample, tone, write_wav
     from .data import AudioData
     from .engine import Engine
     from .errors import EngineError
 
     async with Engine(_engine_config(args)) as engine:
-        try:
-            manifest = engine.validate(Path(args.manifest))
-        except EngineError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        audio = read_wav(args.input) if args.input else tone(args.seconds, args.sample_rate)
+        manifest = engine.validate(Path(args.manifest))
+        audio = read_audio(args.input) if args.input else tone(args.seconds, args.sample_rate)
         targets = [args.node] if args.node else [
             n.id for n in manifest.nodes if not any(c.target == n.id for c in manifest.connections)
         ]
+        inputs = {}
+        for t in targets:
+            rate = _target_rate(engine.registry, manifest, t)
+            inputs[t] = resample(audio, rate) if rate and rate != audio.sample_rate else audio
+        resampled = sorted({f"{d.sample_rate} Hz" for d in inputs.values() if d.sample_rate != audio.sample_rate})
         print(f"pipeline {manifest.name!r}: {len(manifest.nodes)} nodes; input "
               f"{'file ' + args.input if args.input else 'generated tone'} "
-              f"({audio.duration_s:.2f} s @ {audio.sample_rate} Hz) → {', '.join(targets)}")
+              f"({audio.duration_s:.2f} s @ {audio.sample_rate} Hz"
+              f"{', resampled to ' + ', '.join(resampled) if resampled else ''}) → {', '.join(targets)}")
         try:
             result = await engine.execute(
-                manifest, {t: audio for t in targets},
+                manifest, inputs, on_output=_text_printer(),
                 on_progress=lambda p: print(f"  init {p.node_id}: {p.phase} {p.percent:.0f}% {p.message}"),
             )
         except EngineError as exc:
-            print(f"error ({exc.error_type.name}): {exc}", file=sys.stderr)
             if exc.traceback_text:
                 print(exc.traceback_text, file=sys.stderr)
-            return 1
+            raise
         print("outputs:")
         for node_id, data in result.outputs.items():
             n = len(result.all_outputs[node_id])
@@ -161,12 +198,18 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    sys.path.insert(0, str(Path.cwd()))
-    try:
-        from bench.__main__ import main as bench_main
-    except ImportError:
-        print("bench/ not found: run from the repository root", file=sys.stderr)
+    # bench/ sits next to src/ in the checkout this package runs from (an
+    # editable install); a checkout in the working directory also works
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
+        if (root / "bench" / "__main__.py").is_file():
+            sys.path.insert(0, str(root))
+            break
+    else:
+        print("remotemedia-engine: error: bench/ not found: it ships with the source checkout, "
+              "not the installed package", file=sys.stderr)
         return 2
+    from bench.__main__ import main as bench_main
+
     return bench_main(args.rest)
 
 
@@ -178,15 +221,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              metrics_port=args.metrics_port))
 
 
-def _session_context(record: logging.LogRecord) -> bool:
-    # records of a session carry session_id/node_id (LoggerAdapter); others get "-"
-    if not hasattr(record, "session_id"):
-        record.session_id = "-"
-    if not hasattr(record, "node_id"):
-        record.node_id = "-"
-    return True
-
-
 def _install_uvloop() -> None:
     try:
         import uvloop
@@ -196,50 +230,99 @@ def _install_uvloop() -> None:
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="remotemedia-engine", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _one_line(exc: Exception) -> str:
+    from .errors import ValidationError
 
-    p = sub.add_parser("validate", help="check a manifest; exit 2 on any problem")
-    p.add_argument("manifest")
-    p.add_argument("--config")
+    if isinstance(exc, ValidationError) and len(exc.issues) == 1 and exc.issues[0].path == "$":
+        return exc.issues[0].message
+    return str(exc).replace("\n", "; ")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help shows its default (said in words where it comes from the config)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        if action.default is False:
+            return f"{text} (default: off)"
+        return f"{text} (default: %(default)s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    # -v and --log-format are accepted before or after the subcommand
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging from the engine and its nodes, not gRPC's internals (default: off)")
+    common.add_argument("--log-format", choices=("text", "json"), default=argparse.SUPPRESS,
+                        help="log lines as text or one JSON object per line (default: text)")
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", metavar="TOML", default=None,
+                        help="runtime.toml (see runtime.toml.example) (default: built-in defaults)")
+
+    parser = argparse.ArgumentParser(prog="remotemedia-engine", description=__doc__.splitlines()[0],
+                                     parents=[common], formatter_class=_Formatter,
+                                     epilog="exit codes: 0 ok, 1 a run failed, 2 bad arguments, "
+                                            "configuration or input")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, parents=[common, *parents],
+                              formatter_class=_Formatter)
+
+    p = add("validate", "check a manifest; exit 2 on any problem", config)
+    p.add_argument("manifest", help="manifest file (JSON)")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("run", help="run a manifest once on a WAV file or generated audio")
-    p.add_argument("manifest")
-    p.add_argument("--config")
-    p.add_argument("--input", help="WAV file (default: a generated tone)")
-    p.add_argument("--output", help="write the audio output of the sink to this WAV file")
+    p = add("run", "run a manifest once on an audio file or generated audio", config)
+    p.add_argument("manifest", help="manifest file (JSON)")
+    p.add_argument("--input", metavar="FILE",
+                   help="audio file: WAV (any PCM width or float), FLAC, OGG, MP3; resampled to a "
+                        "source node's sampling_rate param (default: a generated tone)")
+    p.add_argument("--output", metavar="WAV", help="write the audio output of the sink to this WAV file (default: not written)")
     p.add_argument("--node", help="node to feed (default: every source node)")
-    p.add_argument("--seconds", type=float, default=2.0)
-    p.add_argument("--sample-rate", type=int, default=48_000)
+    p.add_argument("--seconds", type=float, default=2.0, help="length of the generated tone")
+    p.add_argument("--sample-rate", type=int, default=48_000, help="rate of the generated tone (Hz)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("serve", help="serve remotemedia.v1 over gRPC")
-    p.add_argument("--config")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--metrics-port", type=int, default=None)
+    p = add("serve", "serve remotemedia.v1 over gRPC", config)
+    p.add_argument("--host", default=None, help="address to listen on (default: [server] host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="gRPC port (default: [server] port, 50051)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus /metrics port (default: [server] metrics_port, 0 = off)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("nodes", help="list every node type: executor, data types, source, params")
-    p.add_argument("--config")
+    p = add("nodes", "list every node type: executor, data types, source, params", config)
     p.add_argument("--json", action="store_true", help="also each params schema, as JSON")
+    p.add_argument("--markdown", action="store_true",
+                   help="a Markdown reference of every node type's params (docs/nodes.md is the built-ins')")
     p.set_defaults(func=cmd_nodes)
 
-    p = sub.add_parser("cleanup", help="remove shared memory left by engines that died (kill -9, OOM)")
-    p.add_argument("--config")
+    p = add("cleanup", "remove shared memory left by engines that died (kill -9, OOM); prints what it removed",
+            config)
     p.set_defaults(func=cmd_cleanup)
 
-    p = sub.add_parser("bench", help="run benchmark scenarios (see bench/)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = add("bench", "run benchmark scenarios: bench list | bench all | bench SCENARIO... | bench report")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m bench")
     p.set_defaults(func=cmd_bench)
+    return parser
 
-    args = parser.parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.addFilter(_session_context)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s [session=%(session_id)s node=%(node_id)s] %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
-    return args.func(args)
+
+def main(argv: list[str] | None = None) -> int:
+    from . import logs
+    from .errors import EngineError
+
+    args = build_parser().parse_args(argv)
+    logs.configure(verbose=getattr(args, "verbose", False), fmt=getattr(args, "log_format", "text"))
+    try:
+        return args.func(args)
+    except EngineError as exc:
+        # bad configuration, input or address: one line, no traceback
+        print(f"remotemedia-engine: error: {_one_line(exc)}", file=sys.stderr)
+        return 2 if exc.error_type.name in ("VALIDATION", "TYPE_VALIDATION") else 1
+    except KeyboardInterrupt:
+        return 130

@@ -105,6 +105,11 @@ class ServerSettings:
     metrics_every_n_chunks: int = 50
     drain_timeout_secs: float = 10.0
     pending_chunks_capacity: int = 256  # chunks queued while a stream starts
+    #: PEM files; with both set the server speaks TLS only
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    #: PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)
+    tls_client_ca_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,19 @@ class NodeSettings:
     #: modules to import: each registers every Node subclass defined in it
     #: (not merely imported into it) that declares a node_type
     modules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TracingSettings:
+    """OpenTelemetry traces (runtime.toml `[tracing]`; needs the otel extra). See engine.tracing."""
+
+    enabled: bool = False
+    service_name: str = "remotemedia-engine"
+    #: OTLP/gRPC collector; "" = OTEL_EXPORTER_OTLP_ENDPOINT or localhost:4317
+    otlp_endpoint: str = ""
+    otlp_insecure: bool = True
+    #: share of sessions traced (each whole: its span and every node call's)
+    sample_ratio: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -201,6 +219,7 @@ class RuntimeConfig:
     caps: Caps = field(default_factory=Caps)
     server: ServerSettings = field(default_factory=ServerSettings)
     nodes: NodeSettings = field(default_factory=NodeSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
     wasm: WasmSettings = field(default_factory=WasmSettings)
     remote: RemoteSettings = field(default_factory=RemoteSettings)
     python_executable: str = sys.executable
@@ -229,7 +248,7 @@ class RuntimeConfig:
             if isinstance(source, dict):
                 data = source
             elif source is not None:
-                data = tomllib.loads(Path(source).read_text())
+                data = _read_toml(Path(source))
             cfg = cls.from_dict(data)
             if isinstance(source, (str, os.PathLike)):
                 cfg = cfg.relative_to(Path(source).resolve().parent)
@@ -242,6 +261,7 @@ class RuntimeConfig:
         caps = _build(Caps, data.pop("caps", {}), "caps", issues)
         server = _build(ServerSettings, data.pop("server", {}), "server", issues)
         nodes = _build(NodeSettings, data.pop("nodes", {}), "nodes", issues)
+        tracing = _build(TracingSettings, data.pop("tracing", {}), "tracing", issues)
         wasm = _build(WasmSettings, data.pop("wasm", {}), "wasm", issues)
         remote = _remote(data.pop("remote", {}), issues)
         session_keys = {f.name for f in fields(SessionSettings)}
@@ -251,10 +271,11 @@ class RuntimeConfig:
             if isinstance(mp, dict) and "enabled" in mp:
                 sess["multiprocess_enabled"] = mp["enabled"]
         session = _build(SessionSettings, sess, "", issues)
-        top = _build(cls, data, "", issues, skip={"session", "caps", "server", "nodes", "wasm", "remote"})
+        top = _build(cls, data, "", issues,
+                     skip={"session", "caps", "server", "nodes", "tracing", "wasm", "remote"})
         if issues:
             raise ValidationError(issues)
-        cfg = replace(top, session=session, caps=caps, server=server, nodes=nodes, wasm=wasm,
+        cfg = replace(top, session=session, caps=caps, server=server, nodes=nodes, tracing=tracing, wasm=wasm,
                       remote=remote)
         cfg.check()
         return cfg
@@ -264,6 +285,10 @@ class RuntimeConfig:
         cfg, w = self, self.wasm
         if w.modules_dir and not Path(w.modules_dir).is_absolute():
             cfg = replace(cfg, wasm=replace(w, modules_dir=str(base / w.modules_dir)))
+        tls = {key: str(base / value) for key in ("tls_cert_file", "tls_key_file", "tls_client_ca_file")
+               if (value := getattr(cfg.server, key)) and not Path(value).is_absolute()}
+        if tls:
+            cfg = replace(cfg, server=replace(cfg.server, **tls))
         hosts = {address: replace(h, ca_file=str(base / h.ca_file))
                  for address, h in cfg.remote.hosts.items() if h.ca_file and not Path(h.ca_file).is_absolute()}
         if hosts:
@@ -294,6 +319,13 @@ class RuntimeConfig:
         for name in ("channel_capacity", "max_processes_per_session", "output_queue_capacity"):
             if getattr(s, name) < 1:
                 issues.append(Issue(name, "must be >= 1"))
+        tls = self.server
+        if bool(tls.tls_cert_file) != bool(tls.tls_key_file):
+            issues.append(Issue("server.tls_cert_file", "tls_cert_file and tls_key_file go together"))
+        if tls.tls_client_ca_file and not tls.tls_cert_file:
+            issues.append(Issue("server.tls_client_ca_file", "needs tls_cert_file and tls_key_file"))
+        if not 0 <= self.tracing.sample_ratio <= 1:
+            issues.append(Issue("tracing.sample_ratio", "must be between 0 and 1"))
         if not 0 <= self.standby_processes <= 16:
             issues.append(Issue("standby_processes", "must be between 0 and 16"))
         if not 0 <= self.zygote_restarts_per_minute <= 1000:
@@ -348,6 +380,17 @@ class RuntimeConfig:
         if issues:
             raise ValidationError(issues)
         return replace(settings, **changes)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValidationError(Issue("$", f"cannot read config {path}: {exc.strerror or exc}")) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValidationError(Issue("$", f"{path} is not valid TOML: {exc}")) from None
 
 
 def _truthy(value: str) -> bool:

@@ -24,13 +24,15 @@ from typing import Any
 from .catalog import default_registry
 from .config import ClientLimits, RuntimeConfig
 from .data import RuntimeData, concat
-from .errors import ResourceLimitError, ValidationError
+from .errors import Issue, ResourceLimitError, ValidationError
 from .executors.base import NodeRunner
 from .executors.native import NativeRunner
 from .manifest import Manifest, validate
 from .plan import ExecutionPlan, PlannedNode, build_plan
 from .registry import ExecutorRegistry
 from .session import InitProgress, Observer, Output, OutputSink, Session
+from .tracing import Tracing
+from .tracing import tracer_provider as tracer_provider_for
 
 log = logging.getLogger("engine")
 
@@ -77,9 +79,12 @@ def check_executors(m: Manifest, config: RuntimeConfig, wasm: Callable[[], Any] 
 
 class Engine:
     def __init__(self, config: Any = None, *, registry: ExecutorRegistry | None = None,
-                 observer: Observer | None = None) -> None:
+                 observer: Observer | None = None, tracer_provider: Any = None) -> None:
         self.config = RuntimeConfig.load(config)
         self.observer = observer
+        #: OpenTelemetry (engine.tracing): the app's provider, or one made from [tracing]
+        provider = tracer_provider if tracer_provider is not None else tracer_provider_for(self.config.tracing)
+        self.tracing = Tracing(provider, owned=tracer_provider is None) if provider is not None else None
         self.registry = registry or default_registry(self.config)
         self._sessions: dict[str, Session] = {}
         self._manifests: collections.OrderedDict[Any, Manifest] = collections.OrderedDict()
@@ -120,6 +125,8 @@ class Engine:
         if self._process_manager is not None:
             await self._process_manager.aclose()
             self._process_manager = None
+        if self.tracing is not None:  # flushes what the exporter holds (a network call: off the loop)
+            await asyncio.to_thread(self.tracing.shutdown)
         if self._wasm is not None:
             self._wasm.close()
             self._wasm = None
@@ -188,7 +195,7 @@ class Engine:
     def stream(self, manifest: Any, *, on_progress: Callable[[InitProgress], Any] | None = None,
                session_id: str | None = None, limits: ClientLimits | None = None,
                output_sink: OutputSink | Callable[[Output], Awaitable[None]] | None = None,
-               observer: Observer | None = None) -> Session:
+               observer: Observer | None = None, trace_carrier: dict[str, str] | None = None) -> Session:
         """A streaming session; `async with` starts it (all nodes ready) and tears it down.
 
         `limits` (optional) tighten this run's memory, duration and audio
@@ -198,6 +205,7 @@ class Engine:
         being queued for iteration; the
         session's end and error are then seen through `wait_closed()`/`error`.
         `observer` replaces the engine's observer for this session.
+        `trace_carrier` (W3C `traceparent`/`tracestate`) continues a caller's trace.
         """
         if self._closed or not self._accepting:
             raise ResourceLimitError("engine is shutting down; not accepting sessions")
@@ -213,7 +221,7 @@ class Engine:
         session = Session(m, plan, settings, self._make_runner, on_progress=on_progress,
                           on_close=self._session_closed, session_id=session_id,
                           observer=observer if observer is not None else self.observer,
-                          output_sink=output_sink)
+                          output_sink=output_sink, tracing=self.tracing, trace_carrier=trace_carrier)
         self._sessions[session.id] = session
         self._idle.clear()
         return session
@@ -265,12 +273,16 @@ class Engine:
 
     async def execute(self, manifest: Any, inputs: Mapping[str, RuntimeData], *,
                       on_progress: Callable[[InitProgress], Any] | None = None,
-                      limits: ClientLimits | None = None) -> ExecutionResult:
+                      limits: ClientLimits | None = None,
+                      on_output: Callable[[Output], Any] | None = None,
+                      trace_carrier: dict[str, str] | None = None) -> ExecutionResult:
         """Batch mode: feed `inputs` (keyed by node id), run to completion.
 
-        Returns one value per sink: several outputs of one sink are joined
-        (audio and text concatenated, JSON collected into a list; see
-        data.concat); `all_outputs` keeps them separate.
+        Every source node (one no connection feeds) that takes input must
+        have one. Returns one value per sink: several outputs of one sink are
+        joined (audio and text concatenated, JSON collected into a list; see
+        data.concat); `all_outputs` keeps them separate. `on_output` sees
+        each sink output as it comes.
         """
         t0 = time.perf_counter()
         m = self.validate(manifest)
@@ -279,12 +291,20 @@ class Engine:
             if node_id not in known:
                 raise ValidationError(f"input for unknown node {node_id!r}; nodes: {', '.join(sorted(known))}",
                                       node_id=node_id)
-        session = self.stream(m, on_progress=on_progress, limits=limits)
+        fed = {c.target for c in m.connections}
+        starved = [n.id for n in m.nodes if n.id not in fed and n.input_types and n.id not in inputs]
+        if starved:
+            raise ValidationError([Issue("$.data_inputs", f"no input for source node {nid!r}: a batch run "
+                                         "feeds the pipeline only through its inputs", node_id=nid,
+                                         code="missing_input") for nid in starved])
+        session = self.stream(m, on_progress=on_progress, limits=limits, trace_carrier=trace_carrier)
         collected: dict[str, list[RuntimeData]] = collections.defaultdict(list)
 
         async def collect() -> None:
             async for out in session:
                 collected[out.node_id].append(out.data)
+                if on_output is not None:
+                    on_output(out)
 
         async with session:
             t_ready = time.perf_counter()

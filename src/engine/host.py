@@ -24,7 +24,8 @@ from .data import DataKind, RuntimeData
 from .errors import EngineError, NodeExecutionError, TypeValidationError
 from .executors.base import NodeStats
 from .node import FrameMemory, Node
-from .turns import TurnEvent, TurnLedger
+from .tracing import CallTiming
+from .turns import TurnEvent, TurnLedger, turn_of
 
 #: where a stamped output goes (the session, a channel)
 Emit = Callable[[RuntimeData], Awaitable[None]]
@@ -92,6 +93,8 @@ class NodeHost:
         #: called with the new node before its initialize() (an executor binds what it lends)
         self.prepare = prepare
         self.node: Node | None = None
+        #: called with a tracing.CallTiming after each call, when the session is traced
+        self.on_call: Callable[[CallTiming], None] | None = None
         self.where = "initialize"
         #: the sequence of the input being handled (a failure's context)
         self.sequence: int | None = None
@@ -172,6 +175,9 @@ class NodeHost:
         deadline = deadline or self.deadline
         started = time.perf_counter()
         emitting = 0.0
+        outputs_before = self.stats.items_out
+        wall_start = time.time_ns() if self.on_call is not None else 0
+        error = ""
         deadline.arm()
         try:
             args = () if arg is None else (arg,)
@@ -199,13 +205,20 @@ class NodeHost:
                 for out in outputs:
                     emitting += await self._emit(where, out, arg, sequence, emit, deadline)
         except asyncio.CancelledError:
+            error = "cancelled"
             raise
         except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
             self._raise(exc, where, sequence)
         finally:
             deadline.disarm()
             # the node's own time: downstream work done while emitting is theirs
             self.stats.busy_s += time.perf_counter() - started - emitting
+            if self.on_call is not None:
+                turn = getattr(arg, "turn_id", "") if isinstance(arg, TurnEvent) else (
+                    turn_of(arg) if isinstance(arg, RuntimeData) else "")
+                self.on_call(CallTiming(where, sequence, wall_start, time.time_ns(),
+                                        self.stats.items_out - outputs_before, turn, error))
 
     async def _call(self, fn: Any) -> Any:
         result = await asyncio.to_thread(fn) if self._to_thread(fn) else fn()

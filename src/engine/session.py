@@ -37,8 +37,10 @@ from .errors import (
 )
 from .executors.base import NodeRunner
 from .fifo import BoundedFifo
+from .logs import ContextAdapter
 from .manifest import Manifest
 from .plan import ExecutionPlan, PlannedNode
+from .tracing import SessionTrace, Tracing
 from .turns import TURN_EVENT_SCHEMA, TurnEvent, TurnLedger
 
 log = logging.getLogger("engine.session")
@@ -133,8 +135,14 @@ class Session:
         session_id: str | None = None,
         observer: Observer | None = None,
         output_sink: OutputSink | Callable[[Output], Awaitable[None]] | None = None,
+        tracing: Tracing | None = None,
+        trace_carrier: dict[str, str] | None = None,
     ) -> None:
         self.id = session_id or uuid.uuid4().hex[:16]
+        #: this session's trace when it is sampled (engine.tracing); runners add node calls
+        self.trace: SessionTrace | None = (
+            tracing.session(self.id, manifest.name, len(plan.order), trace_carrier)
+            if tracing is not None else None)
         self.manifest = manifest
         self.plan = plan
         self.settings = settings
@@ -163,7 +171,7 @@ class Session:
         self.turns = TurnLedger()
         self._on_turn_event = getattr(observer, "turn_event", None)
         self._on_frame = getattr(observer, "node_frame", None)
-        self.log = logging.LoggerAdapter(log, {"session_id": self.id, "node_id": "-"})
+        self.log = ContextAdapter(log, {"session_id": self.id, "node_id": "-"})
 
     # ------------------------------------------------------------ lifecycle
 
@@ -386,7 +394,7 @@ class Session:
 
     def _record_error(self, err: EngineError) -> None:
         self._error = err
-        self.log.warning("session failed: %s", err)
+        self.log.warning("session failed: %s", err, extra={"node_id": err.node_id or "-"})
         self._outputs.put_terminal(err)
 
     def _start_teardown(self) -> None:
@@ -472,11 +480,14 @@ class Session:
                                            return_exceptions=True)
             for runner, res in zip(self._runners.values(), results, strict=True):
                 if isinstance(res, BaseException):
-                    self.log.error("teardown of node %s failed: %r", runner.node_id, res)
+                    self.log.error("teardown of node %s failed: %r", runner.node_id, res,
+                                   extra={"node_id": runner.node_id})
             pending = [t for t in self._tasks if t is not current]
             if pending:
                 await asyncio.wait(pending, timeout=self.settings.shutdown_timeout_secs + 1)
         finally:
+            if self.trace is not None:
+                self.trace.end(self._error)
             self._outputs.put_terminal(_END)
             self._torn_down.set()
             if self._on_close is not None:

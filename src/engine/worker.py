@@ -11,7 +11,8 @@ plain process()/flush() from a loop that blocks in poll() between frames,
 an async one on the process's asyncio loop, both woken by iceoryx2 events.
 Control (ping, shutdown) is read by a thread so it is never stuck behind
 data. The node itself is called through the node host (`engine.host`), as in the
-engine. A timer (SIGALRM) ends the process when one process() call exceeds
+engine; in a traced session each call's timing goes to the engine as a
+CallRecord (see engine.tracing). A timer (SIGALRM) ends the process when one process() call exceeds
 its deadline. The process exits when the engine closes the control socket
 (engine gone) and, through PR_SET_PDEATHSIG, when the zygote dies.
 
@@ -43,6 +44,7 @@ from .ipc import codec, iox
 from .ipc.channel import EOS, FrameReceiver, FrameSender, Inbox
 from .ipc.control import (
     Assign,
+    CallRecord,
     ChannelsReady,
     DeliverTurnEvent,
     Failure,
@@ -63,6 +65,7 @@ from .ipc.logs import LogCapture
 from .ipc.logs import capture as capture_logs
 from .node import Node
 from .turns import TURN_EVENT_SCHEMA, TurnEvent, TurnLedger
+from .zygote import set_node_title
 
 
 def _plain(fn: Any) -> bool:
@@ -235,6 +238,8 @@ class Worker:
     async def _serve(self, receiver: FrameReceiver, sender: FrameSender) -> int:
         a = self.assigned
         assert a is not None
+        set_node_title(a.node_id, a.node_type, a.session_id)
+        ctrl = self.ctrl
         # Before the node's module is imported, so what it says while loading
         # reaches the engine too; the engine tags it with the session and node.
         self.logs = capture_logs(self.ctrl.send, level=a.log_level)
@@ -248,6 +253,8 @@ class Worker:
             host = self.host = NodeHost(a.node_id, cls, dict(a.params), stats=self.counts, turns=self.turns,
                                         deadline=AlarmDeadline(a.process_timeout_secs),
                                         accepts=None if a.accepts is None else [DataKind(k) for k in a.accepts])
+            if a.trace:  # each call's timing goes to the engine at once, which makes its span
+                host.on_call = lambda call: ctrl.send(CallRecord((call,)))
             self._memory = LoanedMemory(sender)
             node = await host.start(lambda phase, pct, msg: self.ctrl.send(Progress(phase, pct, msg)),
                                     self._memory)

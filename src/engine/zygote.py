@@ -30,6 +30,8 @@ import signal
 import socket
 import sys
 
+import setproctitle
+
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 #: process names (as `ps -o comm` and psutil's name() show them)
@@ -52,6 +54,14 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
 def set_process_name(name: str) -> None:
     """Linux: the name ps/top show for this process (15 bytes at most)."""
     _prctl(PR_SET_NAME, name.encode()[:15])
+
+
+def set_node_title(node_id: str, node_type: str, session_id: str) -> None:
+    """The command line ps, top -c and htop show for a node process: which node of which
+    session it runs. The short name stays NODE_NAME, so every node process is found by it
+    (as PostgreSQL's backends are all `postgres`)."""
+    setproctitle.setproctitle(f"{NODE_NAME} {node_id} ({node_type}) session {session_id}")
+    set_process_name(NODE_NAME)  # setproctitle sets it to the title's first 15 bytes
 
 
 #: fork a new standby after this long without a request

@@ -34,7 +34,9 @@ class AudioChunkerNode(Node):
     output_types = AUDIO
     params_schema = {
         "type": "object",
-        "properties": {"chunk_size": {"type": "integer", "minimum": 1, "maximum": 16_777_216, "default": 1024}},
+        "properties": {"chunk_size": {"type": "integer", "minimum": 1, "maximum": 16_777_216, "default": 1024,
+                                      "description": "frames per output chunk (per channel); the remainder "
+                                                     "comes out at the end of the stream"}},
         "additionalProperties": False,
     }
     param_aliases = {"chunkSize": "chunk_size"}
@@ -94,8 +96,10 @@ class AudioResampleNode(Node):
         "type": "object",
         "required": ["target_sample_rate"],
         "properties": {
-            "target_sample_rate": {"type": "integer", "minimum": 1000, "maximum": 384_000},
-            "quality": {"enum": ["QQ", "LQ", "MQ", "HQ", "VHQ"], "default": "HQ"},
+            "target_sample_rate": {"type": "integer", "minimum": 1000, "maximum": 384_000,
+                                   "description": "the output rate in Hz"},
+            "quality": {"enum": ["QQ", "LQ", "MQ", "HQ", "VHQ"], "default": "HQ",
+                        "description": "soxr quality recipe, quick (QQ) to very high (VHQ)"},
         },
         "additionalProperties": False,
     }
@@ -154,7 +158,8 @@ class AudioFormatNode(Node):
     params_schema = {
         "type": "object",
         "required": ["format"],
-        "properties": {"format": {"enum": ["f32", "i16", "i32", "F32", "I16", "I32"]}},
+        "properties": {"format": {"enum": ["f32", "i16", "i32", "F32", "I16", "I32"],
+                                  "description": "the output sample format: float32, int16 or int32 PCM"}},
         "additionalProperties": False,
     }
     param_aliases = {"targetFormat": "format", "target_format": "format"}

@@ -43,6 +43,8 @@ class RunnerContext(Protocol):
     settings: SessionSettings
     #: the session's turn ledger (voided turns; see engine.turns)
     turns: TurnLedger
+    #: the session's trace when it is sampled (a tracing.SessionTrace), else None
+    trace: Any
 
     @property
     def error(self) -> EngineError | None:

@@ -34,6 +34,10 @@ class NativeRunner(NodeRunner):
         self.host = NodeHost(planned.id, planned.spec.cls, dict(planned.decl.params), stats=self.stats,
                              turns=ctx.turns, in_thread=self._blocking, accepts=planned.accepted_kinds,
                              prepare=prepare)
+        trace = getattr(ctx, "trace", None)
+        if trace is not None:
+            node_type = planned.spec.node_type
+            self.host.on_call = lambda call: trace.node_call(planned.id, node_type, call)
         self._event_tasks: set[asyncio.Task] = set()
         self._pending_ends = max(1, len(planned.upstream))
         self._lock = asyncio.Lock()

@@ -19,7 +19,6 @@ the remote session down too.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 from pathlib import Path
@@ -91,9 +90,8 @@ class RemoteRunner(NodeRunner):
         self._call: Any = None
         self._write_lock = asyncio.Lock()
         self._pending_ends = max(1, len(planned.upstream))
-        #: (the remote's sequence, the input's own), for the inputs whose results may still come
-        self._sequences: collections.deque[tuple[int, int | None]] = collections.deque()
-        self._next_sequence = 0
+        #: the last sequence sent: the remote refuses one that goes backwards
+        self._last_sequence = 0
         self._ending = False
 
     # ------------------------------------------------------------ start
@@ -154,9 +152,10 @@ class RemoteRunner(NodeRunner):
         from ..server import wire
 
         self.stats.items_in += 1
-        sequence = self._next_sequence
-        self._next_sequence += 1
-        self._sequences.append((sequence, frame.sequence))
+        # the input's own sequence travels (and comes back on its results); one
+        # from a second upstream that is behind the first is raised to keep order
+        sequence = max(frame.sequence or 0, self._last_sequence)
+        self._last_sequence = sequence
         chunk = spb.DataChunk(node_id=self.node_id, sequence=sequence)
         wire.to_proto(frame, chunk.buffer)
         await self._write(spb.StreamRequest(data_chunk=chunk))
@@ -185,10 +184,9 @@ class RemoteRunner(NodeRunner):
             kind = resp.WhichOneof("response")
             if kind == "result":
                 result = resp.result
-                sequence = self._input_sequence(result.sequence)
                 for buf in result.data_outputs.values():
                     frame = wire.from_proto(buf, self.node_id)
-                    frame.sequence = sequence
+                    frame.sequence = result.sequence
                     frame.source = self.node_id
                     self.stats.items_out += 1
                     await self.ctx.emit(self.node_id, frame)
@@ -204,14 +202,6 @@ class RemoteRunner(NodeRunner):
                     self.stats.busy_s = self.stats.cpu_s = m.execution_time_ms / 1000
                 await self.ctx.node_ended(self.node_id)
                 return
-
-    def _input_sequence(self, remote: int) -> int | None:
-        """The input sequence the remote's `remote` stands for; earlier ones are done."""
-        while len(self._sequences) > 1 and self._sequences[0][0] < remote:
-            self._sequences.popleft()
-        if self._sequences and self._sequences[0][0] == remote:
-            return self._sequences[0][1]
-        return None
 
     # ------------------------------------------------------------ the call
 

@@ -64,6 +64,15 @@ class Assign:
     #: the least level the engine shows of what the node logs (see ipc.logs):
     #: the node process does not even make the records below it
     log_level: int = logging.INFO
+    #: the session is traced: time each node call and send a CallRecord
+    trace: bool = False
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """Node process → engine: node calls it timed (a traced session only; see engine.tracing)."""
+
+    calls: tuple
 
 
 @dataclass(frozen=True)

@@ -5,27 +5,34 @@ service, server reflection and the Prometheus endpoint around one `Engine`.
 It runs on whatever loop is running (the CLI installs uvloop); `serve()` is
 the CLI's main: it adds SIGTERM/SIGINT handlers that drain.
 
-Draining: health turns NOT_SERVING (and keeps answering), new sessions are
-refused with RESOURCE_LIMIT, running sessions get `drain_timeout_secs` to
-finish, then the remaining calls are cancelled and every session is torn
-down.
+Draining, as a load balancer understands it: health turns NOT_SERVING and
+the server stops taking new calls at the connection level (its listener
+closes and every connection gets an HTTP/2 GOAWAY), so a balancer (nginx,
+Envoy, a Kubernetes Service) sends new sessions to another engine instead of
+this one refusing them in-band. Running calls go on: their sessions get
+`drain_timeout_secs` to finish, then the rest answer a RESOURCE_LIMIT error
+("server is shutting down") and every session is torn down.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
+from pathlib import Path
 from typing import Any
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from .._proto import execution_pb2, streaming_pb2
 from ..config import RuntimeConfig
 from ..engine import Engine
-from ..errors import ResourceLimitError, ValidationError
+from ..errors import Issue, ResourceLimitError, ValidationError
+from . import reflection
 from .auth import ApiKeyInterceptor
 from .decode import add_servicer
 from .execution import PipelineExecutionServicer
@@ -42,14 +49,14 @@ SERVICE_NAMES = (
 
 class EngineServer:
     def __init__(self, config: Any = None, *, host: str | None = None, port: int | None = None,
-                 metrics_port: int | None = None) -> None:
+                 metrics_port: int | None = None, tracer_provider: Any = None) -> None:
         self.config = RuntimeConfig.load(config)
         s = self.config.server
         self.host = host if host is not None else s.host
         self.port = port if port is not None else s.port
         self.metrics_port = metrics_port if metrics_port is not None else s.metrics_port
         self.metrics = ServerMetrics()
-        self.engine = Engine(self.config, observer=self.metrics)
+        self.engine = Engine(self.config, observer=self.metrics, tracer_provider=tracer_provider)
         self.engine.on_serving = self._serving_changed
         self.metrics.bind(self.engine)
         self.health = health.aio.HealthServicer()
@@ -77,7 +84,25 @@ class EngineServer:
         task.add_done_callback(self._health_updates.discard)
 
     async def start(self) -> int:
-        """Bind and start serving; returns the bound port (useful with port 0)."""
+        """Bind and start serving; returns the bound port (useful with port 0).
+
+        Nothing is left running when it fails (a port in use, a TLS file
+        that does not load): the error names the setting.
+        """
+        s = self.config.server
+        address = f"{self.host}:{self.port}"
+        # what can fail is checked before anything starts: TLS files, the ports
+        credentials = _server_credentials(s) if s.tls_cert_file else None
+        reason = _bind_problem(self.host, self.port) if self.port else None
+        if reason:  # said before gRPC tries (it would log its own multi-line error)
+            raise ValidationError(Issue("server.port", f"cannot listen on {address}: {reason}", field="port"))
+        if self.metrics_port:
+            try:
+                self.bound_metrics_port = self.metrics.serve_http(self.host, self.metrics_port)
+            except OSError as exc:
+                raise ValidationError(Issue("server.metrics_port", f"cannot serve metrics on "
+                                            f"{self.host}:{self.metrics_port}: {exc.strerror or exc}",
+                                            field="metrics_port")) from None
         caps = self.config.caps
         options = [
             ("grpc.max_receive_message_length", caps.max_message_bytes),
@@ -88,29 +113,36 @@ class EngineServer:
             ("grpc.http2.min_ping_interval_without_data_ms", 100),
             ("grpc.http2.max_ping_strikes", 0),
         ]
-        interceptors = [ApiKeyInterceptor(self.config.server.api_keys)] if self.config.server.api_keys else []
+        interceptors = [ApiKeyInterceptor(s.api_keys)] if s.api_keys else []
         server = aio.server(options=options, interceptors=interceptors)
-        add_servicer(server, PipelineExecutionServicer(self.engine, self.metrics),
-                     execution_pb2.DESCRIPTOR.services_by_name["PipelineExecutionService"])
-        add_servicer(server, StreamingPipelineServicer(self.engine, self.metrics, self.config.server),
-                     streaming_pb2.DESCRIPTOR.services_by_name["StreamingPipelineService"])
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        address = f"{self.host}:{self.port}"
         try:
-            self.bound_port = server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise ValidationError(f"cannot listen on {address}: {exc}") from None
-        if not self.bound_port:
-            raise ValidationError(f"cannot listen on {address} (address in use?)")
-        await self.engine.start()
-        await server.start()
+            add_servicer(server, PipelineExecutionServicer(self.engine, self.metrics),
+                         execution_pb2.DESCRIPTOR.services_by_name["PipelineExecutionService"])
+            add_servicer(server, StreamingPipelineServicer(self.engine, self.metrics, s),
+                         streaming_pb2.DESCRIPTOR.services_by_name["StreamingPipelineService"])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            reflection.enable((*SERVICE_NAMES, health.SERVICE_NAME), server)
+            try:
+                bound = (server.add_secure_port(address, credentials) if credentials is not None
+                         else server.add_insecure_port(address))
+            except RuntimeError:
+                bound = 0
+            if not bound:
+                reason = _bind_problem(self.host, self.port) or "refused by gRPC"
+                raise ValidationError(Issue("server.port", f"cannot listen on {address}: {reason}", field="port"))
+            self.bound_port = bound
+            await self.engine.start()
+            await server.start()
+        except BaseException:
+            await server.stop(None)
+            self.metrics.close()
+            await self.engine.aclose()
+            raise
         self._server = server
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if self.metrics_port:
-            self.bound_metrics_port = self.metrics.serve_http(self.host, self.metrics_port)
-        log.info("serving remotemedia.v1 on %s:%d (auth %s)", self.host, self.bound_port,
+        log.info("serving remotemedia.v1 on %s:%d (%s, auth %s)", self.host, self.bound_port,
+                 "TLS" if self.config.server.tls_cert_file else "plaintext",
                  "on" if self.config.server.api_keys else "off")
         return self.bound_port
 
@@ -127,6 +159,12 @@ class EngineServer:
         await asyncio.gather(*self._health_updates, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         self.engine.stop_accepting()
+        stopping = None
+        if self._server is not None:
+            # no new call from here on; calls that answered get their linger
+            # (see StreamCall._let_client_finish) and a little more; those still
+            # open then are cancelled, and their sessions tear down in their own `finally`
+            stopping = asyncio.get_running_loop().create_task(self._server.stop(grace=grace + LINGER_S + 1.0))
         if self.engine.sessions:
             log.info("draining: waiting up to %.1f s for %d session(s)", grace, len(self.engine.sessions))
             try:
@@ -139,11 +177,8 @@ class EngineServer:
                 err = ResourceLimitError("server is shutting down: drain deadline passed",
                                          context={"field": "drain_timeout_secs", "limit": grace})
                 await asyncio.gather(*(s.fail(err) for s in sessions), return_exceptions=True)
-        if self._server is not None:
-            # Calls that answered get their linger (see StreamCall._let_client_finish)
-            # and a little more; those still open then are cancelled, and their
-            # sessions tear down in their own `finally`.
-            await self._server.stop(grace=LINGER_S + 1.0)
+        if stopping is not None:
+            await stopping
         await self.engine.aclose()
         self.metrics.close()
         log.info("server stopped")
@@ -159,21 +194,59 @@ class EngineServer:
         await self.aclose()
 
 
+def _read_pem(path: str, key: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValidationError(Issue(f"server.{key}", f"cannot read {path}: {exc.strerror or exc}",
+                                    field=key)) from None
+
+
+def _server_credentials(s: Any) -> grpc.ServerCredentials:
+    pair = (_read_pem(s.tls_key_file, "tls_key_file"), _read_pem(s.tls_cert_file, "tls_cert_file"))
+    ca = _read_pem(s.tls_client_ca_file, "tls_client_ca_file") if s.tls_client_ca_file else None
+    try:
+        return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+    except (RuntimeError, ValueError) as exc:  # pragma: no cover - gRPC checks PEM at bind
+        raise ValidationError(Issue("server.tls_cert_file", f"TLS credentials rejected: {exc}")) from None
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why binding host:port fails (gRPC says only that it did), or None if it can be bound."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return "address already in use (another server on this port?)"
+        return exc.strerror or str(exc)
+    return None
+
+
+def _remove_handlers(loop: asyncio.AbstractEventLoop) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+
+
 async def serve(config: Any = None, *, host: str | None = None, port: int | None = None,
                 metrics_port: int | None = None) -> int:
     """Run the server until SIGTERM or SIGINT, then drain; returns the exit code."""
     server = EngineServer(config, host=host, port=port, metrics_port=metrics_port)
-    await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a signal while starting drains too
         loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+    except BaseException:
+        _remove_handlers(loop)
+        raise
     try:
         await stop.wait()
         log.info("signal received: draining")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        _remove_handlers(loop)
         await server.drain()
     return 0
 

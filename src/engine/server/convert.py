@@ -121,3 +121,10 @@ def stream_metrics(snapshot: Mapping[str, Any], out: spb.StreamMetrics) -> None:
     out.peak_memory_bytes = snapshot["peak_memory_bytes"]
     for kind, n in snapshot["by_kind"].items():
         out.data_type_breakdown[kind] = int(n)
+
+
+def trace_carrier(context: Any) -> dict[str, str] | None:
+    """A call's W3C trace context (`traceparent`, `tracestate` metadata), for engine.tracing."""
+    md = {k: v for k, v in (context.invocation_metadata() or ()) if k in ("traceparent", "tracestate")}
+    return md or None
+

@@ -29,6 +29,7 @@ from .convert import (
     error_to_proto,
     execution_metrics,
     limits_from_proto,
+    trace_carrier,
 )
 from .convert import version_info as fill_version_info
 from .metrics import ServerMetrics
@@ -58,13 +59,15 @@ class PipelineExecutionServicer(epb_grpc.PipelineExecutionServiceServicer):
             t_conv = time.perf_counter()
             inputs = {nid: wire.from_proto(buf, node_id=nid) for nid, buf in request.data_inputs.items()}
             p2r_ms = (time.perf_counter() - t_conv) * 1000
-            result = await self.engine.execute(manifest, inputs, limits=limits_from_proto(request.resource_limits))
+            result = await self.engine.execute(manifest, inputs, limits=limits_from_proto(request.resource_limits),
+                                               trace_carrier=trace_carrier(context))
         except Exception as exc:  # every failure is answered in-band, typed
             err = engine_error(exc)
             if not isinstance(exc, EngineError):
                 log.exception("ExecutePipeline failed unexpectedly")
             self.metrics.error(err.error_type.name)
             error_to_proto(err, resp.error)
+            _log_call(request, t0, f"failed {err.error_type.name}: {err}", node_id=err.node_id)
             return resp
 
         out = resp.result
@@ -83,6 +86,7 @@ class PipelineExecutionServicer(epb_grpc.PipelineExecutionServiceServicer):
             nr.output_metadata = _node_output_metadata(node_id, st, result)
         out.status = pb.EXECUTION_STATUS_SUCCESS
         self.metrics.execute_latency.observe(time.perf_counter() - t0)
+        _log_call(request, t0, f"ok, {sum(out_kinds.values())} output(s)", session_id=snap.get("session_id"))
         return resp
 
     def _run_checks(self, request: epb.ExecuteRequest) -> None:
@@ -91,6 +95,14 @@ class PipelineExecutionServicer(epb_grpc.PipelineExecutionServiceServicer):
             raise VersionMismatchError(message)
         if not request.HasField("manifest"):
             raise ValidationError("ExecuteRequest.manifest is missing")
+
+
+def _log_call(request: epb.ExecuteRequest, t0: float, outcome: str, *, node_id: str | None = None,
+              session_id: str | None = None) -> None:
+    """The call's one line (an access log): pipeline, outcome, time."""
+    name = request.manifest.metadata.name or "(unnamed)"
+    log.info("ExecutePipeline %r: %s in %.1f ms", name, outcome.replace("\n", "; "),
+             (time.perf_counter() - t0) * 1000, extra={"node_id": node_id or "-", "session_id": session_id or "-"})
 
 
 def _node_output_metadata(node_id: str, stats: dict[str, Any], result: Any) -> str:

@@ -44,6 +44,7 @@ from ..data import RuntimeData
 from ..engine import Engine
 from ..errors import EngineError, ValidationError, VersionMismatchError
 from ..fifo import BoundedFifo
+from ..logs import ContextAdapter
 from ..session import InitProgress, Output, Session
 from . import wire
 from .convert import (
@@ -53,6 +54,7 @@ from .convert import (
     execution_metrics,
     limits_from_proto,
     stream_metrics,
+    trace_carrier,
 )
 from .metrics import ServerMetrics
 
@@ -93,15 +95,16 @@ class StreamingPipelineServicer(spb_grpc.StreamingPipelineServiceServicer):
 
     async def StreamPipeline(self, request_iterator: AsyncIterator[spb.StreamRequest],
                              context: aio.ServicerContext) -> AsyncIterator[spb.StreamResponse]:
-        call = StreamCall(self.engine, self.metrics, self.settings, request_iterator)
+        call = StreamCall(self.engine, self.metrics, self.settings, request_iterator, trace_carrier(context))
         async for response in call.run():
             yield response
 
 
 class StreamCall:
     def __init__(self, engine: Engine, metrics: ServerMetrics, settings: ServerSettings,
-                 requests: AsyncIterator[spb.StreamRequest]) -> None:
+                 requests: AsyncIterator[spb.StreamRequest], carrier: dict[str, str] | None = None) -> None:
         self.engine = engine
+        self.carrier = carrier
         self.metrics = metrics
         self.settings = settings
         self.requests = requests
@@ -117,7 +120,7 @@ class StreamCall:
         self.known_nodes: set[str] = set()
         self.last_sequence = -1
         self.started = time.perf_counter()
-        self.log: logging.LoggerAdapter = logging.LoggerAdapter(log, {"session_id": "-", "node_id": "-"})
+        self.log: logging.LoggerAdapter = ContextAdapter(log, {"session_id": "-", "node_id": "-"})
 
     # ------------------------------------------------------------ the call
 
@@ -181,9 +184,9 @@ class StreamCall:
     def _open_session(self, init: spb.StreamInit) -> None:
         self.session = self.engine.stream(init.manifest, on_progress=self._progress,
                                           limits=limits_from_proto(init.resource_limits),
-                                          output_sink=self)
+                                          output_sink=self, trace_carrier=self.carrier)
         self.metrics.sessions.labels("stream").inc()
-        self.log = logging.LoggerAdapter(log, {"session_id": self.session.id, "node_id": "-"})
+        self.log = ContextAdapter(log, {"session_id": self.session.id, "node_id": "-"})
         self.known_nodes = set(self.session.plan.order)
 
     async def _cleanup(self) -> None:
@@ -212,7 +215,8 @@ class StreamCall:
 
     def _error_response(self, err: EngineError) -> spb.StreamResponse:
         self.metrics.error(err.error_type.name)
-        self.log.info("stream error: %s", err)
+        if self.session is None or err is not self.session.error:  # the session logged its own
+            self.log.info("stream error: %s", err, extra={"node_id": err.node_id or "-"})
         resp = spb.StreamResponse()
         error_to_proto(err, resp.error)
         return resp

@@ -98,12 +98,16 @@ class PiperTTSNode(Node):
     params_schema = {
         "type": "object",
         "properties": {
-            "voice": {"type": "string", "minLength": 1, "default": "en_US-joe-medium"},
-            "speed": {"type": "number", "minimum": 0.25, "maximum": 4.0, "default": 1.0},
-            "output_sample_rate": {"type": "integer", "minimum": 0, "maximum": 192_000, "default": 0},
+            "voice": {"type": "string", "minLength": 1, "default": "en_US-joe-medium",
+                      "description": "a Piper voice: the bundled en_US-joe-medium or an .onnx voice file"},
+            "speed": {"type": "number", "minimum": 0.25, "maximum": 4.0, "default": 1.0,
+                      "description": "speaking rate; 2.0 = twice as fast"},
+            "output_sample_rate": {"type": "integer", "minimum": 0, "maximum": 192_000, "default": 0,
+                                   "description": "resample the voice to this rate; 0 = the voice's own"},
             "gate": {"type": "boolean", "default": True,
                      "description": "hold a turn's audio until the turn is committed"},
-            "threads": {"type": "integer", "minimum": 0, "maximum": 64, "default": 2},
+            "threads": {"type": "integer", "minimum": 0, "maximum": 64, "default": 2,
+                        "description": "onnxruntime threads; 0 = its default (every core)"},
             "spin": {"type": "boolean", "default": False,
                      "description": "let onnxruntime's threads spin between operations: a little faster, "
                                     "but taking CPU from the other nodes"},

@@ -40,11 +40,16 @@ class SileroVADNode(Node):
     params_schema = {
         "type": "object",
         "properties": {
-            "threshold": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1, "default": 0.5},
-            "min_speech_duration_ms": {"type": "integer", "minimum": 0, "maximum": 60_000, "default": 250},
-            "min_silence_duration_ms": {"type": "integer", "minimum": 0, "maximum": 60_000, "default": 320},
-            "speech_pad_ms": {"type": "integer", "minimum": 0, "maximum": 5_000, "default": 30},
-            "sampling_rate": {"enum": [8000, 16000], "default": 16000},
+            "threshold": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1, "default": 0.5,
+                          "description": "speech probability above which a window is speech"},
+            "min_speech_duration_ms": {"type": "integer", "minimum": 0, "maximum": 60_000, "default": 250,
+                                       "description": "a segment shorter than this is discarded"},
+            "min_silence_duration_ms": {"type": "integer", "minimum": 0, "maximum": 60_000, "default": 320,
+                                        "description": "silence that ends a segment"},
+            "speech_pad_ms": {"type": "integer", "minimum": 0, "maximum": 5_000, "default": 30,
+                              "description": "audio kept before and after each segment"},
+            "sampling_rate": {"enum": [8000, 16000], "default": 16000,
+                              "description": "the input's rate in Hz (send audio at this rate)"},
         },
         "additionalProperties": False,
     }

@@ -65,9 +65,12 @@ class WhisperNode(Node):
         "properties": {
             "model": {"type": "string", "minLength": 1, "default": "tiny.en",
                       "description": "tiny.en (bundled) or a CTranslate2 Whisper model directory"},
-            "language": {"type": "string", "minLength": 2, "maxLength": 8, "default": "en"},
-            "beam_size": {"type": "integer", "minimum": 1, "maximum": 10, "default": 1},
-            "compute_type": {"enum": ["int8", "int8_float32", "float32", "default"], "default": "int8"},
+            "language": {"type": "string", "minLength": 2, "maxLength": 8, "default": "en",
+                         "description": "the spoken language (ISO 639-1 code)"},
+            "beam_size": {"type": "integer", "minimum": 1, "maximum": 10, "default": 1,
+                          "description": "beam search width; 1 = greedy (fastest)"},
+            "compute_type": {"enum": ["int8", "int8_float32", "float32", "default"], "default": "int8",
+                             "description": "CTranslate2 weight and compute precision"},
             "cpu_threads": {"type": "integer", "minimum": 1, "maximum": 64, "default": 1,
                             "description": "threads of this node's process (one is fastest for short "
                                            "utterances on a small machine)"},

@@ -2,7 +2,11 @@
 prewarmed process) → hello (spawn timeout) → assign → progress … ready
 (init timeout) → frames both ways and turn events → end of stream →
 graceful close → SIGTERM → SIGKILL. A death is reported as the node's
-typed error: the Failure it sent, else how the process ended."""
+typed error: the Failure it sent, else how the process ended.
+
+One module (~400 lines): start, the data pump, the control loop and the
+close share the one runner's state; each exit path must be read against
+all of them."""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from ...ipc import codec, iox, shm_budget
 from ...ipc.channel import EOS, ChannelClosed, FrameReceiver
 from ...ipc.control import (
     Assign,
+    CallRecord,
     DeliverTurnEvent,
     Failure,
     Hello,
@@ -89,7 +94,8 @@ class ProcessRunner(NodeRunner):
         kinds = self.planned.accepted_kinds
         assign = Assign(self.session.id, self.node_id, spec.node_type, spec.module, spec.qualname,
                         dict(self.planned.decl.params), s.process_timeout_secs,
-                        None if kinds is None else tuple(int(k) for k in kinds), log_level=engine_level())
+                        None if kinds is None else tuple(int(k) for k in kinds), log_level=engine_level(),
+                        trace=self.session.trace is not None)
         proc = m.pool.take(s.channel_capacity)
         if proc is not None:
             self.proc = proc
@@ -200,6 +206,8 @@ class ProcessRunner(NodeRunner):
                     self.session.fail_soon(self._error_from(msg))
             elif isinstance(msg, LogBatch):
                 self._on_logs(msg)
+            elif isinstance(msg, CallRecord):
+                self._on_calls(msg)
             elif isinstance(msg, Stats):
                 self._merge(msg)
             elif isinstance(msg, ShutdownAck):
@@ -365,6 +373,12 @@ class ProcessRunner(NodeRunner):
         finally:
             proc.release()
 
+    def _on_calls(self, msg: CallRecord) -> None:
+        trace = self.session.trace
+        if trace is not None:
+            for call in msg.calls:
+                trace.node_call(self.node_id, self.planned.spec.node_type, call)
+
     async def _drain_control(self) -> None:
         # The session cancels its tasks (the control loop among them) before
         # closing runners; the last Stats / ShutdownAck still sit in the
@@ -381,6 +395,8 @@ class ProcessRunner(NodeRunner):
                 while (msg := await ctrl.recv()) is not None:
                     if isinstance(msg, LogBatch):  # cleanup() may log
                         self._on_logs(msg)
+                    elif isinstance(msg, CallRecord):  # the last calls' timings (a traced session)
+                        self._on_calls(msg)
                     elif isinstance(msg, Stats):
                         self._merge(msg)
                     elif isinstance(msg, ShutdownAck) and msg.stats is not None:

@@ -1,0 +1,204 @@
+"""Many engines behind nginx (deploy/): real engines and a real nginx as
+processes on loopback. Sessions spread over the engines; a rolling restart of
+every engine under a steady load of streaming sessions loses none and refuses
+none; when every engine is full, the answer is the engine's own typed
+RESOURCE_LIMIT. Nothing of any engine is left afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import psutil
+import pytest
+from conftest import TEST_IPC_ROOT
+from grpc_client import CLOSE, chunk, collect, init, proto_manifest
+
+from engine import RuntimeData
+from engine._proto import common_pb2 as pb
+from engine._proto import streaming_pb2_grpc as spb_grpc
+from engine.server import wire
+from nodes.testing import checksum
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deploy"))
+from local_cluster import Cluster  # noqa: E402
+
+pytestmark = pytest.mark.multiprocess
+
+PIPELINE = proto_manifest([("pass", "PassThroughNode"), ("sum", "ChecksumNode")])
+
+
+def _free_ports(n: int) -> int:
+    """A base port with the n ports after it free (nginx + engines bind them)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n < 65535 and all(_free(base + i) for i in range(n + 1)):
+            return base
+    raise RuntimeError("no free ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture
+def cluster_config(tmp_path):
+    def write(**settings: object) -> str:
+        cfg = tmp_path / "engine.toml"
+        caps = settings.pop("max_sessions", None)
+        lines = [f'ipc_root = "{TEST_IPC_ROOT}"', "test_nodes = true", "standby_processes = 0",
+                 "[server]", "drain_timeout_secs = 30.0"]
+        if caps is not None:
+            lines += ["[caps]", f"max_sessions = {caps}"]
+        cfg.write_text("\n".join(lines) + "\n")
+        return str(cfg)
+    return write
+
+
+def _engine_of(node_pid: int, cluster: Cluster) -> int:
+    """Which engine (its index) a node process belongs to."""
+    engines = {e.proc.pid: i for i, e in enumerate(cluster.engines) if e.proc is not None}
+    for parent in psutil.Process(node_pid).parents():
+        if parent.pid in engines:
+            return engines[parent.pid]
+    raise AssertionError(f"node process {node_pid} is under no engine")
+
+
+def _nothing_left(pids: set[int]) -> None:
+    alive = {p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+    assert not alive
+    for pid in pids:
+        assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"rme{pid}x")]
+
+
+async def _session(stub, n: int = 3, pause_s: float = 0.0) -> tuple[list[int], str]:
+    """One streaming session: n chunks, each checksum checked; (node pids, how it ended)."""
+    frames = [RuntimeData.audio(np.random.default_rng(i).standard_normal(256).astype(np.float32), 16000)
+              for i in range(n)]
+
+    async def reqs():
+        yield init(PIPELINE)
+        for i, f in enumerate(frames):
+            yield chunk("pass", f, i)
+            if pause_s:
+                await asyncio.sleep(pause_s)
+        yield CLOSE
+
+    call = stub.StreamPipeline(reqs())
+    responses = await collect(call)
+    results = [r.result for r in responses if r.WhichOneof("response") == "result"]
+    errors = [r.error for r in responses if r.WhichOneof("response") == "error"]
+    if errors:
+        return [], f"error: {errors[0].message}"
+    got = [wire.from_proto(r.data_outputs["sum"]).value for r in results]
+    assert [g["checksum"] for g in got] == [checksum(f) for f in frames]
+    assert responses[-1].WhichOneof("response") == "closed"
+    return [g["pid"] for g in got], "ok"
+
+
+async def test_sessions_spread_over_the_engines(cluster_config):
+    with Cluster(3, _free_ports(4), cluster_config()) as cluster:
+        engine_pids = {e.proc.pid for e in cluster.engines}
+        async with grpc.aio.insecure_channel(cluster.address) as ch:
+            stub = spb_grpc.StreamingPipelineServiceStub(ch)
+            hold = asyncio.Event()
+            running: list[int] = []
+
+            async def session_on_engine() -> int:
+                async def reqs():
+                    yield init(PIPELINE)
+                    yield chunk("pass", RuntimeData.audio(np.ones(64, np.float32), 16000), 0)
+                    await hold.wait()
+                    yield CLOSE
+
+                call = stub.StreamPipeline(reqs())
+                while (resp := await call.read()).WhichOneof("response") != "result":
+                    pass
+                # while the session runs, its node process is under its engine
+                running.append(_engine_of(wire.from_proto(resp.result.data_outputs["sum"]).value["pid"], cluster))
+                if len(running) == 20:  # all 20 at once, then let go
+                    hold.set()
+                rest = await collect(call)
+                assert rest[-1].WhichOneof("response") == "closed"
+                return running[-1]
+
+            async with asyncio.timeout(60):
+                await asyncio.gather(*(session_on_engine() for _ in range(20)))
+        assert len(set(running)) > 1, "every session landed on one engine"
+    _nothing_left(engine_pids)
+
+
+async def test_a_rolling_restart_under_load_loses_and_refuses_no_session(cluster_config):
+    counts = {"started": 0, "ok": 0}
+    failures: list[str] = []
+    with Cluster(3, _free_ports(4), cluster_config()) as cluster:
+        pids = {e.proc.pid for e in cluster.engines}
+        async with grpc.aio.insecure_channel(cluster.address) as ch:
+            stub = spb_grpc.StreamingPipelineServiceStub(ch)
+            stop = asyncio.Event()
+
+            async def client() -> None:
+                while not stop.is_set():
+                    counts["started"] += 1
+                    try:
+                        _, how = await _session(stub, n=5, pause_s=0.05)
+                    except grpc.aio.AioRpcError as exc:
+                        how = f"{exc.code().name}: {exc.details()}"
+                    if how == "ok":
+                        counts["ok"] += 1
+                    else:
+                        failures.append(how)
+
+            clients = [asyncio.get_running_loop().create_task(client()) for _ in range(4)]
+            await asyncio.sleep(1.0)  # a steady load first
+            before = counts["started"]
+            for i in range(len(cluster.engines)):
+                exit_code = await asyncio.to_thread(cluster.restart, i)
+                assert exit_code == 0, cluster.engines[i].lines
+                pids.add(cluster.engines[i].proc.pid)
+                await asyncio.sleep(0.5)
+            stop.set()
+            await asyncio.gather(*clients)
+        log = (cluster.prefix / "error.log").read_text()
+    assert failures == [], (failures[:3], log[-3000:])
+    assert counts["ok"] == counts["started"] and counts["started"] > before + 10
+    _nothing_left(pids)
+
+
+async def test_when_every_engine_is_full_the_answer_is_resource_limit(cluster_config):
+    with Cluster(2, _free_ports(3), cluster_config(max_sessions=2)) as cluster:
+        pids = {e.proc.pid for e in cluster.engines}
+        async with grpc.aio.insecure_channel(cluster.address) as ch:
+            stub = spb_grpc.StreamingPipelineServiceStub(ch)
+            hold = asyncio.Event()
+
+            async def held():
+                yield init(PIPELINE)
+                await hold.wait()
+                yield CLOSE
+
+            calls = [stub.StreamPipeline(held()) for _ in range(4)]
+            for call in calls:  # 2 per engine: least_conn sends each to the emptier one
+                while (await call.read()).WhichOneof("response") != "ready":
+                    pass
+            refused = await collect(stub.StreamPipeline(held()))
+            assert refused[0].WhichOneof("response") == "error"
+            assert refused[0].error.error_type == pb.ERROR_TYPE_RESOURCE_LIMIT
+            assert "max_sessions" in refused[0].error.context
+            hold.set()
+            for call in calls:
+                await collect(call)
+    _nothing_left(pids)
