@@ -104,10 +104,11 @@ async def test_health_stays_not_serving_once_restarts_are_used_up(make_server):
         async with asyncio.timeout(10):
             while await status() != NOT_SERVING:  # noqa: ASYNC110 - the state of another process
                 await asyncio.sleep(0.02)
-        call = spb_grpc.StreamingPipelineServiceStub(ch).StreamPipeline(requests(
-            init(proto_manifest([("e", "EchoNode")])), CLOSE))
-        responses = await collect(call)
-        assert kinds(responses) == ["error"], kinds(responses)
+        for _ in range(2):  # the first may still be handed a prewarmed process that died with the zygote
+            call = spb_grpc.StreamingPipelineServiceStub(ch).StreamPipeline(requests(
+                init(proto_manifest([("e", "EchoNode")])), CLOSE))
+            responses = await collect(call)
+            assert kinds(responses) == ["error"], kinds(responses)
         assert responses[0].error.error_type == ErrorType.INTERNAL.value
         assert "zygote_restarts_per_minute" in responses[0].error.message
         assert await status() == NOT_SERVING
