@@ -13,6 +13,7 @@ from bench import (  # noqa: F401  (importing a scenarios module registers its s
     scenarios_node_host,
     scenarios_remote,
     scenarios_server,
+    scenarios_soak,
     scenarios_speech,
     scenarios_wasm,
 )

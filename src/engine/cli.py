@@ -1,4 +1,4 @@
-"""Command line: `serve`, `run MANIFEST`, `validate MANIFEST`, `nodes`, `bench`.
+"""Command line: `serve`, `run MANIFEST`, `validate MANIFEST`, `nodes`, `cleanup`, `bench`.
 
 Only the CLI installs uvloop and signal handlers; the library never does.
 """
@@ -180,6 +180,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(_run(args))
 
 
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    """What an engine does at start, on demand: remove the shared memory of dead engines."""
+    from .ipc import iox, stale
+
+    root = _engine_config(args).ipc_root
+    report = stale.sweep(root, iox.PREFIX_RE)
+    for prefix, paths in report.removed.items():
+        print(f"removed {len(paths)} file(s) of dead engine {prefix.rstrip('_')}:")
+        for path in paths:
+            print(f"  {path}")
+    for prefix in report.live:
+        print(f"left alone: engine {prefix.rstrip('_')} is running")
+    print(f"{len(report.paths)} file(s) of {len(report.removed)} dead engine(s) removed "
+          f"({report.by_iceoryx2} of them by iceoryx2's dead-node cleanup) under {root} and /dev/shm")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     # bench/ sits next to src/ in the checkout this package runs from (an
     # editable install); a checkout in the working directory also works
@@ -284,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true",
                    help="a Markdown reference of every node type's params (docs/nodes.md is the built-ins')")
     p.set_defaults(func=cmd_nodes)
+
+    p = add("cleanup", "remove shared memory left by engines that died (kill -9, OOM); prints what it removed",
+            config)
+    p.set_defaults(func=cmd_cleanup)
 
     p = add("bench", "run benchmark scenarios: bench list | bench all | bench SCENARIO... | bench report")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m bench")

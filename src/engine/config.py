@@ -232,6 +232,9 @@ class RuntimeConfig:
     standby_processes: int = 1
     #: where iceoryx2 keeps its files; each engine uses its own prefix below it
     ipc_root: str = "/tmp/remotemedia-engine"
+    #: times the node-process zygote is restarted after dying, within any
+    #: minute; past that, node processes fail with INTERNAL until the engine restarts
+    zygote_restarts_per_minute: int = 5
 
     # ------------------------------------------------------------ loading
 
@@ -325,6 +328,8 @@ class RuntimeConfig:
             issues.append(Issue("tracing.sample_ratio", "must be between 0 and 1"))
         if not 0 <= self.standby_processes <= 16:
             issues.append(Issue("standby_processes", "must be between 0 and 16"))
+        if not 0 <= self.zygote_restarts_per_minute <= 1000:
+            issues.append(Issue("zygote_restarts_per_minute", "must be between 0 and 1000"))
         if not 0 <= self.prewarm_processes <= c.max_total_processes:
             issues.append(Issue("prewarm_processes", f"must be between 0 and caps.max_total_processes={c.max_total_processes}"))
         w = self.wasm

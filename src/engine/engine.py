@@ -95,6 +95,9 @@ class Engine:
         self._idle = asyncio.Event()
         self._idle.set()
         self._opened = False
+        #: called with False when node processes cannot be started (the zygote
+        #: died), with True once they can again (the server's health follows it)
+        self.on_serving: Callable[[bool], None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -107,8 +110,10 @@ class Engine:
 
     async def start(self) -> None:
         self._opened = True
-        if self.config.prewarm_processes and self.config.session.multiprocess_enabled:
-            await self.process_manager().prewarm()
+        if self.config.session.multiprocess_enabled:
+            await self.process_manager().sweep()  # files of engines that crashed before this one
+            if self.config.prewarm_processes:
+                await self.process_manager().prewarm()
 
     async def aclose(self) -> None:
         """Tear down every session, then the process pool."""
@@ -246,7 +251,18 @@ class Engine:
             from .executors.process import ProcessManager
 
             self._process_manager = ProcessManager(self.config, self.registry)
+            self._process_manager.on_serving = self._serving_changed
         return self._process_manager
+
+    @property
+    def serving(self) -> bool:
+        """Whether a session needing node processes can start now."""
+        pm = self._process_manager
+        return pm is None or pm.serving
+
+    def _serving_changed(self, serving: bool) -> None:
+        if self.on_serving is not None:
+            self.on_serving(serving)
 
     def wasm_executor(self) -> Any:
         if self._wasm is None:

@@ -306,29 +306,30 @@ def _friendly(err: jsonschema.ValidationError) -> str:
 # ---------------------------------------------------------------- semantics
 
 def _find_cycle(ids: list[str], edges: dict[str, list[str]]) -> list[str] | None:
+    """A cycle (its node ids, the first repeated at the end), or None.
+
+    Depth-first with an explicit stack, not recursion: a chain of any length
+    is checked (a recursive walk ended in RecursionError at ~1,000 nodes)."""
     WHITE, GREY, BLACK = 0, 1, 2
     color = dict.fromkeys(ids, WHITE)
-    stack: list[str] = []
-
-    def visit(u: str) -> list[str] | None:
-        color[u] = GREY
-        stack.append(u)
-        for v in edges.get(u, ()):
-            if color.get(v) == GREY:
-                return stack[stack.index(v):] + [v]
-            if color.get(v) == WHITE:
-                found = visit(v)
-                if found:
-                    return found
-        stack.pop()
-        color[u] = BLACK
-        return None
-
-    for node_id in ids:
-        if color[node_id] == WHITE:
-            cycle = visit(node_id)
-            if cycle:
-                return cycle
+    for root in ids:
+        if color[root] != WHITE:
+            continue
+        color[root] = GREY
+        path = [root]  # the grey nodes, in order
+        todo = [iter(edges.get(root, ()))]  # each path node's edges still to follow
+        while todo:
+            for v in todo[-1]:
+                if color.get(v) == GREY:
+                    return path[path.index(v):] + [v]
+                if color.get(v) == WHITE:
+                    color[v] = GREY
+                    path.append(v)
+                    todo.append(iter(edges.get(v, ())))
+                    break
+            else:
+                color[path.pop()] = BLACK
+                todo.pop()
     return None
 
 
@@ -523,7 +524,8 @@ def validate(source: Any, registry: ExecutorRegistry) -> Manifest:
 
     cycle = _find_cycle([d.id for d in decls], edges)
     if cycle:
-        issues.append(Issue("$.connections", f"cycle: {' → '.join(cycle)}", node_id=cycle[0],
+        shown = cycle if len(cycle) <= 21 else [*cycle[:10], f"… {len(cycle) - 20} more …", *cycle[-10:]]
+        issues.append(Issue("$.connections", f"cycle: {' → '.join(shown)}", node_id=cycle[0],
                             code="cycle", extra={"cycle": cycle}))
 
     if issues:

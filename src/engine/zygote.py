@@ -14,7 +14,7 @@ standbys are forked once requests pause, so a burst past them forks on
 demand and never waits for a standby.
 
 Protocol on its SOCK_SEQPACKET socket with the engine: the typed messages
-of `ipc.zygote_protocol` (Spawn → Spawned | Refused; Exited). End of the
+of `ipc.zygote_protocol` (Spawn → Spawned | Refused; Exited; Ping → Pong). End of the
 engine socket → the zygote kills every child's process group and exits.
 """
 
@@ -254,6 +254,11 @@ def main(argv: list[str]) -> int:
                     msg = zp.loads(data)
                 except Exception:  # noqa: BLE001 - answered, not fatal
                     msg = None
+                if isinstance(msg, zp.Ping):
+                    for fd in fds:
+                        os.close(fd)
+                    reply(zp.Pong(msg.req))
+                    continue
                 if not isinstance(msg, zp.Spawn) or len(fds) != 1:
                     for fd in fds:
                         os.close(fd)

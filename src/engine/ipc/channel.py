@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from .. import _fastpath
 from ..data import DataKind
-from . import codec
+from . import codec, shm_budget
 from .iox import EV_CREDIT, EV_DATA, EV_SPAN, EV_WANT_CREDIT, assume_init, event_id, loan_slice
 
 
@@ -95,6 +95,15 @@ class FrameSender:
         self.closed = False  # the consumer is gone: nothing will free room
         self._ev_data = event_id(slot * EV_SPAN + EV_DATA)
         self._ev_want = event_id(slot * EV_SPAN + EV_WANT_CREDIT)
+        #: called with a frame's size before the first frame that makes the
+        #: publisher grow its segment (may raise: no room in /dev/shm)
+        self.grow_check: Callable[[int], None] | None = None
+        self._slice = shm_budget.INITIAL_SLICE  # the segment's slice length so far
+
+    def _grows(self, size: int) -> None:
+        if self.grow_check is not None:
+            self.grow_check(size)
+        self._slice = shm_budget.next_slice(size)
 
     def send_loaned(self, sample) -> bool:
         """Send a loaned sample already holding an encoded frame; False = the
@@ -109,10 +118,14 @@ class FrameSender:
         (codec.Encoded) is copied as it is."""
         if type(p) is codec.Encoded:
             size = len(p.data)
+            if size > self._slice:
+                self._grows(size)
             sample = loan_slice(self.pub, size)
             _fastpath.copy_to_address(sample.payload_ptr, size, p.data)
         else:
             size = p.size
+            if size > self._slice:
+                self._grows(size)
             sample = loan_slice(self.pub, size)
             codec.write_to_address(sample.payload_ptr, size, p)
         if assume_init(sample).send() == 0:

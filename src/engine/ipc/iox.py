@@ -16,10 +16,12 @@ import os
 import re
 import shutil
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import iceoryx2 as iox2
+
+from . import stale
 
 iox2.set_log_level(iox2.LogLevel.Error)
 
@@ -40,13 +42,15 @@ class IpcSpace:
 
     root: str  # folder, with trailing slash
     prefix: str  # file-name prefix, e.g. "rme1234x9f3a_"
+    #: the engine's liveness lock on its folder (stale.hold_lock); None in node processes
+    lock_fd: int | None = field(default=None, compare=False)
 
     @classmethod
     def for_engine(cls, ipc_root: str) -> IpcSpace:
         token = f"rme{os.getpid()}x{os.urandom(3).hex()}_"
         root = os.path.join(ipc_root, token.rstrip("_")) + "/"
         Path(root).mkdir(parents=True, exist_ok=True)
-        return cls(root, token)
+        return cls(root, token, stale.hold_lock(root))
 
     def config(self) -> iox2.config.Config:
         cfg = iox2.config.default()
@@ -65,6 +69,8 @@ class IpcSpace:
             if f.startswith(self.prefix):
                 _unlink(f"/dev/shm/{f}")
         shutil.rmtree(self.root, ignore_errors=True)
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
         try:  # the shared ipc_root folder too, once no engine uses it
             os.rmdir(os.path.dirname(self.root.rstrip("/")))
         except OSError:
@@ -78,37 +84,9 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def sweep_stale(ipc_root: str) -> list[str]:
+def sweep_stale(ipc_root: str, own_prefix: str | None = None) -> list[str]:
     """Remove files left by engines that died without cleaning up; returns what was removed."""
-    removed = []
-    dead: set[str] = set()
-    candidates = list(os.listdir("/dev/shm"))
-    if os.path.isdir(ipc_root):
-        candidates += [d + "_" for d in os.listdir(ipc_root)]
-    for name in candidates:
-        m = PREFIX_RE.match(name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
-            dead.add(name[: m.end()])
-    for prefix in dead:
-        for f in os.listdir("/dev/shm"):
-            if f.startswith(prefix):
-                _unlink(f"/dev/shm/{f}")
-                removed.append(f"/dev/shm/{f}")
-        folder = os.path.join(ipc_root, prefix.rstrip("_"))
-        if os.path.isdir(folder):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
+    return stale.sweep(ipc_root, PREFIX_RE, own_prefix).paths
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 SOCK_SEQPACKET message.
 
   engine → zygote  Spawn (+ the child's control fd as ancillary data)
+                   Ping: answered with Pong once the zygote has preloaded and forks
   zygote → engine  Spawned: the standby (with its inbox when made) or a fresh fork
                    Refused: a request the zygote could not read
                    Exited: a child the zygote reaped (its wait status)
@@ -42,7 +43,17 @@ class Exited:
     status: int
 
 
-ZygoteMessage = Spawn | Spawned | Refused | Exited
+@dataclass(frozen=True, slots=True)
+class Ping:
+    req: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    req: int
+
+
+ZygoteMessage = Spawn | Spawned | Refused | Exited | Ping | Pong
 
 
 def dumps(msg: ZygoteMessage) -> bytes:
@@ -51,6 +62,6 @@ def dumps(msg: ZygoteMessage) -> bytes:
 
 def loads(data: bytes) -> ZygoteMessage:
     msg = pickle.loads(data)
-    if not isinstance(msg, Spawn | Spawned | Refused | Exited):
+    if not isinstance(msg, Spawn | Spawned | Refused | Exited | Ping | Pong):
         raise TypeError(f"not a zygote message: {type(msg).__name__}")
     return msg

@@ -28,12 +28,13 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from .._proto import execution_pb2, execution_pb2_grpc, streaming_pb2, streaming_pb2_grpc
+from .._proto import execution_pb2, streaming_pb2
 from ..config import RuntimeConfig
 from ..engine import Engine
 from ..errors import Issue, ResourceLimitError, ValidationError
 from . import reflection
 from .auth import ApiKeyInterceptor
+from .decode import add_servicer
 from .execution import PipelineExecutionServicer
 from .metrics import ServerMetrics
 from .streaming import LINGER_S, StreamingPipelineServicer
@@ -56,12 +57,31 @@ class EngineServer:
         self.metrics_port = metrics_port if metrics_port is not None else s.metrics_port
         self.metrics = ServerMetrics()
         self.engine = Engine(self.config, observer=self.metrics, tracer_provider=tracer_provider)
+        self.engine.on_serving = self._serving_changed
         self.metrics.bind(self.engine)
         self.health = health.aio.HealthServicer()
         self._server: aio.Server | None = None
         self.bound_port = 0
         self.bound_metrics_port = 0
         self._stopped = False
+        self._health_updates: set[asyncio.Task] = set()
+
+    def _serving_changed(self, serving: bool) -> None:
+        """Health follows whether node processes can start (NOT_SERVING while the zygote is down)."""
+        if self._stopped or self._server is None:
+            return
+        log.log(logging.INFO if serving else logging.WARNING, "health: %s",
+                "SERVING" if serving else "NOT_SERVING (node processes cannot start)")
+
+        async def update() -> None:
+            for name in ("", *SERVICE_NAMES):  # the state now, should it have changed again meanwhile
+                status = (health_pb2.HealthCheckResponse.SERVING if self.engine.serving
+                          else health_pb2.HealthCheckResponse.NOT_SERVING)
+                await self.health.set(name, status)
+
+        task = asyncio.get_running_loop().create_task(update(), name="health")
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
 
     async def start(self) -> int:
         """Bind and start serving; returns the bound port (useful with port 0).
@@ -96,10 +116,10 @@ class EngineServer:
         interceptors = [ApiKeyInterceptor(s.api_keys)] if s.api_keys else []
         server = aio.server(options=options, interceptors=interceptors)
         try:
-            execution_pb2_grpc.add_PipelineExecutionServiceServicer_to_server(
-                PipelineExecutionServicer(self.engine, self.metrics), server)
-            streaming_pb2_grpc.add_StreamingPipelineServiceServicer_to_server(
-                StreamingPipelineServicer(self.engine, self.metrics, s), server)
+            add_servicer(server, PipelineExecutionServicer(self.engine, self.metrics),
+                         execution_pb2.DESCRIPTOR.services_by_name["PipelineExecutionService"])
+            add_servicer(server, StreamingPipelineServicer(self.engine, self.metrics, s),
+                         streaming_pb2.DESCRIPTOR.services_by_name["StreamingPipelineService"])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
             reflection.enable((*SERVICE_NAMES, health.SERVICE_NAME), server)
             try:
@@ -136,6 +156,7 @@ class EngineServer:
             return
         self._stopped = True
         grace = self.config.server.drain_timeout_secs if grace_s is None else grace_s
+        await asyncio.gather(*self._health_updates, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         self.engine.stop_accepting()
         stopping = None

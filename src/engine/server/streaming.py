@@ -196,6 +196,13 @@ class StreamCall:
             await self.session.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+        # Answers nobody will read (a client that never read, then left) go
+        # now: this call may live on in a reference cycle (an error's
+        # traceback) until the collector's next full pass, and must not keep
+        # up to an outbox of frames (tens of MiB) alive meanwhile.
+        self.outbox.clear()
+        while not self.inbox.empty():
+            self.inbox.get_nowait()
 
     # ------------------------------------------------------------ responses
 
@@ -235,9 +242,13 @@ class StreamCall:
 
     async def _reader(self) -> None:
         """Requests → the session; once the call is ending, read on and drop (see _let_client_finish)."""
-        async for request in self.requests:
-            if not self.ending:
-                await self._submit(lambda r=request: self._parse(r))
+        try:
+            async for request in self.requests:
+                if not self.ending:
+                    await self._submit(lambda r=request: self._parse(r))
+        except EngineError as exc:  # a request that did not decode (server.decode)
+            self._fail(exc)
+            return
         if not self.ending:
             await self._submit(lambda: _Close(reason="client finished sending"))
 

@@ -41,6 +41,11 @@ class ProcessPool:
         if self._filling:
             await asyncio.gather(*self._filling, return_exceptions=True)
 
+    def zygote_started(self) -> None:
+        """A (new) zygote runs: prewarm again, whatever the old one's death cost."""
+        self._failures = 0
+        self.refill()
+
     def take(self, capacity: int) -> NodeProcess | None:
         """A prewarmed process whose channels fit, or None (then the caller launches one)."""
         m = self.manager

@@ -25,7 +25,7 @@ from ...errors import (
     SessionClosedError,
     rebuild_error,
 )
-from ...ipc import codec, iox
+from ...ipc import codec, iox, shm_budget
 from ...ipc.channel import EOS, ChannelClosed, FrameReceiver
 from ...ipc.control import (
     Assign,
@@ -99,6 +99,7 @@ class ProcessRunner(NodeRunner):
         proc = m.pool.take(s.channel_capacity)
         if proc is not None:
             self.proc = proc
+            proc.node_id = self.node_id
             proc.on_exit = self._on_exit
             self.log.debug("runs in prewarmed process %s (channels %s)", proc.pid, proc.names.inputs)
             assert proc.ctrl is not None
@@ -129,10 +130,12 @@ class ProcessRunner(NodeRunner):
         standby can die just as it is handed the request) is replaced once.
         """
         s, loop = self.session.settings, asyncio.get_running_loop()
+        shm_budget.check(shm_budget.channels_bytes(), self.node_id, f"the channels of node {self.node_id!r}")
         for attempt in (1, 2):
             proc = self.proc = NodeProcess(self.manager, iox.ChannelNames.for_node(self.session.id, self.node_id),
                                            s.channel_capacity)
             proc.on_exit = self._on_exit
+            proc.node_id = self.node_id
             await proc.launch()
             assert proc.ctrl is not None
             proc.ctrl.send(assign)  # read by the process right after its Hello: no extra round trip

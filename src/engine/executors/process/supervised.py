@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ...errors import InternalError, NodeExecutionError
-from ...ipc import iox
+from ...ipc import iox, shm_budget
 from ...ipc.channel import FrameReceiver, FrameSender
 from ...ipc.control import AsyncChannel, ChannelsReady, Failure, OutputsReady, Shutdown
 from ...ipc.endpoints import ProcessArgs
@@ -62,6 +62,8 @@ class NodeProcess:
         #: called once, on the loop, when the process is gone
         self.on_exit: Callable[[], None] | None = None
         self.slot: int | None = None
+        #: the node it runs, once assigned (named in a shared-memory error)
+        self.node_id: str | None = None
         self._pidfd: int | None = None
         self._ctrl_sock: socket.socket | None = None
         self._iox: list[Any] = []
@@ -152,8 +154,14 @@ class NodeProcess:
         out_svc = iox.open_frames_service(self.manager.ionode, self.names.outputs, self.capacity, "open")
         sub = iox.subscriber(out_svc, self.capacity)
         self.sender = FrameSender(self._pub, self._to_node)
+        self.sender.grow_check = self._check_growth
         self.receiver = FrameReceiver(sub, self._to_node)
         self._iox = [sub, *self._iox, out_svc]
+
+    def _check_growth(self, nbytes: int) -> None:
+        """Before the input channel grows for a frame of `nbytes`: is there room in /dev/shm?"""
+        shm_budget.check(shm_budget.next_slice(nbytes), self.node_id,
+                         f"a {nbytes / 2**20:.1f} MiB frame to node {self.node_id!r}")
 
     async def recv(self, deadline: float, what: str, key: str, value: float, node_id: str | None) -> Any:
         """The next control message, or a typed error once `deadline` (loop time) passes."""

@@ -1,5 +1,6 @@
 """The engine's side of the zygote (see engine.zygote): starting it, asking
-it for processes, and hearing which of them exited."""
+it for processes, hearing which of them exited, and hearing that it died
+(its socket ends: `on_gone`; the process manager restarts it)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from ...config import RuntimeConfig
@@ -57,6 +59,10 @@ def node_process_env() -> dict[str, str]:
     return env
 
 
+class ZygoteGone(InternalError):
+    """The zygote died before answering a request (the process manager starts a new one)."""
+
+
 class ZygoteClient:
     def __init__(self, config: RuntimeConfig) -> None:
         self.config = config
@@ -69,6 +75,14 @@ class ZygoteClient:
         self._pending: dict[int, asyncio.Future] = {}
         self._exits: dict[int, int] = {}
         self._exit_waiters: dict[int, list[asyncio.Future]] = {}
+        #: processes of a zygote that died (killed with it: its children's
+        #: parent-death signal); nobody will report their exit
+        self._lost: dict[int, None] = {}
+        self._pong: asyncio.Future | None = None
+        #: called on the loop when the zygote is found dead (not after aclose)
+        self.on_gone: Callable[[], None] | None = None
+        #: zygote processes that died, still to be reaped
+        self._dead: list[subprocess.Popen] = []
 
     @property
     def pid(self) -> int | None:
@@ -76,11 +90,8 @@ class ZygoteClient:
 
     @property
     def started(self) -> bool:
+        """A zygote runs (started and not found dead)."""
         return self._proc is not None
-
-    def check_alive(self) -> None:
-        if self._proc is not None and self._proc.poll() is not None:
-            raise InternalError("the node-process zygote died; restart the engine")
 
     def start(self, space: EngineSpace, modules: list[str]) -> None:
         """Start the zygote (from the loop thread: the zygote's parent-death
@@ -97,6 +108,19 @@ class ZygoteClient:
         ours.setblocking(False)
         self._sock = ours
         self._loop.add_reader(ours.fileno(), self._readable)
+        req = next(self._reqs)
+        self._pong = self._loop.create_future()
+        self._pending[req] = self._pong
+        ours.send(zp.dumps(zp.Ping(req)))
+
+    async def ready(self, timeout_s: float) -> None:
+        """Return once the zygote answers (preloaded, forking); a typed error if it does not in time."""
+        assert self._pong is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._pong), timeout_s)
+        except TimeoutError:
+            raise InternalError(f"the node-process zygote did not start within spawn_timeout_secs={timeout_s:g}s",
+                                context={"field": "spawn_timeout_secs"}) from None
 
     def _readable(self) -> None:
         assert self._sock is not None
@@ -111,7 +135,11 @@ class ZygoteClient:
                 self._gone()
                 return
             msg = zp.loads(data)
-            if isinstance(msg, zp.Spawned):
+            if isinstance(msg, zp.Pong):
+                fut = self._pending.pop(msg.req, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+            elif isinstance(msg, zp.Spawned):
                 fut = self._pending.pop(msg.req, None)
                 if fut is not None and not fut.done():
                     fut.set_result((msg.pid, msg.inbox))
@@ -129,20 +157,56 @@ class ZygoteClient:
                     self._exits.pop(next(iter(self._exits)))
 
     def _gone(self) -> None:
+        """The zygote died: fail what waits on it; its children died with it."""
         if self._loop is not None and self._sock is not None:
             self._loop.remove_reader(self._sock.fileno())
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         for fut in self._pending.values():
             if not fut.done():
-                fut.set_exception(InternalError("the node-process zygote exited"))
+                fut.set_exception(ZygoteGone("the node-process zygote exited"))
         self._pending.clear()
+        for pid in self.live:
+            self._lost[pid] = None
+        self.live.clear()
+        while len(self._lost) > _KEEP_EXITS:
+            self._lost.pop(next(iter(self._lost)))
+        for waiters in self._exit_waiters.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+        self._exit_waiters.clear()
+        if self._proc is not None:
+            self._dead.append(self._proc)
+            self._proc = None
+        if self.on_gone is not None:
+            self.on_gone()
+
+    async def reap_dead(self) -> list[int | None]:
+        """Reap zygotes that died (their exit codes)."""
+        codes = []
+        while self._dead:
+            proc = self._dead.pop()
+            try:
+                codes.append(await asyncio.to_thread(proc.wait, 5))
+            except subprocess.TimeoutExpired:  # its socket ended but it lives on: end it
+                proc.kill()
+                codes.append(await asyncio.to_thread(proc.wait))
+        return codes
 
     async def spawn(self, args: ProcessArgs, child_sock: socket.socket, timeout_s: float) -> tuple[int, str | None]:
         """A node process: (its pid, its inbox's name if already made)."""
-        assert self._sock is not None and self._loop is not None
+        if self._sock is None or self._loop is None:
+            raise ZygoteGone("the node-process zygote exited")
         req = next(self._reqs)
         fut = self._loop.create_future()
         self._pending[req] = fut
-        socket.send_fds(self._sock, [zp.dumps(zp.Spawn(req, args))], [child_sock.fileno()])
+        try:
+            socket.send_fds(self._sock, [zp.dumps(zp.Spawn(req, args))], [child_sock.fileno()])
+        except OSError:  # it died; its socket's end was still to be read
+            self._gone()
+            raise ZygoteGone("the node-process zygote exited") from None
         try:
             pid, inbox = await asyncio.wait_for(asyncio.shield(fut), timeout_s)
         except (asyncio.CancelledError, TimeoutError):
@@ -168,6 +232,8 @@ class ZygoteClient:
         """The wait status of `pid` once the zygote reaped it (None if not within `wait_s`)."""
         if pid in self._exits:
             return self._exits[pid]
+        if pid in self._lost or self._proc is None:
+            return None
         assert self._loop is not None
         fut = self._loop.create_future()
         self._exit_waiters.setdefault(pid, []).append(fut)
@@ -178,6 +244,8 @@ class ZygoteClient:
 
     async def aclose(self) -> None:
         """Close the socket (the zygote kills every child left and exits) and wait for it."""
+        self.on_gone = None
+        await self.reap_dead()
         if self._sock is not None:
             if self._loop is not None:
                 try:
