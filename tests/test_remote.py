@@ -240,7 +240,8 @@ async def test_the_remote_engine_dying_or_hanging_is_a_typed_error(remote, fault
             await eventually(lambda: not remote.node_processes(), "the dead remote's node processes to go")
             remote.remove_files()
         assert err.value.node_id == "far" and remote.address in str(err.value)
-        assert err.value.context["grpc_status"] in ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED")
+        # how gRPC names a lost connection depends on when keepalive gives up on it
+        assert err.value.context["grpc_status"] in ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "INTERNAL")
         if not fault.startswith("kill"):
             os.kill(remote.pid, signal.SIGCONT)
             await remote.holds_nothing()  # the remote, once it runs again, drops the session
