@@ -55,7 +55,7 @@ def snapshot() -> dict:
     }
 
 
-def leaks(before: dict, settle_s: float = 3.0) -> dict:
+def leaks(before: dict, settle_s: float = 10.0) -> dict:
     """Differences that persist (threads and fds get a moment to wind down)."""
     deadline = time.monotonic() + settle_s
     while True:

@@ -61,6 +61,9 @@ def open_channel(address: str, s: RemoteSettings) -> aio.Channel:
         ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_secs * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # a connection attempt (a TLS handshake included) gives up with the connect timeout,
+        # not gRPC's default 20 s: a closed channel's attempt ends, and its socket with it
+        ("grpc.min_reconnect_backoff_ms", int(s.connect_timeout_secs * 1000)),
         ("grpc.max_receive_message_length", -1),
         ("grpc.max_send_message_length", -1),
         # one connection per runner: a session's remote nodes never queue behind another's
