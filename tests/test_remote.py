@@ -56,17 +56,11 @@ class Remote:
         return out
 
     def remove_files(self) -> None:
-        """What a remote killed with -9 leaves in shared memory and its iceoryx2
-        root (a crashed engine's files: not this test's subject)."""
-        import shutil
-        from pathlib import Path
+        """What a remote killed with -9 leaves (a crashed engine's files, removed
+        as the next engine would: crash recovery is not this test's subject)."""
+        from engine.ipc import iox
 
-        mine = f"rme{self.pid}x"
-        for f in os.listdir("/dev/shm"):
-            if f.startswith(mine):
-                Path("/dev/shm", f).unlink(missing_ok=True)
-        for d in Path(TEST_IPC_ROOT).glob(f"{mine}*"):
-            shutil.rmtree(d, ignore_errors=True)
+        assert iox.sweep_stale(TEST_IPC_ROOT)
 
     async def holds_nothing(self) -> None:
         await eventually(lambda: not self.node_processes(), "the remote's node processes to exit")
