@@ -286,22 +286,29 @@ async def test_the_hosts_api_key_is_sent(tmp_path):
         await keyed.wait()
 
 
-async def test_tls_to_the_remote_with_the_hosts_ca(make_server, tmp_path):
+async def test_tls_to_the_remote_with_the_hosts_ca(tmp_path):
     from tlscerts import CertAuthority
 
     ca = CertAuthority(tmp_path)
     cert, key = ca.issue("server", server=True)
-    tls_remote = await make_server(server={"tls_cert_file": str(cert), "tls_key_file": str(key)})
-    m = manifest([{"id": "far", "node_type": "PassThroughNode", "host": tls_remote.address}])
-    frame = _audio(2)
-    trusted = {tls_remote.address: {"ca_file": str(ca.cert_file)}}
-    async with probed_engine(remote={"allowed_hosts": [tls_remote.address], "hosts": trusted}) as engine:
-        result = await engine.execute(m, {"far": frame})
-        assert checksum(result.outputs["far"]) == checksum(frame)
-    stranger = CertAuthority(tmp_path, "other-ca")
-    untrusted = {tls_remote.address: {"ca_file": str(stranger.cert_file)}}
-    async with probed_engine(remote={"allowed_hosts": [tls_remote.address], "hosts": untrusted,
-                                     "connect_timeout_secs": 0.5}) as engine:
-        with pytest.raises(NodeExecutionError, match="cannot be reached") as err:
-            await engine.execute(m, {"far": frame})
-        assert err.value.node_id == "far"
+    cfg = tmp_path / "tls.toml"
+    cfg.write_text(f'ipc_root = "{TEST_IPC_ROOT}"\ntest_nodes = true\nstandby_processes = 0\n'
+                   f'[server]\ntls_cert_file = "{cert}"\ntls_key_file = "{key}"\n')
+    tls_remote = await ServeProcess.launch(cfg)  # its own process: only this engine's side is counted
+    try:
+        m = manifest([{"id": "far", "node_type": "PassThroughNode", "host": tls_remote.address}])
+        frame = _audio(2)
+        trusted = {tls_remote.address: {"ca_file": str(ca.cert_file)}}
+        async with probed_engine(remote={"allowed_hosts": [tls_remote.address], "hosts": trusted}) as engine:
+            result = await engine.execute(m, {"far": frame})
+            assert checksum(result.outputs["far"]) == checksum(frame)
+        stranger = CertAuthority(tmp_path, "other-ca")
+        untrusted = {tls_remote.address: {"ca_file": str(stranger.cert_file)}}
+        async with probed_engine(remote={"allowed_hosts": [tls_remote.address], "hosts": untrusted,
+                                         "connect_timeout_secs": 0.5}) as engine:
+            with pytest.raises(NodeExecutionError, match="cannot be reached") as err:
+                await engine.execute(m, {"far": frame})
+            assert err.value.node_id == "far"
+    finally:
+        tls_remote.proc.send_signal(signal.SIGTERM)
+        await tls_remote.wait()

@@ -222,9 +222,13 @@ class RemoteRunner(NodeRunner):
         try:
             return await op
         except aio.AioRpcError as exc:
-            raise self._call_error(exc.code(), exc.details()) from None
+            code, details = exc.code(), exc.details()
         except asyncio.InvalidStateError:  # a write after the remote ended the call
-            raise self._call_error(await self._call.code(), await self._call.details()) from None
+            code, details = await self._call.code(), await self._call.details()
+        # raised outside the handler, the call's coroutine dropped: the error a caller
+        # keeps holds neither the call nor its channel (and so no socket) alive
+        op = None
+        raise self._call_error(code, details)
 
     def _call_error(self, code: grpc.StatusCode | None, details: str | None) -> EngineError:
         name = code.name if code is not None else "UNKNOWN"
