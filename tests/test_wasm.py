@@ -237,7 +237,7 @@ async def test_the_executor_field(modules_dir):
         assert plan.nodes["w"].executor == "wasm"
         assert "runs on the 'wasm' executor, not 'native'" in _issue(engine, {**wasm(), "executor": "native"})[2]
         passthrough = {"id": "p", "node_type": "PassThroughNode", "executor": "wasm"}
-        assert "native or multiprocess executor, not 'wasm'" in _issue(engine, passthrough)[2]
+        assert "native, multiprocess or ray executor, not 'wasm'" in _issue(engine, passthrough)[2]
 
 
 def test_the_validate_command_checks_wasm_nodes(tmp_path):

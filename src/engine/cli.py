@@ -30,14 +30,39 @@ def cmd_validate(args: argparse.Namespace) -> int:
     registry = default_registry(config)
     try:
         m = validate(Path(args.manifest), registry)
-        check_executors(m, config)
+        check_executors(m, config, registry)
     except ValidationError as exc:
         print(f"{args.manifest}: {len(exc.issues)} problem(s)", file=sys.stderr)
         for issue in exc.issues:
             print(f"  {issue}", file=sys.stderr)
         return 2
     print(f"{args.manifest}: valid ({len(m.nodes)} nodes, {len(m.connections)} connections)")
+    for node_id, where in placement_lines(m, registry, config):
+        print(f"  {node_id}: {where}")
     return 0
+
+
+def placement_lines(m: Any, registry: Any, config: Any) -> list[tuple[str, str]]:
+    """Where each node of a valid manifest runs, and why there when it is not its default."""
+    from .plan import build_plan
+
+    ray = config.ray if config.ray.address else None
+    plan = build_plan(m, registry, config.for_manifest(dict(m.multiprocess)), ray)
+    why = {}
+    if ray is not None:
+        from .executors.ray_cluster import placements
+
+        why = placements(m, registry, config.ray)
+    out = []
+    for decl in m.nodes:
+        planned = plan.nodes[decl.id]
+        where = planned.executor
+        if planned.executor == "remote":
+            where = f"remote ({decl.host})"
+        elif decl.id in why:
+            where = f"ray ({why[decl.id]}; cluster {config.ray.address})"
+        out.append((decl.id, where))
+    return out
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:

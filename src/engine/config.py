@@ -214,6 +214,31 @@ def _remote(data: Any, issues: list[Issue]) -> RemoteSettings:
 
 
 @dataclass(frozen=True)
+class RaySettings:
+    """The Ray executor (runtime.toml `[ray]`, `pip install 'remotemedia-engine[ray]'`):
+    nodes placed on a Ray cluster, one actor per node and session."""
+
+    #: the cluster: "auto", "H:P" of its head or "ray://H:10001"; "" = the executor is off
+    address: str = ""
+    #: the Ray namespace the engine's actors live in
+    namespace: str = "remotemedia"
+    #: also place a process node there when this machine cannot meet its
+    #: `capabilities` (a GPU it lacks, more cores or memory than it has)
+    place_by_capabilities: bool = False
+    #: seconds to connect (the engine's Ray driver process started and joined)
+    connect_timeout_secs: float = 15.0
+    #: seconds the engine stays connected after the last session that used the cluster
+    idle_disconnect_secs: float = 5.0
+    #: CPUs an actor reserves when its node declares no `capabilities.cpu.cores`
+    default_num_cpus: float = 1.0
+    #: a custom Ray resource that counts GPU memory in GB (e.g. "gpu_memory_gb",
+    #: declared by the cluster's GPU nodes); "" = `gpu.min_memory_gb` is not enforced
+    gpu_memory_resource: str = ""
+    #: seconds a node's cleanup() may take on the actor before it is killed
+    cleanup_timeout_secs: float = 2.0
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     session: SessionSettings = field(default_factory=SessionSettings)
     caps: Caps = field(default_factory=Caps)
@@ -222,6 +247,7 @@ class RuntimeConfig:
     tracing: TracingSettings = field(default_factory=TracingSettings)
     wasm: WasmSettings = field(default_factory=WasmSettings)
     remote: RemoteSettings = field(default_factory=RemoteSettings)
+    ray: RaySettings = field(default_factory=RaySettings)
     python_executable: str = sys.executable
     test_nodes: bool = False
     #: node processes kept started, never used, so a session's nodes skip the
@@ -264,6 +290,7 @@ class RuntimeConfig:
         tracing = _build(TracingSettings, data.pop("tracing", {}), "tracing", issues)
         wasm = _build(WasmSettings, data.pop("wasm", {}), "wasm", issues)
         remote = _remote(data.pop("remote", {}), issues)
+        ray = _build(RaySettings, data.pop("ray", {}), "ray", issues)
         session_keys = {f.name for f in fields(SessionSettings)}
         sess = {k: data.pop(k) for k in list(data) if k in session_keys}
         if "multiprocess" in data:  # [multiprocess] enabled = false
@@ -272,11 +299,11 @@ class RuntimeConfig:
                 sess["multiprocess_enabled"] = mp["enabled"]
         session = _build(SessionSettings, sess, "", issues)
         top = _build(cls, data, "", issues,
-                     skip={"session", "caps", "server", "nodes", "tracing", "wasm", "remote"})
+                     skip={"session", "caps", "server", "nodes", "tracing", "wasm", "remote", "ray"})
         if issues:
             raise ValidationError(issues)
         cfg = replace(top, session=session, caps=caps, server=server, nodes=nodes, tracing=tracing, wasm=wasm,
-                      remote=remote)
+                      remote=remote, ray=ray)
         cfg.check()
         return cfg
 

@@ -57,11 +57,17 @@ class ExecutionResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def check_executors(m: Manifest, config: RuntimeConfig, wasm: Callable[[], Any] | None = None) -> None:
+def check_executors(m: Manifest, config: RuntimeConfig, registry: ExecutorRegistry,
+                    wasm: Callable[[], Any] | None = None) -> None:
     """What only the executors and the operator's settings can tell of a valid
-    manifest: the hosts its remote nodes name, its WASM nodes' modules and caps.
+    manifest: the hosts its remote nodes name, its WASM nodes' modules and caps,
+    a Ray cluster for the nodes placed there.
     `wasm` gives the engine's WASM executor (its compiled-module cache)."""
     issues = []
+    if config.ray.place_by_capabilities or any(n.executor == "ray" for n in m.nodes):
+        from .executors import ray_cluster
+
+        issues += ray_cluster.check(m, registry, config.ray)
     if any(n.host for n in m.nodes):
         from .executors import remote
 
@@ -90,6 +96,7 @@ class Engine:
         self._manifests: collections.OrderedDict[Any, Manifest] = collections.OrderedDict()
         self._process_manager: Any = None
         self._wasm: Any = None
+        self._ray: Any = None
         self._closed = False
         self._accepting = True
         self._idle = asyncio.Event()
@@ -130,6 +137,9 @@ class Engine:
         if self._wasm is not None:
             self._wasm.close()
             self._wasm = None
+        if self._ray is not None:
+            await self._ray.aclose()
+            self._ray = None
 
     def stop_accepting(self) -> None:
         """Refuse new sessions (RESOURCE_LIMIT); running ones go on. For draining."""
@@ -167,7 +177,7 @@ class Engine:
                 self._manifests.move_to_end(key)
                 return hit
         m = validate(manifest, self.registry)
-        check_executors(m, self.config, self.wasm_executor)
+        check_executors(m, self.config, self.registry, self.wasm_executor)
         if key is not None:
             self._manifests[key] = m
             if len(self._manifests) > _MANIFEST_CACHE:
@@ -179,7 +189,7 @@ class Engine:
         settings = self.config.for_manifest(dict(m.multiprocess))
         if limits is not None:
             settings = limits.apply(settings)
-        plan = build_plan(m, self.registry, settings)
+        plan = build_plan(m, self.registry, settings, self.config.ray if self.config.ray.address else None)
         n_proc = plan.count("multiprocess")
         if n_proc > settings.max_processes_per_session:
             raise ResourceLimitError(
@@ -240,6 +250,8 @@ class Engine:
             return manager.runner(session, planned)
         if planned.executor == "wasm":
             return self.wasm_executor().runner(planned, session)
+        if planned.executor == "ray":
+            return self.ray_executor().runner(planned, session)
         if planned.executor == "remote":
             from .executors.remote import RemoteRunner
 
@@ -263,6 +275,13 @@ class Engine:
     def _serving_changed(self, serving: bool) -> None:
         if self.on_serving is not None:
             self.on_serving(serving)
+
+    def ray_executor(self) -> Any:
+        if self._ray is None:
+            from .executors.ray_cluster import RayExecutor
+
+            self._ray = RayExecutor(self.config.ray)
+        return self._ray
 
     def wasm_executor(self) -> Any:
         if self._wasm is None:

@@ -472,7 +472,8 @@ def validate(source: Any, registry: ExecutorRegistry) -> Manifest:
             issues += _params_issues(spec, nid, path, params)
             executor = n.get("executor")
             if executor and not spec.accepts_executor(executor):
-                can = "native or multiprocess" if spec.overridable else repr(spec.executor)
+                can = ("native, multiprocess or ray" if spec.overridable else
+                       f"{spec.executor} or ray" if spec.executor == "multiprocess" else repr(spec.executor))
                 issues.append(Issue(f"{path}.executor", f"node type {ntype!r} runs on the {can} "
                                     f"executor, not {executor!r}", node_id=nid, field="executor",
                                     code="executor"))
@@ -483,7 +484,7 @@ def validate(source: Any, registry: ExecutorRegistry) -> Manifest:
             out_kinds = _declared_kinds(spec, nid, path, "output_types", out_kinds, issues)
         decls.append(NodeDecl(
             id=nid, node_type=ntype, params=MappingProxyType(params),
-            executor=n.get("executor") if n.get("executor") in ("native", "multiprocess", "wasm") else None,
+            executor=n.get("executor") if n.get("executor") in ("native", "multiprocess", "wasm", "ray") else None,
             is_streaming=bool(n.get("is_streaming", False)), input_types=in_kinds,
             output_types=out_kinds, capabilities=MappingProxyType(n.get("capabilities") or {}),
             host=n.get("host"), index=i,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import SessionSettings
+from .config import RaySettings, SessionSettings
 from .data import DataKind
 from .manifest import Manifest, NodeDecl
 from .registry import ExecutorKind, ExecutorRegistry, NodeTypeSpec
@@ -59,8 +59,10 @@ class ExecutionPlan:
         return sum(1 for n in self.nodes.values() if n.executor == executor)
 
 
-def build_plan(manifest: Manifest, registry: ExecutorRegistry, settings: SessionSettings) -> ExecutionPlan:
-    """Plan a validated manifest (cycles and unknown types were rejected already)."""
+def build_plan(manifest: Manifest, registry: ExecutorRegistry, settings: SessionSettings,
+               ray: RaySettings | None = None) -> ExecutionPlan:
+    """Plan a validated manifest (cycles and unknown types were rejected already).
+    With `ray`, a node it places on the cluster runs there (executors.ray_cluster)."""
     ups: dict[str, list[str]] = {n.id: [] for n in manifest.nodes}
     downs: dict[str, list[str]] = {n.id: [] for n in manifest.nodes}
     for c in manifest.connections:
@@ -82,6 +84,11 @@ def build_plan(manifest: Manifest, registry: ExecutorRegistry, settings: Session
         spec = registry.get(decl.node_type)
         assert spec is not None, "validated manifest names only registered types"
         kind = spec.resolve_executor(decl.executor)
+        if ray is not None and kind == "multiprocess" and ray.place_by_capabilities:
+            from .executors.ray_cluster import placement
+
+            if placement(decl, spec, ray):
+                kind = "ray"
         if kind == "multiprocess" and not settings.multiprocess_enabled:
             kind = "native"
         if decl.host:  # on the engine there (which runs it on the executor it chooses)

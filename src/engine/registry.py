@@ -21,7 +21,7 @@ import jsonschema
 
 from .node import Node
 
-ExecutorKind = Literal["native", "multiprocess", "wasm", "remote"]
+ExecutorKind = Literal["native", "multiprocess", "wasm", "remote", "ray"]
 #: what a manifest may move an overridable node type between
 OVERRIDABLE_KINDS = ("native", "multiprocess")
 SourceKind = Literal["builtin", "test", "entry_point", "module", "registered"]
@@ -86,9 +86,13 @@ class NodeTypeSpec:
 
     def accepts_executor(self, requested: str) -> bool:
         """Whether a manifest may ask for `requested` for this node type."""
+        if requested == "ray":  # an actor is a process of its own: any node that may run in one
+            return self.executor == "multiprocess" or self.overridable
         return requested == self.executor or (self.overridable and requested in OVERRIDABLE_KINDS)
 
     def resolve_executor(self, requested: str | None) -> ExecutorKind:
+        if requested == "ray" and self.accepts_executor(requested):
+            return "ray"
         if requested is None or not self.overridable:
             return self.executor
         return "multiprocess" if requested == "multiprocess" else "native"

@@ -1,0 +1,131 @@
+"""The cluster's side: one Ray actor runs one node of one session.
+
+An async actor: inputs are handled one at a time in the order the engine
+sent them (each call carries its index; Ray does not promise an async
+actor's order), turn events beside them, as in a node process. Every call
+that can produce outputs is a Ray streaming generator yielding
+("out", frame) items as the node emits them, so a streaming node's outputs
+reach the engine while it is still working, and ("error", {...}) once if the
+node fails: the typed error crosses as data and is raised again in the
+engine as the class it was raised as. The node is called through the one
+node host, as everywhere else.
+
+Frames arrive through Ray's object store: an argument over Ray's inline
+limit (100 KiB) is put there by the engine and read here without a copy
+(its arrays are read-only views, as a node process's inputs are).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from ...data import RuntimeData
+from ...errors import EngineError
+from ...host import NodeHost
+from ...node import Node
+from ...turns import TURN_EVENT_SCHEMA, TurnEvent, TurnLedger
+from ..base import NodeStats
+
+_END = object()
+
+
+def error_item(err: EngineError) -> tuple[str, dict[str, Any]]:
+    """A typed error as data: ("error", {class, type, message, context, traceback})."""
+    context = {k: v for k, v in err.context.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    return ("error", {"class": type(err).__name__, "type": err.error_type.name, "message": err.message,
+                      "context": context, "traceback": err.traceback_text})
+
+
+class NodeActor:
+    def __init__(self, node_id: str, cls: type[Node], params: dict[str, Any], accepts: Any) -> None:
+        self.stats = NodeStats()
+        self.turns = TurnLedger()
+        self.host = NodeHost(node_id, cls, params, stats=self.stats, turns=self.turns,
+                             in_thread=cls.blocking, accepts=accepts)
+        self._next = 0
+        self._order = asyncio.Condition()
+
+    def _where(self) -> dict[str, Any]:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"ray_node_id": ctx.get_node_id(), "pid": os.getpid(),
+                "ip": ray.util.get_node_ip_address()}
+
+    async def _run(self, work: Callable[[Callable[[RuntimeData], Awaitable[None]]], Awaitable[None]]
+                   ) -> AsyncIterator[tuple[str, Any]]:
+        """Run `work(emit)`, yielding each output as it is emitted, then its error if it failed."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def emit(out: RuntimeData) -> None:
+            if self.turns.drops(out):
+                return
+            if getattr(out, "schema_type", None) == TURN_EVENT_SCHEMA:
+                event = TurnEvent.of(out)
+                if event is not None:
+                    self.turns.note(event)  # this node's own cancel applies here too
+            queue.put_nowait(("out", out))
+
+        task = asyncio.ensure_future(work(emit))
+        task.add_done_callback(lambda _: queue.put_nowait(_END))
+        while (item := await queue.get()) is not _END:
+            yield item
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            yield error_item(self.host.wrap(exc, self.host.where))
+
+    async def _in_order(self, index: int, work: Callable[..., Awaitable[None]]) -> AsyncIterator[tuple[str, Any]]:
+        async with self._order:
+            await self._order.wait_for(lambda: self._next == index)
+        try:
+            async for item in self._run(work):
+                yield item
+        finally:
+            async with self._order:
+                self._next += 1
+                self._order.notify_all()
+
+    # ------------------------------------------------------------ called by the engine
+
+    async def start(self) -> AsyncIterator[tuple[str, Any]]:
+        """("placed", where) at once, ("progress", phase, percent, message)..., then ("ready", where)."""
+        where = self._where()
+        yield ("placed", where)
+        queue: asyncio.Queue = asyncio.Queue()
+        task = asyncio.ensure_future(self.host.start(
+            lambda phase, pct, msg: queue.put_nowait(("progress", phase, pct, msg))))
+        task.add_done_callback(lambda _: queue.put_nowait(_END))
+        while (item := await queue.get()) is not _END:
+            yield item
+        exc = None if task.cancelled() else task.exception()
+        yield error_item(self.host.wrap(exc, "initialize")) if exc is not None else ("ready", where)
+
+    async def process(self, index: int, frame: RuntimeData) -> AsyncIterator[tuple[str, Any]]:
+        async for item in self._in_order(index, lambda emit: self.host.process(frame, emit)):
+            yield item
+
+    async def flush(self, index: int) -> AsyncIterator[tuple[str, Any]]:
+        async for item in self._in_order(index, self.host.flush):
+            yield item
+
+    async def turn_event(self, event: TurnEvent) -> AsyncIterator[tuple[str, Any]]:
+        self.turns.note(event)  # before anything else: queued inputs of a voided turn are dropped
+        async for item in self._run(lambda emit: self.host.turn_event(event, emit)):
+            yield item
+
+    async def close(self) -> dict[str, Any]:
+        """Run the node's cleanup(); the node's counts and this process's CPU time."""
+        error = None
+        try:
+            await self.host.cleanup()
+        except EngineError as exc:
+            error = str(exc)
+        return {"busy_s": self.stats.busy_s, "cpu_s": time.process_time(), "cleanup_error": error}
+
+    async def until_dead(self) -> None:
+        """Never returns: the engine's watch on this actor (it fails when the actor dies)."""
+        await asyncio.Event().wait()
