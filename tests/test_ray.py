@@ -1,5 +1,5 @@
 """Nodes on a Ray cluster (engine.executors.ray_cluster): a real two-node
-cluster made by `ray start` (tests/raycluster.py), one node declaring a GPU.
+cluster made by `ray start` (deploy/local_ray_cluster.py), one node declaring a GPU.
 Placement by capabilities, the same outputs as local execution, streaming
 nodes and turn events, init progress, flush, backpressure, the node's own
 errors, an actor killed and its node removed, placements the cluster cannot
@@ -14,12 +14,15 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import orjson
 import pytest
 from conftest import TEST_IPC_ROOT, eventually, manifest, probed_engine
-from raycluster import RayCluster
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deploy"))
+from local_ray_cluster import RayCluster
 
 from engine import RuntimeData
 from engine.errors import NodeExecutionError, ResourceLimitError, ValidationError
@@ -305,3 +308,66 @@ async def test_a_cluster_that_does_not_answer_is_the_nodes_typed_error():
             async with engine.stream(m):
                 pass
     assert err.value.node_id == "far" and "cannot connect to the Ray cluster at '127.0.0.1:9'" in err.value.message
+
+
+async def test_a_grpc_client_declares_a_gpu_and_its_node_runs_on_the_cluster(cluster, make_server):
+    import grpc
+    from grpc_client import CLOSE, chunk, collect, init, proto_manifest, requests
+
+    from engine._proto import streaming_pb2_grpc as spb_grpc
+    from engine.server import wire
+
+    server = await make_server(**_ray(cluster))
+    m = proto_manifest([("pass", "PassThroughNode"), ("gpu", "EchoNode"), ("sum", "ChecksumNode")])
+    m.nodes[1].capabilities.gpu.type = "cuda"  # as a remotemedia.v1 client declares it
+    m.nodes[1].capabilities.gpu.required = True
+    frames = [_audio(i) for i in range(50)]
+    async with grpc.aio.insecure_channel(server.address) as ch:
+        call = spb_grpc.StreamingPipelineServiceStub(ch).StreamPipeline(requests(
+            init(m), *(chunk("pass", f, i) for i, f in enumerate(frames)), CLOSE))
+        responses = await collect(call)
+        assert await call.code() == grpc.StatusCode.OK
+    sums = [(r.result.sequence, wire.from_proto(r.result.data_outputs["sum"]).value["checksum"])
+            for r in responses if r.WhichOneof("response") == "result"]
+    assert sums == [(i, checksum(f)) for i, f in enumerate(frames)]
+    progress = [r.init_progress for r in responses if r.WhichOneof("response") == "init_progress"]
+    assert any(p.node_id == "gpu" and p.message.startswith("on Ray node") for p in progress)
+    assert responses[-1].closed.final_metrics.node_metrics["gpu"].items_processed == 50
+    await _nothing_left(cluster)
+
+
+async def test_an_engine_killed_leaves_nothing_in_the_cluster(cluster, tmp_path):
+    import psutil
+    from grpc_client import chunk, init, proto_manifest
+    from test_serve_cli import ServeProcess
+
+    import grpc
+    from engine._proto import streaming_pb2_grpc as spb_grpc
+
+    cfg = tmp_path / "runtime.toml"
+    cfg.write_text(f'ipc_root = "{TEST_IPC_ROOT}"\ntest_nodes = true\nstandby_processes = 0\n'
+                   f'[ray]\naddress = "{cluster.address}"\n')
+    serve = await ServeProcess.launch(cfg)
+    try:
+        m = proto_manifest([("pass", "PassThroughNode"), ("far", "EchoNode")], executor={"far": "ray"})
+        async with grpc.aio.insecure_channel(serve.address) as ch:
+            call = spb_grpc.StreamingPipelineServiceStub(ch).StreamPipeline()
+            await call.write(init(m))
+            while (await call.read()).WhichOneof("response") != "ready":
+                pass
+            await call.write(chunk("pass", _audio(0), 0))
+            assert (await call.read()).WhichOneof("response") == "result"
+            assert len(cluster.alive_actors()) == 1
+            driver = [p for p in psutil.Process(serve.proc.pid).children() if "rme-ray-driver" in " ".join(p.cmdline())]
+            assert len(driver) == 1
+            await serve.kill()  # kill -9 of the engine, mid-session
+            call.cancel()
+        # its driver sees the engine gone, kills the session's actor and exits
+        await eventually(lambda: not driver[0].is_running() or driver[0].status() == psutil.STATUS_ZOMBIE,
+                         "the engine's Ray driver process to exit", 20)
+        await _nothing_left(cluster)
+    finally:
+        await serve.kill()
+        from engine.ipc import iox
+
+        iox.sweep_stale(TEST_IPC_ROOT)  # the killed engine's files (crash recovery is not this test's subject)

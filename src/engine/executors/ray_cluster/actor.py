@@ -3,10 +3,11 @@
 An async actor: inputs are handled one at a time in the order the engine
 sent them (each call carries its index; Ray does not promise an async
 actor's order), turn events beside them, as in a node process. Every call
-that can produce outputs is a Ray streaming generator yielding
-("out", frame) items as the node emits them, so a streaming node's outputs
-reach the engine while it is still working, and ("error", {...}) once if the
-node fails: the typed error crosses as data and is raised again in the
+that can produce outputs yields ("out", frame) items as the node emits
+them, and ("error", {...}) once if the node fails; for a node whose
+process()/flush() is a generator it is a Ray streaming generator, so its
+outputs reach the engine while it is still working, for any other one plain
+call returns them all (cheaper): the typed error crosses as data and is raised again in the
 engine as the class it was raised as. The node is called through the one
 node host, as everywhere else.
 
@@ -111,6 +112,16 @@ class NodeActor:
     async def flush(self, index: int) -> AsyncIterator[tuple[str, Any]]:
         async for item in self._in_order(index, self.host.flush):
             yield item
+
+    # a node whose method returns its outputs (not a generator) has them all at
+    # once: one plain call answers with the list (a streaming call costs Ray
+    # a message per item and one more for the end)
+
+    async def process_all(self, index: int, frame: RuntimeData) -> list[tuple[str, Any]]:
+        return [item async for item in self.process(index, frame)]
+
+    async def flush_all(self, index: int) -> list[tuple[str, Any]]:
+        return [item async for item in self.flush(index)]
 
     async def turn_event(self, event: TurnEvent) -> AsyncIterator[tuple[str, Any]]:
         self.turns.note(event)  # before anything else: queued inputs of a voided turn are dropped

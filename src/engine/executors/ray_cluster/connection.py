@@ -70,7 +70,7 @@ class DriverProcess:
     def __init__(self, settings: RaySettings) -> None:
         self.settings = settings
         self.proc: asyncio.subprocess.Process | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._link: wire.Link | None = None
         self._calls: dict[int, Call] = {}
         self._ids = itertools.count(1)
         self._pump: asyncio.Task | None = None
@@ -85,11 +85,11 @@ class DriverProcess:
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL)
         finally:
             theirs.close()
-        reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        self._link = wire.Link(ours)
         try:
             async with asyncio.timeout(self.settings.connect_timeout_secs):
-                first = await wire.read(reader)
-        except (TimeoutError, asyncio.IncompleteReadError) as exc:
+                first = await self._link.read()
+        except (TimeoutError, ConnectionError) as exc:
             await self.stop()
             why = (f"no connection within connect_timeout_secs={self.settings.connect_timeout_secs:g}"
                    if isinstance(exc, TimeoutError) else f"the driver process exited ({self.proc.returncode})")
@@ -98,18 +98,18 @@ class DriverProcess:
             await self.stop()
             raise ConnectionError(first[1])
         self.alive = True
-        self._pump = asyncio.get_running_loop().create_task(self._read(reader))
+        self._pump = asyncio.get_running_loop().create_task(self._read(self._link))
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
+    async def _read(self, link: wire.Link) -> None:
         try:
             while True:
-                message = await wire.read(reader)
+                message = await link.read()
                 call = self._calls.get(message[1])
                 if call is not None:
                     if message[0] != "item":
                         del self._calls[message[1]]
                     call.queue.put_nowait((message[0], *message[2:]))
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except ConnectionError:
             pass
         self.alive = False
         code = await self.proc.wait() if self.proc is not None else None
@@ -119,38 +119,42 @@ class DriverProcess:
 
     def call(self, op: str, *args: Any) -> Call:
         call = Call(next(self._ids))
-        if not self.alive or self._writer is None:
+        try:
+            if not self.alive or self._link is None:
+                raise ConnectionError
+            self._link.send((op, call.cid, *args))
+        except ConnectionError:
             call.queue.put_nowait(("fail", "driver_gone", "the engine's Ray driver process is not running"))
             return call
         self._calls[call.cid] = call
-        self._writer.writelines(wire.encode((op, call.cid, *args)))
         return call
 
     async def drain(self) -> None:
-        """Wait while the socket to the driver is full (backpressure on large frames)."""
-        if self._writer is not None and self.alive:
-            with contextlib.suppress(ConnectionError):
-                await self._writer.drain()
+        """Wait while much is queued for the driver (backpressure on large frames)."""
+        if self._link is not None:
+            await self._link.drain()
 
     async def stop(self) -> None:
         """Ask the driver to exit (it kills what actors are left), kill it if it does not."""
         self.alive = False
-        if self._writer is not None:
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                self._writer.writelines(wire.encode(("exit",)))
-                await self._writer.drain()
-            self._writer.close()
+        if self._link is not None:
+            with contextlib.suppress(ConnectionError):
+                self._link.send(("exit",))
+                await self._link.flush()
         if self.proc is not None and self.proc.returncode is None:
             try:
                 await asyncio.wait_for(self.proc.wait(), _EXIT_SECS)
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
-        if self._pump is not None:
+        if self._pump is not None:  # it ends at the driver's end of the socket
+            try:
+                await asyncio.wait_for(asyncio.shield(self._pump), _EXIT_SECS)
+            except TimeoutError:
+                self._pump.cancel()
             await asyncio.gather(self._pump, return_exceptions=True)
-        if self._writer is not None:
-            with contextlib.suppress(ConnectionError):
-                await self._writer.wait_closed()
+        if self._link is not None:
+            await self._link.close()
 
 
 class Connection:

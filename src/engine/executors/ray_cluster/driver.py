@@ -16,6 +16,7 @@ items as they arrive:
              ("watch", call, actor)     answers only when the actor dies
              ("kill", call, actor)      answers once Ray reports it dead
              ("shortfall", call, resources)
+             ("echo", call, value)      answers `value` (the hop alone, for the bench)
              ("exit",)
     driver → ("ready",) | ("error", message)        once, after connecting
              ("item", call, value) ... then ("done", call) | ("fail", call, cause, message)
@@ -77,14 +78,15 @@ def _amount(resource: str, value: float) -> str:
 
 
 class Driver:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+    def __init__(self, link: wire.Link) -> None:
+        self.link = link
         self.actors: dict[str, Any] = {}
         self.dead: dict[str, Any] = {}  # actor → its watch call (fails once it is dead)
         self.tasks: set[asyncio.Task] = set()
 
     def send(self, message: Any) -> None:
-        self.writer.writelines(wire.encode(message))
+        with contextlib.suppress(ConnectionError):  # the engine is gone: serve() ends
+            self.link.send(message)
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -103,13 +105,11 @@ class Driver:
             self.send(("fail", call, "ray", f"{type(exc).__name__}: {_first_line(exc)}"))
         except Exception as exc:  # noqa: BLE001 - reported to the engine, which fails the node
             self.send(("fail", call, "driver", f"{type(exc).__name__}: {exc}"))
-        with contextlib.suppress(ConnectionError):
-            await self.writer.drain()
 
     async def _stream(self, call: int, gen: Any) -> None:
         async for ref in gen:
             self.send(("item", call, await ref))
-            await self.writer.drain()
+            await self.link.drain()
 
     async def _value(self, call: int, ref: Any) -> None:
         self.send(("item", call, await ref))
@@ -154,6 +154,10 @@ class Driver:
         elif op == "shortfall":
             _, call, resources = message
             self.spawn(self._answer(call, self._reply(call, shortfall, resources)))
+        elif op == "echo":  # the engine ↔ driver hop alone (the bench measures it)
+            _, call, value = message
+            self.send(("item", call, value))
+            self.send(("done", call))
         elif op == "exit":
             return False
         return True
@@ -164,8 +168,8 @@ class Driver:
     async def serve(self) -> None:
         while True:
             try:
-                message = await wire.read(self.reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
+                message = await self.link.read()
+            except ConnectionError:
                 break  # the engine is gone
             try:
                 if not self.handle(message):
@@ -188,9 +192,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 async def main(fd: int, address: str, namespace: str) -> int:
-    sock = socket.socket(fileno=fd)
-    reader, writer = await asyncio.open_unix_connection(sock=sock)
-    driver = Driver(reader, writer)
+    link = wire.Link(socket.socket(fileno=fd))
+    driver = Driver(link)
     try:
         import ray
 
@@ -198,15 +201,16 @@ async def main(fd: int, address: str, namespace: str) -> int:
         ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level=logging.WARNING)
     except Exception as exc:  # noqa: BLE001 - the engine reports it as the node's error
         driver.send(("error", f"{type(exc).__name__}: {_first_line(exc)}"))
-        await writer.drain()
+        await link.flush()
+        await link.close()
         return 2
     driver.send(("ready",))
-    await writer.drain()
     try:
         await driver.serve()
     finally:
+        await link.flush()
         ray.shutdown()
-        writer.close()
+        await link.close()
     return 0
 
 

@@ -7,7 +7,8 @@ once a reservation no live node of the cluster could ever hold
 never restarted) and relays its init progress; an actor that is not placed
 within `init_timeout_secs` (the cluster is full) is RESOURCE_LIMIT too.
 
-Frames: each input is one streaming-generator call; at most
+Frames: each input is one call (a streaming-generator call for a node whose
+process() is a generator, else a plain one answering all its outputs); at most
 `channel_capacity` calls are in flight per actor (a push waits for room),
 and one reader takes the calls' outputs in the order the inputs were sent,
 waiting for the session's downstream room, so a slow consumer holds the
@@ -29,6 +30,7 @@ ends them too.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -74,11 +76,15 @@ class RayRunner(NodeRunner):
         self._actor = f"{ctx.id}/{planned.id}"
         self._created = False
         self._room = asyncio.Semaphore(ctx.settings.channel_capacity)
-        #: (call, holds a room) per call, in the order sent; None = the end
+        #: (call, batched, holds a room) per call, in the order sent; None = the end
         self._calls: asyncio.Queue = asyncio.Queue()
         self._index = 0
         self._pending_ends = max(1, len(planned.upstream))
-        self._events = planned.spec.cls.on_turn_event is not Node.on_turn_event
+        cls = planned.spec.cls
+        self._events = cls.on_turn_event is not Node.on_turn_event
+        #: a generator's outputs stream as they come; any other node's come in one answer
+        self._streams = {name: inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn)
+                         for name in ("process", "flush") for fn in (getattr(cls, name),)}
         self._closing = False
         self._ended = False
         #: where the actor runs: ray_node_id, ip, pid
@@ -135,12 +141,16 @@ class RayRunner(NodeRunner):
     async def push(self, frame: RuntimeData) -> None:
         await self._room.acquire()
         self.stats.items_in += 1
-        self._send(self._driver.call("stream", self._actor, "process", (self._index, frame)), holds_room=True)
+        self._send("process", (self._index, frame), holds_room=True)
         await self._driver.drain()
 
-    def _send(self, call: Any, holds_room: bool) -> None:
+    def _send(self, method: str, args: tuple, holds_room: bool) -> None:
+        if self._streams[method]:
+            call = self._driver.call("stream", self._actor, method, args)
+        else:
+            call = self._driver.call("value", self._actor, f"{method}_all", args)
         self._index += 1
-        self._calls.put_nowait((call, holds_room))
+        self._calls.put_nowait((call, not self._streams[method], holds_room))
 
     async def turn_event(self, event: TurnEvent) -> None:
         # a voiding event reaches every actor (its queued inputs of that turn are
@@ -153,30 +163,37 @@ class RayRunner(NodeRunner):
         self._pending_ends -= 1
         if self._pending_ends > 0:
             return
-        self._send(self._driver.call("stream", self._actor, "flush", (self._index,)), holds_room=False)
+        self._send("flush", (self._index,), holds_room=False)
         self._calls.put_nowait(None)
 
     async def _read_results(self) -> None:
         while (entry := await self._calls.get()) is not None:
-            call, holds_room = entry
+            call, batched, holds_room = entry
             try:
-                await self._outputs(call)
+                await self._outputs(call, batched)
             finally:
                 if holds_room:
                     self._room.release()
         self._ended = True
         await self.ctx.node_ended(self.node_id)
 
-    async def _outputs(self, call: Any) -> None:
-        """Route one call's outputs as they come; raise its error."""
+    async def _outputs(self, call: Any, batched: bool = False) -> None:
+        """Route one call's outputs as they come (or its one list of them); raise its error."""
         try:
-            async for kind, value in call:
-                if kind == "error":
-                    raise self._error(value)
-                self.stats.items_out += 1
-                await self.ctx.emit(self.node_id, value)
+            if batched:
+                for item in await call.value():
+                    await self._output(*item)
+            else:
+                async for item in call:
+                    await self._output(*item)
         except CallFailed as exc:
             raise self._call_error(exc) from None
+
+    async def _output(self, kind: str, value: Any) -> None:
+        if kind == "error":
+            raise self._error(value)
+        self.stats.items_out += 1
+        await self.ctx.emit(self.node_id, value)
 
     async def _watch(self, call: Any) -> None:
         try:

@@ -1,8 +1,11 @@
 """A real two-node Ray cluster on this machine, made with `ray start`: a head
 (2 CPUs, the dashboard for Ray's state API) and a second node that declares
-one GPU (`--num-gpus=1`; no GPU is needed). Its processes are not this
-test process's children (`ray start` leaves them to init), so the leak
-probe's process accounting sees only what the engine itself starts.
+one GPU (`--num-gpus=1`; no GPU is needed), for trying the Ray executor,
+its tests (tests/test_ray.py) and its bench (`python -m bench ray_node`).
+Its processes are not the caller's children (`ray start` leaves them to
+init); `stop()` finds and ends every one of them.
+
+    python deploy/local_ray_cluster.py    # prints the [ray] address; Ctrl-C stops it
 """
 
 from __future__ import annotations
@@ -56,11 +59,13 @@ class RayCluster:
         self._ray_start(f"--address={self.address}", "--num-cpus=2", "--num-gpus=1")
 
     def processes(self) -> list[psutil.Process]:
-        """Every process of this cluster (by the mark in their environment)."""
+        """Every process of this cluster: by the mark in its environment, or (an
+        agent that rewrote its title over it) by its log files in the cluster's folder."""
         out = []
         for p in psutil.process_iter(["cmdline"]):
             try:
-                if p.environ().get("RME_TEST_RAY_CLUSTER") == self.temp_dir:
+                if p.environ().get("RME_TEST_RAY_CLUSTER") == self.temp_dir or any(
+                        f.path.startswith(self.temp_dir) for f in p.open_files()):
                     out.append(p)
             except psutil.Error:
                 continue
@@ -94,3 +99,14 @@ class RayCluster:
             psutil.wait_procs(procs, timeout=10)
             time.sleep(0.2)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    cluster = RayCluster().start()
+    print(f'[ray]\naddress = "{cluster.address}"\nplace_by_capabilities = true\n'
+          f"# dashboard (Ray's state API): {cluster.dashboard}", flush=True)
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        cluster.stop()
