@@ -7,7 +7,6 @@ local two-node one of deploy/local_ray_cluster.py (`ray start` processes)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal

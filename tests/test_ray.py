@@ -337,11 +337,11 @@ async def test_a_grpc_client_declares_a_gpu_and_its_node_runs_on_the_cluster(clu
 
 
 async def test_an_engine_killed_leaves_nothing_in_the_cluster(cluster, tmp_path):
+    import grpc
     import psutil
     from grpc_client import chunk, init, proto_manifest
     from test_serve_cli import ServeProcess
 
-    import grpc
     from engine._proto import streaming_pb2_grpc as spb_grpc
 
     cfg = tmp_path / "runtime.toml"
