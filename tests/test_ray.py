@@ -371,3 +371,15 @@ async def test_an_engine_killed_leaves_nothing_in_the_cluster(cluster, tmp_path)
         from engine.ipc import iox
 
         iox.sweep_stale(TEST_IPC_ROOT)  # the killed engine's files (crash recovery is not this test's subject)
+
+
+async def test_a_node_that_hangs_on_its_actor_fails_at_process_timeout(cluster):
+    m = manifest([{"id": "pass", "node_type": "PassThroughNode"},
+                  {"id": "stuck", "node_type": "CrashNode", "executor": "ray", "params": {"mode": "hang"}}],
+                 multiprocess={"process_timeout_secs": 1})
+    async with probed_engine(**_ray(cluster)) as engine:
+        with pytest.raises(NodeExecutionError) as err:
+            await _stream(engine, m, [_audio(0)])
+    assert err.value.node_id == "stuck" and "process_timeout_secs=1" in err.value.message
+    assert err.value.context["field"] == "process_timeout_secs"
+    await _nothing_left(cluster)

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from ...data import RuntimeData
-from ...errors import EngineError
+from ...errors import EngineError, NodeExecutionError
 from ...host import NodeHost
 from ...node import Node
 from ...turns import TURN_EVENT_SCHEMA, TurnEvent, TurnLedger
@@ -42,7 +42,10 @@ def error_item(err: EngineError) -> tuple[str, dict[str, Any]]:
 
 
 class NodeActor:
-    def __init__(self, node_id: str, cls: type[Node], params: dict[str, Any], accepts: Any) -> None:
+    def __init__(self, node_id: str, cls: type[Node], params: dict[str, Any], accepts: Any,
+                 process_timeout_secs: float = 0.0) -> None:
+        self.node_id = node_id
+        self.timeout = process_timeout_secs
         self.stats = NodeStats()
         self.turns = TurnLedger()
         self.host = NodeHost(node_id, cls, params, stats=self.stats, turns=self.turns,
@@ -57,8 +60,24 @@ class NodeActor:
         return {"ray_node_id": ctx.get_node_id(), "pid": os.getpid(),
                 "ip": ray.util.get_node_ip_address()}
 
-    async def _run(self, work: Callable[[Callable[[RuntimeData], Awaitable[None]]], Awaitable[None]]
-                   ) -> AsyncIterator[tuple[str, Any]]:
+    async def _bounded(self, where: str, work: Awaitable[None]) -> None:
+        """`work` (a process() or flush()) within process_timeout_secs: a node that
+        hangs fails the session, and the session's end kills this actor."""
+        if not self.timeout:
+            await work
+            return
+        try:
+            async with asyncio.timeout(self.timeout) as bound:
+                await work
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            raise NodeExecutionError(f"{where}() exceeded process_timeout_secs={self.timeout:g}; its Ray actor "
+                                     "will be stopped", node_id=self.node_id,
+                                     context={"field": "process_timeout_secs", "limit": self.timeout}) from None
+
+    async def _run(self, work: Callable[[Callable[[RuntimeData], Awaitable[None]]], Awaitable[None]],
+                   where: str = "") -> AsyncIterator[tuple[str, Any]]:
         """Run `work(emit)`, yielding each output as it is emitted, then its error if it failed."""
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -71,7 +90,7 @@ class NodeActor:
                     self.turns.note(event)  # this node's own cancel applies here too
             queue.put_nowait(("out", out))
 
-        task = asyncio.ensure_future(work(emit))
+        task = asyncio.ensure_future(self._bounded(where, work(emit)) if where else work(emit))
         task.add_done_callback(lambda _: queue.put_nowait(_END))
         while (item := await queue.get()) is not _END:
             yield item
@@ -79,11 +98,12 @@ class NodeActor:
         if exc is not None:
             yield error_item(self.host.wrap(exc, self.host.where))
 
-    async def _in_order(self, index: int, work: Callable[..., Awaitable[None]]) -> AsyncIterator[tuple[str, Any]]:
+    async def _in_order(self, index: int, where: str, work: Callable[..., Awaitable[None]]
+                        ) -> AsyncIterator[tuple[str, Any]]:
         async with self._order:
             await self._order.wait_for(lambda: self._next == index)
         try:
-            async for item in self._run(work):
+            async for item in self._run(work, where):
                 yield item
         finally:
             async with self._order:
@@ -106,11 +126,11 @@ class NodeActor:
         yield error_item(self.host.wrap(exc, "initialize")) if exc is not None else ("ready", where)
 
     async def process(self, index: int, frame: RuntimeData) -> AsyncIterator[tuple[str, Any]]:
-        async for item in self._in_order(index, lambda emit: self.host.process(frame, emit)):
+        async for item in self._in_order(index, "process", lambda emit: self.host.process(frame, emit)):
             yield item
 
     async def flush(self, index: int) -> AsyncIterator[tuple[str, Any]]:
-        async for item in self._in_order(index, self.host.flush):
+        async for item in self._in_order(index, "flush", self.host.flush):
             yield item
 
     # a node whose method returns its outputs (not a generator) has them all at

@@ -10,7 +10,8 @@ with it. It creates the sessions' actors (one per node and session), passes
 the engine's calls on in the order they came, and sends back each call's
 items as they arrive:
 
-    engine → ("start", call, actor, cls, params, accepts, options)  create it, stream its start()
+    engine → ("start", call, actor, cls, params, accepts, options, process_timeout)
+                                        create it, stream its start()
              ("stream", call, actor, method, args)  a streaming-generator method
              ("value", call, actor, method, args)   a plain method
              ("watch", call, actor)     answers only when the actor dies
@@ -132,9 +133,9 @@ class Driver:
 
         op = message[0]
         if op == "start":
-            _, call, actor, cls, params, accepts, options = message
+            _, call, actor, cls, params, accepts, options, timeout = message
             handle = ray.remote(NodeActor).options(max_restarts=0, max_task_retries=0, **options).remote(
-                actor.rpartition("/")[2], cls, params, accepts)
+                actor.rpartition("/")[2], cls, params, accepts, timeout)
             self.actors[actor] = handle
             self.spawn(self._answer(call, self._stream(call, handle.start.remote())))
         elif op == "stream":

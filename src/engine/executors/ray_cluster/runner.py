@@ -114,7 +114,8 @@ class RayRunner(NodeRunner):
         decl, accepts = self.planned.decl, self.planned.accepted_kinds
         self._created = True
         start = self._driver.call("start", self._actor, self.planned.spec.cls, dict(decl.params),
-                                  tuple(accepts) if accepts else None, self.resources)
+                                  tuple(accepts) if accepts else None, self.resources,
+                                  self.ctx.settings.process_timeout_secs)
         timeout = self.ctx.settings.init_timeout_secs
         try:
             async with asyncio.timeout(timeout):
