@@ -184,10 +184,8 @@ async def test_the_engine_serves_an_echo_session_losslessly_through_a_storm_of_b
             assert sent < 3000, "the never-reading client's writes never blocked: nothing bounds it"
             await quiet(srv)
             # the calls' own teardown (freeing what their outboxes held) ends just after their node processes
-            try:
-                # within 5 %, or (on a loaded machine, where it is not always back yet) one outbox
-                await eventually(lambda: rss(srv.proc.pid) <= max(before * 1.05, before + 64 * 2**20),
-                                 "RSS back")
+            try:  # within 5 % ([server] mmap_threshold_kib gives large buffers back when freed)
+                await eventually(lambda: rss(srv.proc.pid) <= before * 1.05, "RSS back")
             except AssertionError:
                 raise AssertionError(f"RSS {before / 2**20:.1f} → {rss(srv.proc.pid) / 2**20:.1f} MiB") from None
         assert srv.proc.returncode is None

@@ -105,6 +105,11 @@ class ServerSettings:
     metrics_every_n_chunks: int = 50
     drain_timeout_secs: float = 10.0
     pending_chunks_capacity: int = 256  # chunks queued while a stream starts
+    #: `serve` allocates every buffer of this many KiB or more on its own pages and
+    #: gives them back when freed (glibc mallopt M_MMAP_THRESHOLD); 0 = glibc's
+    #: default, whose threshold rises with the first large free, after which such
+    #: buffers stay in the heap and a burst of large messages keeps its memory
+    mmap_threshold_kib: int = 128
     #: PEM files; with both set the server speaks TLS only
     tls_cert_file: str = ""
     tls_key_file: str = ""
