@@ -4,8 +4,8 @@ engine's resources sampled along the way.
 
 Used by the `soak` scenario (1,000 sequential + 50 concurrent sessions) and,
 shorter, by tests/test_soak.py. Each sample is taken when the engine is
-quiet (no node process left, the zygote's standbys back), so counts of fds,
-threads and files compare exactly.
+quiet (no node process left, the zygote's standbys back, its idle trim of
+free memory done), so counts of fds, threads and files compare exactly.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from engine._proto import execution_pb2 as epb
 from engine._proto import streaming_pb2 as spb
 from engine._proto import streaming_pb2_grpc
 from engine.server import wire
+from engine.server.process import IDLE_TRIM_SECS
 from engine.zygote import NODE_NAME, STANDBY_NAME
 
 FAULTS = ("client_drop", "node_kill", "node_hang")
@@ -107,6 +108,8 @@ class Soak:
 
     async def sample(self) -> Sample:
         await self.quiet()
+        # and past the engine's idle housekeeping (engine.server.process.trim_when_idle)
+        await asyncio.sleep(IDLE_TRIM_SECS + 0.5)
         tag = f"rme{self.engine.pid}x"
         iox = 0
         for d in Path(self.ipc_root).glob(f"{tag}*"):  # noqa: ASYNC240 - a few entries, between sessions

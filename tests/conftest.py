@@ -65,6 +65,25 @@ async def eventually(predicate: Any, what: str, timeout_s: float = 10.0) -> None
         raise AssertionError(f"timed out waiting for {what}") from None
 
 
+async def send_while_reading(session: Any, source: str, frames: list[Any]) -> tuple[list[int], list[int]]:
+    """Send `frames` to `source` while a task reads the outputs, then close:
+    (the outputs' sequences, how many frames the sender was ahead after each send)."""
+    seen: list[int] = []
+    ahead: list[int] = []
+
+    async def read() -> None:
+        async for out in session:
+            seen.append(out.data.sequence)
+
+    reader = asyncio.get_running_loop().create_task(read())
+    for i, f in enumerate(frames):
+        await session.send(source, f)
+        ahead.append(i + 1 - len(seen))
+    await session.close()
+    await reader
+    return seen, ahead
+
+
 @pytest.fixture(scope="session", autouse=True)
 def grpc_runtime():
     """Hold grpc.aio's process-wide runtime for the whole run.

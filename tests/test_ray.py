@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-from conftest import TEST_IPC_ROOT, eventually, manifest, probed_engine
+from conftest import TEST_IPC_ROOT, eventually, manifest, probed_engine, send_while_reading
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deploy"))
 from local_ray_cluster import RayCluster
@@ -157,22 +157,11 @@ async def test_init_progress_is_relayed(cluster):
 
 async def test_a_slow_actor_slows_the_sender_and_loses_nothing(cluster):
     frames = [_audio(i) for i in range(60)]
-    seen: list[int] = []
-    ahead: list[int] = []
     m = manifest([{"id": "pass", "node_type": "PassThroughNode"},
                   {"id": "slow", "node_type": "SleepNode", "executor": "ray", "params": {"sleep_ms": 10}}])
     async with probed_engine(**_ray(cluster), channel_capacity=2, output_queue_capacity=2) as engine:
         async with engine.stream(m) as session:
-            async def read() -> None:
-                async for out in session:
-                    seen.append(out.data.sequence)
-
-            reader = asyncio.get_running_loop().create_task(read())
-            for i, f in enumerate(frames):
-                await session.send("pass", f)
-                ahead.append(i + 1 - len(seen))
-            await session.close()
-            await reader
+            seen, ahead = await send_while_reading(session, "pass", frames)
     assert seen == list(range(60))
     # 2 calls in flight on the actor, 2 queued before it, 2 outputs queued after it (and one in hand each)
     assert max(ahead) <= 2 + 2 + 2 + 3

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import psutil
 import pytest
-from conftest import TEST_IPC_ROOT, eventually, manifest, probed_engine
+from conftest import TEST_IPC_ROOT, eventually, manifest, probed_engine, send_while_reading
 from grpc_client import CANCEL, CLOSE, buffer, chunk, collect, init, proto_manifest, requests
 from test_serve_cli import ServeProcess
 
@@ -164,23 +164,11 @@ async def test_a_slow_remote_slows_the_sender_and_loses_nothing(remote):
     # the remote sleeps 5 ms a frame; 256 KiB frames: only a few fit in the
     # buffers between (the remote's 4 + 4, HTTP/2's window, this engine's 4)
     frames = [_audio(i, 64 * 1024) for i in range(120)]
-    seen: list[int] = []
-    ahead: list[int] = []
     async with probed_engine(fd_slack=FD_SLACK, remote={"allowed_hosts": [remote.address]}, channel_capacity=4) as engine:
         m = manifest([{"id": "pass", "node_type": "PassThroughNode"},
                       {"id": "far", "node_type": "SleepNode", "params": {"sleep_ms": 5}, "host": remote.address}])
-        session = engine.stream(m)
-        async with session:
-            async def read() -> None:
-                async for out in session:
-                    seen.append(out.data.sequence)
-
-            reader = asyncio.get_running_loop().create_task(read())
-            for i, f in enumerate(frames):
-                await session.send("pass", f)
-                ahead.append(i + 1 - len(seen))
-            await session.close()
-            await reader
+        async with engine.stream(m) as session:
+            seen, ahead = await send_while_reading(session, "pass", frames)
     assert seen == list(range(120))  # nothing dropped, nothing reordered
     assert max(ahead) < 60  # the sender was held back, never far ahead of the remote
     await remote.holds_nothing()

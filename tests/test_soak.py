@@ -7,7 +7,6 @@ within 5 %, and after the burst exactly what it had after warm-up."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 

@@ -97,6 +97,8 @@ class Engine:
         self._process_manager: Any = None
         self._wasm: Any = None
         self._ray: Any = None
+        #: sessions started over the engine's life
+        self.sessions_started = 0
         self._closed = False
         self._accepting = True
         self._idle = asyncio.Event()
@@ -233,6 +235,7 @@ class Engine:
                           observer=observer if observer is not None else self.observer,
                           output_sink=output_sink, tracing=self.tracing, trace_carrier=trace_carrier)
         self._sessions[session.id] = session
+        self.sessions_started += 1
         self._idle.clear()
         return session
 

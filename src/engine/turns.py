@@ -94,6 +94,18 @@ class TurnLedger:
     def is_void(self, turn_id: str) -> bool:
         return bool(turn_id) and turn_id in self._void
 
+    def passes(self, out: RuntimeData) -> bool:
+        """Whether a node's output may go on: False (and counted) when its turn is
+        void; a turn event the node sends is noted first, so its own cancel applies
+        to it too."""
+        if self.drops(out):
+            return False
+        if getattr(out, "schema_type", None) == TURN_EVENT_SCHEMA:
+            event = TurnEvent.of(out)
+            if event is not None:
+                self.note(event)
+        return True
+
     def drops(self, frame: RuntimeData) -> bool:
         """True (and counted) when `frame` belongs to a voided turn."""
         if not self._void or not frame.metadata:

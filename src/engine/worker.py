@@ -64,7 +64,7 @@ from .ipc.loans import LoanedMemory, loan_of, send_in_place
 from .ipc.logs import LogCapture
 from .ipc.logs import capture as capture_logs
 from .node import Node
-from .turns import TURN_EVENT_SCHEMA, TurnEvent, TurnLedger
+from .turns import TurnEvent, TurnLedger
 from .zygote import set_node_title
 
 
@@ -411,12 +411,8 @@ class Worker:
 
     async def _send(self, out: RuntimeData, sender: FrameSender) -> None:
         """A stamped output (see NodeHost) → the output channel, in place when it can."""
-        if self.turns.drops(out):
+        if not self.turns.passes(out):
             return
-        if getattr(out, "schema_type", None) == TURN_EVENT_SCHEMA:
-            event = TurnEvent.of(out)
-            if event is not None:
-                self.turns.note(event)  # this node's own cancel applies here too
         t0 = time.thread_time()
         p = codec.prepare(out)
         loan = loan_of(out) if self._memory is not None and self._memory.lent else None

@@ -17,15 +17,10 @@ this one refusing them in-band. Running calls go on: their sessions get
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import ctypes
 import errno
 import logging
-import os
 import signal
 import socket
-import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +32,7 @@ from .._proto import execution_pb2, streaming_pb2
 from ..config import RuntimeConfig
 from ..engine import Engine
 from ..errors import Issue, ResourceLimitError, ValidationError
-from . import reflection
+from . import process, reflection
 from .auth import ApiKeyInterceptor
 from .decode import add_servicer
 from .execution import PipelineExecutionServicer
@@ -234,44 +229,13 @@ def _remove_handlers(loop: asyncio.AbstractEventLoop) -> None:
         loop.remove_signal_handler(sig)
 
 
-def _fixed_executor(loop: asyncio.AbstractEventLoop) -> concurrent.futures.ThreadPoolExecutor:
-    """The loop's default executor (asyncio.to_thread: blocking native nodes, file
-    checks), with all its threads started now: asyncio's grows one thread at a
-    time under load and never shrinks, so a server's thread count would step up
-    with its first busy minute; this one is what it will be from the start."""
-    workers = min(32, (os.cpu_count() or 1) + 4)  # asyncio's own bound
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="asyncio")
-    barrier = threading.Barrier(workers)  # every worker waits here: each needs a thread of its own
-    concurrent.futures.wait([pool.submit(barrier.wait, 10) for _ in range(workers)])
-    loop.set_default_executor(pool)
-    return pool
-
-
-def _fixed_mmap_threshold(kib: int) -> None:
-    """glibc: buffers of `kib` KiB or more mmapped, and unmapped when freed. Its
-    default threshold rises to the size of the first large buffer freed, after
-    which 256 KiB gRPC messages come from the heap and, freed in an order the
-    heap cannot trim, stay in the process (measured: +55 MiB after one
-    never-reading client's outbox, vs +2 MiB with the threshold fixed)."""
-    if kib <= 0 or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(kib * 1024))
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
-_M_MMAP_THRESHOLD = -3
-
-
 async def serve(config: Any = None, *, host: str | None = None, port: int | None = None,
                 metrics_port: int | None = None) -> int:
     """Run the server until SIGTERM or SIGINT, then drain; returns the exit code."""
     server = EngineServer(config, host=host, port=port, metrics_port=metrics_port)
-    _fixed_mmap_threshold(server.config.server.mmap_threshold_kib)
+    process.fixed_mmap_threshold(server.config.server.mmap_threshold_kib)
     loop = asyncio.get_running_loop()
-    _fixed_executor(loop)
+    process.fixed_executor(loop)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a signal while starting drains too
         loop.add_signal_handler(sig, stop.set)
@@ -280,10 +244,12 @@ async def serve(config: Any = None, *, host: str | None = None, port: int | None
     except BaseException:
         _remove_handlers(loop)
         raise
+    trimmer = loop.create_task(process.trim_when_idle(server.engine), name="trim-when-idle")
     try:
         await stop.wait()
         log.info("signal received: draining")
     finally:
+        trimmer.cancel()
         _remove_handlers(loop)
         await server.drain()
     return 0

@@ -28,7 +28,7 @@ from ...data import RuntimeData
 from ...errors import EngineError, NodeExecutionError
 from ...host import NodeHost
 from ...node import Node
-from ...turns import TURN_EVENT_SCHEMA, TurnEvent, TurnLedger
+from ...turns import TurnEvent, TurnLedger
 from ..base import NodeStats
 
 _END = object()
@@ -82,13 +82,8 @@ class NodeActor:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def emit(out: RuntimeData) -> None:
-            if self.turns.drops(out):
-                return
-            if getattr(out, "schema_type", None) == TURN_EVENT_SCHEMA:
-                event = TurnEvent.of(out)
-                if event is not None:
-                    self.turns.note(event)  # this node's own cancel applies here too
-            queue.put_nowait(("out", out))
+            if self.turns.passes(out):
+                queue.put_nowait(("out", out))
 
         task = asyncio.ensure_future(self._bounded(where, work(emit)) if where else work(emit))
         task.add_done_callback(lambda _: queue.put_nowait(_END))
