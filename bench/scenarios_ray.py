@@ -7,6 +7,7 @@ local two-node one of deploy/local_ray_cluster.py (`ray start` processes)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import uvloop
 
 from bench.harness import round_trips, scenario
@@ -124,6 +126,25 @@ def _plain_ray(address: str, n: int) -> dict[str, list[float]]:
     return out
 
 
+async def _node_removed(cluster: object, address: str) -> float:
+    """From the loss of the machine under a session's actor (kill -9 of its Ray node's
+    raylet and every process under it) to the node's typed error."""
+    gpu = {"version": "v1", "metadata": {"name": "gpu"}, "nodes": [
+        {"id": "e", "node_type": "EchoNode", "executor": "ray", "capabilities": {"gpu": {"type": "cuda"}}}],
+        "connections": []}
+    cfg = {"test_nodes": True, "ipc_root": IPC_ROOT, "ray": {"address": address, "idle_disconnect_secs": 0}}
+    async with Engine(cfg) as engine, engine.stream(gpu) as s:
+        it = s.__aiter__()
+        await s.send("e", RuntimeData.audio(np.zeros(1024, np.float32), 16000))
+        await it.__anext__()
+        lost = cluster.lose_node(s.runners["e"].placed["ray_node_id"])
+        t = time.perf_counter()
+        await s.wait_closed()
+        took = time.perf_counter() - t
+    await asyncio.to_thread(psutil.wait_procs, lost, 10)
+    return took
+
+
 @scenario("ray_node")
 def ray_node() -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deploy"))
@@ -133,6 +154,11 @@ def ray_node() -> dict:
     try:
         series = uvloop.run(_engine_series(cluster.address, 500))
         series.update(_plain_ray(cluster.address, 500))
+        removed = []
+        for _ in range(2):
+            removed.append(uvloop.run(_node_removed(cluster, cluster.address)))
+            cluster.add_gpu_node()
+        series["actor's machine gone (its Ray node's processes kill -9) → the node's typed error"] = removed
     finally:
         with contextlib.suppress(Exception):
             cluster.stop()

@@ -78,6 +78,19 @@ class RayCluster:
                 return p
         raise LookupError(f"no raylet of node {node_id}")
 
+    def lose_node(self, node_id: str) -> list[psutil.Process]:
+        """The machine of Ray node `node_id` gone at once: kill -9 of its raylet and
+        every process under it (its workers, its agents), with no one left to tell.
+        Returns at once with the processes signalled (psutil.wait_procs them)."""
+        raylet = self.raylet_of(node_id)
+        procs = [raylet, *raylet.children(recursive=True)]
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
+        return procs
+
     def alive_actors(self, class_name: str = "NodeActor") -> list:
         """The cluster's live (or still starting) actors of `class_name`, by Ray's state API."""
         from ray.util.state import list_actors

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import psutil
 import pytest
 from conftest import TEST_IPC_ROOT, eventually, manifest, probed_engine, send_while_reading
 
@@ -202,12 +203,12 @@ async def test_a_node_removed_is_the_nodes_typed_error(cluster):
         async with probed_engine(**_ray(cluster)) as engine:
             async with engine.stream(m) as session:
                 await session.send("pass", _audio(0))
-                raylet = cluster.raylet_of(session.runners["gpu"].placed["ray_node_id"])
-                raylet.kill()  # the GPU machine gone
+                lost = cluster.lose_node(session.runners["gpu"].placed["ray_node_id"])  # the GPU machine gone
                 await session.wait_closed()
                 err = session.error
                 assert isinstance(err, NodeExecutionError), err
                 assert err.node_id == "gpu" and "Ray actor died" in err.message
+                await asyncio.to_thread(psutil.wait_procs, lost, 10)
     finally:
         await asyncio.to_thread(cluster.add_gpu_node)
     await _nothing_left(cluster)
@@ -327,7 +328,6 @@ async def test_a_grpc_client_declares_a_gpu_and_its_node_runs_on_the_cluster(clu
 
 async def test_an_engine_killed_leaves_nothing_in_the_cluster(cluster, tmp_path):
     import grpc
-    import psutil
     from grpc_client import chunk, init, proto_manifest
     from test_serve_cli import ServeProcess
 

@@ -241,6 +241,11 @@ class RaySettings:
     gpu_memory_resource: str = ""
     #: seconds a node's cleanup() may take on the actor before it is killed
     cleanup_timeout_secs: float = 2.0
+    #: each actor's heartbeat: one every heartbeat_secs; none for
+    #: heartbeat_timeout_secs = its worker or machine is gone (the node's typed
+    #: error; Ray itself confirms a lost machine only seconds later)
+    heartbeat_secs: float = 0.2
+    heartbeat_timeout_secs: float = 0.75
 
 
 @dataclass(frozen=True)

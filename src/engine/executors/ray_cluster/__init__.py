@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass
@@ -97,15 +98,18 @@ def placements(manifest: Manifest, registry: ExecutorRegistry, settings: RaySett
 
 
 def check(manifest: Manifest, registry: ExecutorRegistry, settings: RaySettings) -> list[Issue]:
-    """Validation: a node that must run on Ray needs a configured cluster."""
-    if settings.address:
+    """Validation: a node that must run on Ray needs a configured cluster (and Ray installed)."""
+    if settings.address and importlib.util.find_spec("ray") is not None:
         return []
+    problem = ("but none is configured ([ray] address is empty)" if not settings.address else
+               "but Ray is not installed here (pip install 'remotemedia-engine[ray]')")
     by_id = {d.id: d for d in manifest.nodes}
-    return [Issue(f"$.nodes[{by_id[nid].index}]." + ("executor" if by_id[nid].executor == "ray" else "capabilities"),
-                  f"runs on a Ray cluster ({why}), but none is configured ([ray] address is empty)",
-                  node_id=nid, field="executor" if by_id[nid].executor == "ray" else "capabilities",
-                  code="ray.not_configured")
-            for nid, why in placements(manifest, registry, settings).items()]
+    issues = []
+    for nid, why in placements(manifest, registry, settings).items():
+        field = "executor" if by_id[nid].executor == "ray" else "capabilities"
+        issues.append(Issue(f"$.nodes[{by_id[nid].index}].{field}", f"runs on a Ray cluster ({why}), {problem}",
+                            node_id=nid, field=field, code="ray.not_configured"))
+    return issues
 
 
 def actor_resources(decl: NodeDecl, settings: RaySettings) -> dict[str, Any]:

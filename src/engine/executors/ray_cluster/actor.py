@@ -152,6 +152,8 @@ class NodeActor:
             error = str(exc)
         return {"busy_s": self.stats.busy_s, "cpu_s": time.process_time(), "cleanup_error": error}
 
-    async def until_dead(self) -> None:
-        """Never returns: the engine's watch on this actor (it fails when the actor dies)."""
-        await asyncio.Event().wait()
+    async def heartbeat(self, every: float) -> AsyncIterator[None]:
+        """Never ends: an item every `every` seconds, the engine's watch on this actor."""
+        while True:
+            yield None
+            await asyncio.sleep(every)

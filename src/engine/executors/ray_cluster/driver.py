@@ -14,7 +14,8 @@ items as they arrive:
                                         create it, stream its start()
              ("stream", call, actor, method, args)  a streaming-generator method
              ("value", call, actor, method, args)   a plain method
-             ("watch", call, actor)     answers only when the actor dies
+             ("watch", call, actor, every, timeout)  answers only when the actor dies
+                                        (or its heartbeat stops for `timeout`)
              ("kill", call, actor)      answers once Ray reports it dead
              ("shortfall", call, resources)
              ("echo", call, value)      answers `value` (the hop alone, for the bench)
@@ -78,11 +79,15 @@ def _amount(resource: str, value: float) -> str:
     return f"{value / 1024**3:.1f} GB" if resource == "memory" else f"{value:g}"
 
 
+class ActorGone(Exception):
+    """An actor that stopped answering before Ray said it died."""
+
+
 class Driver:
     def __init__(self, link: wire.Link) -> None:
         self.link = link
         self.actors: dict[str, Any] = {}
-        self.dead: dict[str, Any] = {}  # actor → its watch call (fails once it is dead)
+        self.dead: dict[str, asyncio.Event] = {}  # actor → set once its watch ended (it is dead)
         self.tasks: set[asyncio.Task] = set()
 
     def send(self, message: Any) -> None:
@@ -100,7 +105,7 @@ class Driver:
         try:
             await work
             self.send(("done", call))
-        except ray.exceptions.RayActorError as exc:
+        except (ray.exceptions.RayActorError, ActorGone) as exc:
             self.send(("fail", call, "actor_died", _first_line(exc)))
         except ray.exceptions.RayError as exc:
             self.send(("fail", call, "ray", f"{type(exc).__name__}: {_first_line(exc)}"))
@@ -123,8 +128,25 @@ class Driver:
             return
         ray.kill(handle, no_restart=True)
         if dead is not None:
-            with contextlib.suppress(TimeoutError, ray.exceptions.RayError):
-                await asyncio.wait_for(_await(dead), _KILL_WAIT_SECS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(dead.wait(), _KILL_WAIT_SECS)
+
+    async def _watch(self, actor: str, every: float, silence: float) -> None:
+        """The actor's heartbeat: an item every `every` seconds from a streaming call.
+        It fails at once when Ray knows the actor is dead, and when no item came for
+        `silence` seconds (its worker or its machine gone, which Ray itself confirms only
+        after its own health checks, seconds later)."""
+        dead = self.dead.setdefault(actor, asyncio.Event())
+        beats = self.actors[actor].heartbeat.remote(every)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(silence):
+                        await (await beats.__anext__())
+                except TimeoutError:
+                    raise ActorGone(f"no heartbeat for {silence:g} s: its worker or its machine is gone") from None
+        finally:
+            dead.set()
 
     def handle(self, message: tuple) -> bool:
         import ray
@@ -146,9 +168,8 @@ class Driver:
             _, call, actor, method, args = message
             self.spawn(self._answer(call, self._value(call, getattr(self.actors[actor], method).remote(*args))))
         elif op == "watch":
-            _, call, actor = message
-            dead = self.dead[actor] = self.actors[actor].until_dead.remote()
-            self.spawn(self._answer(call, _await(dead)))
+            _, call, actor, every, timeout = message
+            self.spawn(self._answer(call, self._watch(actor, every, timeout)))
         elif op == "kill":
             _, call, actor = message
             self.spawn(self._answer(call, self._kill(actor)))

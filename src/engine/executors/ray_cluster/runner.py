@@ -19,9 +19,11 @@ the driver's socket from where it lies and read into one buffer there
 Ray's inline limit (one copy) and read there in place by the actor; outputs
 take the same way back.
 
-Faults: a watch call that only returns when the actor dies turns its death
-(worker killed, node removed) into this node's typed error at once, even
-between frames. Teardown asks the actor to run the node's cleanup() after a
+Faults: a watch (the actor's heartbeat, a streaming call) turns its death
+into this node's typed error at once when Ray knows of it (worker killed),
+and after `heartbeat_timeout_secs` of silence when it does not yet (the
+actor's machine gone: Ray confirms that only after its own health checks),
+even between frames. Teardown asks the actor to run the node's cleanup() after a
 clean end, then kills it (`ray.kill`) and waits until Ray reports it dead.
 The driver owns the actors, so if the engine (and so its driver) dies, Ray
 ends them too.
@@ -107,7 +109,9 @@ class RayRunner(NodeRunner):
             await self._start_actor(progress)
         except CallFailed as exc:
             raise self._call_error(exc) from None
-        self.ctx.track(self._watch(self._driver.call("watch", self._actor)), f"{self.node_id}:ray-watch")
+        settings = self._conn.settings
+        watch = self._driver.call("watch", self._actor, settings.heartbeat_secs, settings.heartbeat_timeout_secs)
+        self.ctx.track(self._watch(watch), f"{self.node_id}:ray-watch")
         self.ctx.track(self._read_results(), f"{self.node_id}:ray-results")
 
     async def _start_actor(self, progress: Progress) -> None:
