@@ -44,11 +44,15 @@ def cluster():
         c.stop()
 
 
-def _gpu_node_id(cluster: RayCluster) -> str:
+def _gpu_nodes(cluster: RayCluster) -> list[str]:
     from ray.util.state import list_nodes
 
-    return next(n.node_id for n in list_nodes(address=cluster.dashboard)
-                if n.state == "ALIVE" and n.resources_total.get("GPU"))
+    return [n.node_id for n in list_nodes(address=cluster.dashboard)
+            if n.state == "ALIVE" and n.resources_total.get("GPU")]
+
+
+def _gpu_node_id(cluster: RayCluster) -> str:
+    return _gpu_nodes(cluster)[0]
 
 
 def _ray(cluster: RayCluster, **settings) -> dict:
@@ -211,6 +215,8 @@ async def test_a_node_removed_is_the_nodes_typed_error(cluster):
                 await asyncio.to_thread(psutil.wait_procs, lost, 10)
     finally:
         await asyncio.to_thread(cluster.add_gpu_node)
+        # until Ray has marked the lost node dead, it may still place actors there
+        await eventually(lambda: len(_gpu_nodes(cluster)) == 1, "Ray to see exactly one GPU node", 60)
     await _nothing_left(cluster)
 
 
