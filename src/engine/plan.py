@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from .config import RaySettings, SessionSettings
 from .data import DataKind
+from .executors.ray_cluster import placement
 from .manifest import Manifest, NodeDecl
 from .registry import ExecutorKind, ExecutorRegistry, NodeTypeSpec
 
@@ -84,11 +85,8 @@ def build_plan(manifest: Manifest, registry: ExecutorRegistry, settings: Session
         spec = registry.get(decl.node_type)
         assert spec is not None, "validated manifest names only registered types"
         kind = spec.resolve_executor(decl.executor)
-        if ray is not None and kind == "multiprocess" and ray.place_by_capabilities:
-            from .executors.ray_cluster import placement
-
-            if placement(decl, spec, ray):
-                kind = "ray"
+        if ray is not None and kind == "multiprocess" and ray.place_by_capabilities and placement(decl, spec, ray):
+            kind = "ray"
         if kind == "multiprocess" and not settings.multiprocess_enabled:
             kind = "native"
         if decl.host:  # on the engine there (which runs it on the executor it chooses)

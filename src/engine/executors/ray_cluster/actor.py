@@ -76,22 +76,31 @@ class NodeActor:
                                      "will be stopped", node_id=self.node_id,
                                      context={"field": "process_timeout_secs", "limit": self.timeout}) from None
 
-    async def _run(self, work: Callable[[Callable[[RuntimeData], Awaitable[None]]], Awaitable[None]],
-                   where: str = "") -> AsyncIterator[tuple[str, Any]]:
-        """Run `work(emit)`, yielding each output as it is emitted, then its error if it failed."""
+    async def _items(self, work: Callable[[Callable[[tuple], None]], Awaitable[None]], where: str = ""
+                     ) -> AsyncIterator[tuple[str, Any]]:
+        """Run `work(put)` as a task, yielding each item it puts as it comes, then
+        ("error", ...) if it failed (in `where`, else where the node host was)."""
         queue: asyncio.Queue = asyncio.Queue()
-
-        async def emit(out: RuntimeData) -> None:
-            if self.turns.passes(out):
-                queue.put_nowait(("out", out))
-
-        task = asyncio.ensure_future(self._bounded(where, work(emit)) if where else work(emit))
+        task = asyncio.ensure_future(work(queue.put_nowait))
         task.add_done_callback(lambda _: queue.put_nowait(_END))
         while (item := await queue.get()) is not _END:
             yield item
         exc = None if task.cancelled() else task.exception()
         if exc is not None:
-            yield error_item(self.host.wrap(exc, self.host.where))
+            yield error_item(self.host.wrap(exc, where or self.host.where))
+
+    def _run(self, work: Callable[[Callable[[RuntimeData], Awaitable[None]]], Awaitable[None]],
+             where: str = "") -> AsyncIterator[tuple[str, Any]]:
+        """Run `work(emit)`, yielding each output as it is emitted (bounded in time when
+        `where` names a process() or flush()), then its error if it failed."""
+        def node_work(put: Callable[[tuple], None]) -> Awaitable[None]:
+            async def emit(out: RuntimeData) -> None:
+                if self.turns.passes(out):
+                    put(("out", out))
+
+            return self._bounded(where, work(emit)) if where else work(emit)
+
+        return self._items(node_work)
 
     async def _in_order(self, index: int, where: str, work: Callable[..., Awaitable[None]]
                         ) -> AsyncIterator[tuple[str, Any]]:
@@ -111,14 +120,13 @@ class NodeActor:
         """("placed", where) at once, ("progress", phase, percent, message)..., then ("ready", where)."""
         where = self._where()
         yield ("placed", where)
-        queue: asyncio.Queue = asyncio.Queue()
-        task = asyncio.ensure_future(self.host.start(
-            lambda phase, pct, msg: queue.put_nowait(("progress", phase, pct, msg))))
-        task.add_done_callback(lambda _: queue.put_nowait(_END))
-        while (item := await queue.get()) is not _END:
+        failed = False
+        async for item in self._items(lambda put: self.host.start(
+                lambda phase, pct, msg: put(("progress", phase, pct, msg))), "initialize"):
+            failed = item[0] == "error"
             yield item
-        exc = None if task.cancelled() else task.exception()
-        yield error_item(self.host.wrap(exc, "initialize")) if exc is not None else ("ready", where)
+        if not failed:
+            yield ("ready", where)
 
     async def process(self, index: int, frame: RuntimeData) -> AsyncIterator[tuple[str, Any]]:
         async for item in self._in_order(index, "process", lambda emit: self.host.process(frame, emit)):

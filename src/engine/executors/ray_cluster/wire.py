@@ -43,7 +43,8 @@ class Link:
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
         self.sock = sock
         self._loop = asyncio.get_running_loop()
-        self._out: collections.deque[list[bytes | memoryview]] = collections.deque()
+        #: (the parts of one message, their size), in the order queued
+        self._out: collections.deque[tuple[list[bytes | memoryview], int]] = collections.deque()
         self._queued = 0
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
@@ -57,8 +58,9 @@ class Link:
         if self.closed:
             raise ConnectionError("the link is closed")
         parts = encode(message)
-        self._out.append(parts)
-        self._queued += sum(memoryview(p).nbytes for p in parts)
+        size = sum(memoryview(p).nbytes for p in parts)
+        self._out.append((parts, size))
+        self._queued += size
         if self._queued > HIGH_WATER:
             self._room.clear()
         self._idle.clear()
@@ -78,10 +80,10 @@ class Link:
             while True:
                 await self._wake.wait()
                 while self._out:
-                    parts = self._out.popleft()
+                    parts, size = self._out.popleft()
                     for part in parts:
                         await self._loop.sock_sendall(self.sock, part)
-                    self._queued -= sum(memoryview(p).nbytes for p in parts)
+                    self._queued -= size
                     if self._queued <= HIGH_WATER:
                         self._room.set()
                 self._wake.clear()
