@@ -41,7 +41,12 @@ class RayCluster:
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         # every process of the cluster inherits this mark (the agents rename
         # themselves, so their command lines do not tell)
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RME_TEST_RAY_CLUSTER": self.temp_dir}
+        # their own temporary files (multiprocessing's listener folders) stay in its
+        # folder too, so stop() removes them with it
+        tmp = os.path.join(self.temp_dir, "tmp")
+        os.mkdir(tmp)
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RME_TEST_RAY_CLUSTER": self.temp_dir,
+                    "TMPDIR": tmp}
 
     def _ray_start(self, *args: str) -> None:
         subprocess.run([RAY, "start", "--disable-usage-stats", "--node-ip-address=127.0.0.1", *args],
