@@ -8,6 +8,7 @@ import sys
 from bench import (  # noqa: F401  (importing a scenarios module registers its scenarios)
     harness,
     plots,
+    scenarios_app,
     scenarios_foundation,
     scenarios_multiprocess,
     scenarios_node_host,

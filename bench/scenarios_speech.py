@@ -90,7 +90,12 @@ class Spoken:
     def make(cls, text: str, lead_s: float = LEAD_S, seed: int = 0) -> Spoken:
         from nodes.speech.spoken import spoken
 
-        speech = spoken(text, variation=True)  # the voice as people hear it, not one fixed take
+        # the voice as people hear it, not one fixed take
+        return cls.from_audio(text, spoken(text, variation=True), lead_s, seed)
+
+    @classmethod
+    def from_audio(cls, text: str, speech: np.ndarray, lead_s: float = LEAD_S, seed: int = 0) -> Spoken:
+        """`text` as said in `speech` (16 kHz mono float32), streamed after `lead_s` of silence."""
         lead = np.zeros(int(lead_s * RATE), np.float32)
         audio = np.concatenate((lead, speech))
         audio = np.concatenate((audio, np.zeros(-audio.size % CHUNK, np.float32)))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-import re
 import signal
 import time
 
@@ -15,7 +14,7 @@ import pytest
 import soxr
 from conftest import eventually
 from grpc_client import CLOSE, collect, init, kinds, proto_manifest_from_dict, requests
-from speech_audio import VOICE_LOOP, paused, question, spoken
+from speech_audio import VOICE_LOOP, paused, question, spoken, wer
 from voice_call import VoiceCall
 
 from engine import RuntimeData
@@ -40,28 +39,6 @@ def test_models():
     checker = WhisperNode("check", {"window_s": 30})  # the standard model judges
     checker.initialize()
     return {"asr": checker}
-
-_NUMBERS = {"0": "zero", "1": "one", "2": "two", "3": "three", "4": "four", "5": "five", "6": "six",
-            "7": "seven", "8": "eight", "9": "nine", "10": "ten"}
-
-
-def words(text: str) -> list[str]:
-    out = []
-    for w in re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split():
-        out.append(_NUMBERS.get(w, w))
-    return out
-
-
-def wer(reference: str, hypothesis: str) -> float:
-    """Word error rate: word-level edit distance / reference length."""
-    ref, hyp = words(reference), words(hypothesis)
-    d = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, d[0] = d[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
-    return d[len(hyp)] / max(1, len(ref))
-
 
 def one(node_id: str, node_type: str, **params) -> dict:
     return {"version": "v1", "metadata": {"name": "speech-test"},

@@ -29,6 +29,7 @@ import inspect
 import logging
 from types import ModuleType
 
+from . import composite
 from .config import RuntimeConfig
 from .errors import InternalError
 from .executors.wasm.node import WasmNode
@@ -66,6 +67,13 @@ def default_registry(config: RuntimeConfig | None = None, *, test_nodes: bool | 
         load_entry_points(registry)
     for module in cfg.nodes.modules:
         load_module(registry, module)
+    for node_type, params in cfg.node_params.items():
+        if registry.get(node_type) is None:
+            registry.failures.append(PluginFailure(NodeSource("module", f"[node_params.{node_type}]"),
+                                                   f"no registered node type {node_type!r}"))
+        else:
+            registry.set_defaults(node_type, params)
+    load_composites(registry, cfg)
     for failure in registry.failures:
         log.warning("node plugin %s did not load: %s", failure.source, failure.error)
     return registry
@@ -88,6 +96,25 @@ def builtin_package() -> ModuleType:
             context={"path": where},
         )
     return nodes
+
+
+def load_composites(registry: ExecutorRegistry, cfg: RuntimeConfig) -> None:
+    """The built-in stand-ins, then runtime.toml's `[composites]` (same name: the operator's wins)."""
+    defined = [(name, data, "built-in") for name, data in composite.builtin_definitions().items()
+               if name not in cfg.composites]
+    defined += [(name, data, "runtime.toml") for name, data in cfg.composites.items()]
+    for name, data, where in defined:
+        source = NodeSource("module", f"[composites.{name}] ({where})")
+        comp, problems = composite.parse(name, data, where)
+        if comp is not None:
+            comp, problems = composite.check(comp, registry)
+        if comp is not None and registry.get(name) is not None and not comp.stand_in:
+            problems = [f"node type {name!r} is a registered class; set stand_in = true to serve it only "
+                        "where that class cannot run"]
+        if comp is None or problems:
+            registry.failures.append(PluginFailure(source, "; ".join(problems)))
+            continue
+        registry.add_composite(comp)
 
 
 def load_entry_points(registry: ExecutorRegistry) -> None:

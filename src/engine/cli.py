@@ -36,9 +36,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for issue in exc.issues:
             print(f"  {issue}", file=sys.stderr)
         return 2
-    print(f"{args.manifest}: valid ({len(m.nodes)} nodes, {len(m.connections)} connections)")
+    outer = {n.public_id for n in m.nodes}
+    print(f"{args.manifest}: valid ({len(outer)} nodes, {len(m.connections)} connections after composites)")
+    shown: set[str] = set()
     for node_id, where in placement_lines(m, registry, config):
-        print(f"  {node_id}: {where}")
+        public = node_id.split(".", 1)[0]
+        if public in m.served_by and public not in shown:
+            shown.add(public)
+            print(f"  {public}: served by: {m.served_by[public]}")
+        print(f"  {'  ' if public in m.served_by else ''}{node_id}: {where}")
+    for note in m.notes:
+        print(f"  note: {note}")
     return 0
 
 
@@ -80,6 +88,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         print(render(registry, builtin_only=False), end="")
     elif args.json:
         listing = {"nodes": [spec.describe() for spec in registry.specs()],
+                   "composites": [comp.describe() for comp in registry.composites()],
                    "failed": [f.describe() for f in registry.failures]}
         print(orjson.dumps(listing, option=orjson.OPT_INDENT_2).decode())
     else:
@@ -97,6 +106,9 @@ def _print_nodes(registry: Any) -> None:
         executor = spec.executor if spec.overridable else f"{spec.executor} (fixed)"
         rows.append((spec.node_type, executor,
                      f"{kinds(spec.cls.input_types)} -> {kinds(spec.cls.output_types)}", str(spec.source)))
+    for comp in registry.composites():
+        rows.append((comp.node_type, "composite", f"{kinds(comp.input_types)} -> {kinds(comp.output_types)}",
+                     f"served by: {comp.served_by()}"))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3])

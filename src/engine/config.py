@@ -263,6 +263,12 @@ class RuntimeConfig:
     wasm: WasmSettings = field(default_factory=WasmSettings)
     remote: RemoteSettings = field(default_factory=RemoteSettings)
     ray: RaySettings = field(default_factory=RaySettings)
+    #: runtime.toml `[node_params.TYPE]`: the operator's params for every node of
+    #: a type (a manifest's own params win), e.g. where a model's files are
+    node_params: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    #: runtime.toml `[composites.TYPE]`: node types defined as small pipelines
+    #: (engine.composite); they replace the built-in stand-ins of the same name
+    composites: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
     python_executable: str = sys.executable
     test_nodes: bool = False
     #: node processes kept started, never used, so a session's nodes skip the
@@ -306,6 +312,13 @@ class RuntimeConfig:
         wasm = _build(WasmSettings, data.pop("wasm", {}), "wasm", issues)
         remote = _remote(data.pop("remote", {}), issues)
         ray = _build(RaySettings, data.pop("ray", {}), "ray", issues)
+        tables = {}
+        for section in ("node_params", "composites"):
+            value = data.pop(section, {})
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                issues.append(Issue(section, "must be a table of tables, one per node type"))
+                value = {}
+            tables[section] = MappingProxyType({k: dict(v) for k, v in value.items()})
         session_keys = {f.name for f in fields(SessionSettings)}
         sess = {k: data.pop(k) for k in list(data) if k in session_keys}
         if "multiprocess" in data:  # [multiprocess] enabled = false
@@ -314,11 +327,12 @@ class RuntimeConfig:
                 sess["multiprocess_enabled"] = mp["enabled"]
         session = _build(SessionSettings, sess, "", issues)
         top = _build(cls, data, "", issues,
-                     skip={"session", "caps", "server", "nodes", "tracing", "wasm", "remote", "ray"})
+                     skip={"session", "caps", "server", "nodes", "tracing", "wasm", "remote", "ray",
+                           "node_params", "composites"})
         if issues:
             raise ValidationError(issues)
         cfg = replace(top, session=session, caps=caps, server=server, nodes=nodes, tracing=tracing, wasm=wasm,
-                      remote=remote, ray=ray)
+                      remote=remote, ray=ray, **tables)
         cfg.check()
         return cfg
 

@@ -308,11 +308,12 @@ class Engine:
         """
         t0 = time.perf_counter()
         m = self.validate(manifest)
-        known = {n.id for n in m.nodes}
+        known = {n.public_id for n in m.nodes}
         for node_id in inputs:
             if node_id not in known:
                 raise ValidationError(f"input for unknown node {node_id!r}; nodes: {', '.join(sorted(known))}",
                                       node_id=node_id)
+        inputs = {m.entry(k): v for k, v in inputs.items()}
         fed = {c.target for c in m.connections}
         starved = [n.id for n in m.nodes if n.id not in fed and n.input_types and n.id not in inputs]
         if starved:

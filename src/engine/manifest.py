@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -41,6 +41,7 @@ from .data import DataKind
 from .errors import Issue, ValidationError
 
 if TYPE_CHECKING:
+    from .composite import CompositeType
     from .registry import ExecutorRegistry, NodeTypeSpec
 
 
@@ -56,6 +57,15 @@ class NodeDecl:
     capabilities: MappingProxyType
     host: str | None
     index: int  # position in the manifest (for error paths)
+    #: the composite node this node serves inside (see engine.composite), "" = none
+    outer: str = ""
+    #: its outputs also leave the pipeline (an output node of a composite sink that feeds an inner node)
+    exposed: bool = False
+
+    @property
+    def public_id(self) -> str:
+        """The id the caller knows this node by: its composite's, else its own."""
+        return self.outer or self.id
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +83,16 @@ class Manifest:
     connections: tuple[Connection, ...]
     multiprocess: MappingProxyType  # metadata.multiprocess overrides
     raw: MappingProxyType
+    #: a composite node's id → its input node's id (what a caller sends to it goes there)
+    entries: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    #: a composite node's id → what serves it ("WhisperNode → LlamaCppNode (stand-in, built-in)")
+    served_by: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    #: what a session logs once at start: params given that mean nothing on this server
+    notes: tuple[str, ...] = ()
+
+    def entry(self, node_id: str) -> str:
+        """The node that takes what a caller sends to `node_id`."""
+        return self.entries.get(node_id, node_id)
 
     def node(self, node_id: str) -> NodeDecl:
         for n in self.nodes:
@@ -390,7 +410,7 @@ def _declared_kinds(spec: NodeTypeSpec, node_id: str, path: str, field: str,
     return declared
 
 
-def _params_issues(spec: NodeTypeSpec, node_id: str, path: str, params: dict[str, Any]) -> list[Issue]:
+def params_issues(spec: NodeTypeSpec, node_id: str, path: str, params: dict[str, Any]) -> list[Issue]:
     try:
         spec.params_fast(params)
         return []
@@ -419,6 +439,15 @@ def _type_mismatch(path: str, upstream: NodeDecl, downstream: NodeDecl) -> Issue
         code="type_mismatch",
         extra={"from": upstream.id, "to": downstream.id, "outputs": _names(upstream.output_types),
                "accepts": _names(downstream.input_types)})
+
+
+def _inert_note(node_id: str, node_type: str, given: list[str], why: Any) -> list[str]:
+    if not given:
+        return []
+    reasons = "; ".join(f"{k}: {why[k]}" for k in sorted(given))
+    return [f"node {node_id} ({node_type}): param{'s' if len(given) > 1 else ''} {', '.join(sorted(given))} "
+            f"mean{'' if len(given) > 1 else 's'} nothing on this server and {'are' if len(given) > 1 else 'is'} "
+            f"ignored ({reasons})"]
 
 
 def validate(source: Any, registry: ExecutorRegistry) -> Manifest:
@@ -453,6 +482,9 @@ def validate(source: Any, registry: ExecutorRegistry) -> Manifest:
 
     decls: list[NodeDecl] = []
     specs: dict[str, NodeTypeSpec] = {}
+    composites: dict[str, CompositeType] = {}
+    served: dict[str, str] = {}
+    notes: list[str] = []
     for i, n in enumerate(nodes_raw):
         nid, ntype = n.get("id"), n.get("node_type")
         if not isinstance(nid, str) or not isinstance(ntype, str) or not ntype:
@@ -460,6 +492,19 @@ def validate(source: Any, registry: ExecutorRegistry) -> Manifest:
         path = f"$.nodes[{i}]"
         spec = registry.get(ntype)
         params = n.get("params") if isinstance(n.get("params"), dict) else {}
+        comp = registry.composite(ntype)
+        if comp is not None and (spec is None or (comp.stand_in and spec.unavailable(spec.normalize_params(params)))):
+            outer, problems = comp.outer_params(nid, path, params)
+            issues += problems
+            composites[nid] = comp
+            served[nid] = comp.served_by(outer)
+            decls.append(NodeDecl(
+                id=nid, node_type=ntype, params=MappingProxyType(outer), executor=None,
+                is_streaming=bool(n.get("is_streaming", False)), input_types=comp.input_types,
+                output_types=comp.output_types, capabilities=MappingProxyType(n.get("capabilities") or {}),
+                host=None, index=i))
+            notes += _inert_note(nid, ntype, [k for k in outer if k in comp.inert], comp.inert)
+            continue
         if spec is None:
             hint = registry.suggest(ntype)
             msg = f"unknown node type {ntype!r}"
@@ -468,8 +513,12 @@ def validate(source: Any, registry: ExecutorRegistry) -> Manifest:
                                 code="unknown_node_type", extra={"suggestions": hint}))
         else:
             specs[nid] = spec
+            notes += _inert_note(nid, ntype, spec.inert_params(params), spec.cls.inert_params)
             params = spec.normalize_params(params)
-            issues += _params_issues(spec, nid, path, params)
+            issues += params_issues(spec, nid, path, params)
+            if (why := spec.unavailable(params)) is not None:
+                issues.append(Issue(f"{path}.node_type", f"node type {ntype!r} cannot run on this server: {why}",
+                                    node_id=nid, field="node_type", code="unavailable"))
             executor = n.get("executor")
             if executor and not spec.accepts_executor(executor):
                 can = ("native, multiprocess or ray" if spec.overridable else
@@ -529,6 +578,14 @@ def validate(source: Any, registry: ExecutorRegistry) -> Manifest:
         issues.append(Issue("$.connections", f"cycle: {' → '.join(shown)}", node_id=cycle[0],
                             code="cycle", extra={"cycle": cycle}))
 
+    entries: dict[str, str] = {}
+    if composites and not issues:
+        # checked as the caller wrote it; now each composite becomes its inner nodes
+        from .composite import expand  # composite builds on NodeDecl: imported here, not at the top
+
+        decls, conns, entries, problems = expand(decls, conns, composites, registry)
+        issues += problems
+
     if issues:
         raise ValidationError(issues)
 
@@ -537,5 +594,6 @@ def validate(source: Any, registry: ExecutorRegistry) -> Manifest:
         name=md["name"], description=md.get("description", ""), created_at=md.get("created_at", ""),
         nodes=tuple(decls), connections=tuple(conns),
         multiprocess=MappingProxyType(dict(md.get("multiprocess") or {})),
-        raw=MappingProxyType(doc),
+        raw=MappingProxyType(doc), entries=MappingProxyType(entries), served_by=MappingProxyType(served),
+        notes=tuple(notes),
     )

@@ -58,11 +58,22 @@ class Node:
     params_schema: ClassVar[dict[str, Any]] = {"type": "object"}
     #: alternative spellings of params used by existing manifests → canonical name
     param_aliases: ClassVar[dict[str, str]] = {}
+    #: params existing clients send that mean nothing on this server (e.g. a
+    #: `device` for a node that runs on CPU): accepted, left out of `params`,
+    #: and reported once in the session's log, with why
+    inert_params: ClassVar[dict[str, str]] = {}
     #: in a node process, large inputs (64 KiB and up) arrive as read-only
     #: views over the shared memory they came in, without a copy; the memory
     #: is lent until the frame is dropped, so a node that keeps many inputs
     #: gets copies past a few. Off: every input is a private, writable copy.
     zero_copy_inputs: ClassVar[bool] = False
+
+    @classmethod
+    def unavailable(cls, params: dict[str, Any]) -> str | None:
+        """Why this node cannot run on this machine with `params` (its model or a
+        package is missing), said at validation before any process starts;
+        None when it can. Must be cheap: no model is loaded here."""
+        return None
 
     def __init__(self, node_id: str, params: dict[str, Any]) -> None:
         self.node_id = node_id

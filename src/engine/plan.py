@@ -4,7 +4,9 @@ order, fan-out (downstream lists), fan-in (upstream lists), sources and sinks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from .config import RaySettings, SessionSettings
 from .data import DataKind
@@ -27,7 +29,9 @@ class PlannedNode:
 
     @property
     def is_sink(self) -> bool:
-        return not self.downstream
+        """Its outputs leave the pipeline (to the caller): it feeds no node, or it is
+        an output node of a composite sink (which may also feed inner nodes)."""
+        return not self.downstream or self.decl.exposed
 
     @property
     def is_source(self) -> bool:
@@ -47,6 +51,19 @@ class PlannedNode:
 class ExecutionPlan:
     order: tuple[str, ...]
     nodes: dict[str, PlannedNode]
+    #: a composite node's id → its input node's id (Manifest.entries)
+    entries: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    #: logged once when a session starts (Manifest.notes)
+    notes: tuple[str, ...] = ()
+
+    def entry(self, node_id: str) -> str:
+        """The node that takes what a caller sends to `node_id` (a composite's input node)."""
+        return self.entries.get(node_id, node_id)
+
+    @property
+    def public_ids(self) -> frozenset[str]:
+        """The node ids a caller knows: a composite's own, never its inner nodes'."""
+        return frozenset(n.decl.public_id for n in self.nodes.values())
 
     @property
     def sinks(self) -> tuple[str, ...]:
@@ -92,4 +109,4 @@ def build_plan(manifest: Manifest, registry: ExecutorRegistry, settings: Session
         if decl.host:  # on the engine there (which runs it on the executor it chooses)
             kind = "remote"
         nodes[decl.id] = PlannedNode(decl, spec, kind, tuple(ups[decl.id]), tuple(downs[decl.id]))
-    return ExecutionPlan(tuple(order), nodes)
+    return ExecutionPlan(tuple(order), nodes, manifest.entries, manifest.notes)

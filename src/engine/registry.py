@@ -12,14 +12,18 @@ composition root, so that importing the registry never imports the nodes.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import fastjsonschema
 import jsonschema
 
 from .node import Node
+
+if TYPE_CHECKING:
+    from .composite import CompositeType
 
 ExecutorKind = Literal["native", "multiprocess", "wasm", "remote", "ray"]
 #: what a manifest may move an overridable node type between
@@ -98,12 +102,28 @@ class NodeTypeSpec:
         return "multiprocess" if requested == "multiprocess" else "native"
 
     def normalize_params(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Canonical spelling (aliases) and schema defaults, without validation."""
-        aliases = self.cls.param_aliases
-        out = {aliases.get(k, k): v for k, v in params.items()}
+        """Canonical spelling (aliases, camelCase of a known param) and defaults
+        (the operator's, then the schema's), without validation. Params the
+        class declares `inert` are left out (see inert_params)."""
+        out = canonical_params(params, self.cls.param_aliases, self.params_known)
+        for key in self.cls.inert_params:
+            out.pop(key, None)
         for key, value in self.defaults.items():
             out.setdefault(key, value)
         return out
+
+    def inert_params(self, params: dict[str, Any]) -> list[str]:
+        """The params of `params` that mean nothing on this server (accepted, left out)."""
+        return sorted(k for k in canonical_params(params, self.cls.param_aliases, self.params_known)
+                      if k in self.cls.inert_params)
+
+    @property
+    def params_known(self) -> frozenset[str]:
+        return frozenset(self.cls.params_schema.get("properties", {}))
+
+    def unavailable(self, params: dict[str, Any]) -> str | None:
+        """Why this node cannot run here with `params` (a model or package missing), or None."""
+        return self.cls.unavailable(params)
 
     def describe(self) -> dict[str, Any]:
         """What `remotemedia-engine nodes --json` lists for this node type."""
@@ -121,9 +141,33 @@ class NodeTypeSpec:
         }
 
 
+_CAMEL = re.compile(r"(?<=[a-z0-9])([A-Z])")
+
+
+def snake_case(key: str) -> str:
+    return _CAMEL.sub(lambda m: "_" + m.group(1).lower(), key)
+
+
+def canonical_params(params: dict[str, Any], aliases: dict[str, str], known: frozenset[str]) -> dict[str, Any]:
+    """`params` with each key in its canonical spelling: an alias's target, or
+    the snake_case form of a camelCase key when that is a known param (existing
+    clients write `minSpeechDurationMs` for `min_speech_duration_ms`). A key
+    given in both spellings keeps the snake_case value."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        name = aliases.get(key) or (snake if (snake := snake_case(key)) in known else key)
+        if name in out and name == key:
+            out[name] = value
+        else:
+            out.setdefault(name, value)
+    return out
+
+
 class ExecutorRegistry:
     def __init__(self) -> None:
         self._specs: dict[str, NodeTypeSpec] = {}
+        #: composite node types (engine.composite); a stand-in shares its name with a class
+        self._composites: dict[str, CompositeType] = {}
         #: plugins that did not load (see engine.catalog); their node types are absent
         self.failures: list[PluginFailure] = []
 
@@ -160,20 +204,37 @@ class ExecutorRegistry:
         self._specs[name] = spec
         return spec
 
+    def set_defaults(self, node_type: str, params: dict[str, Any]) -> None:
+        """The operator's params for every node of `node_type` (runtime.toml
+        `[node_params.TYPE]`): defaults that a manifest's own params override."""
+        spec = self._specs[node_type]
+        given = canonical_params(params, spec.cls.param_aliases, spec.params_known)
+        self._specs[node_type] = replace(spec, defaults=MappingProxyType({**spec.defaults, **given}))
+
     def get(self, node_type: str) -> NodeTypeSpec | None:
         return self._specs.get(node_type)
 
+    def add_composite(self, comp: CompositeType) -> None:
+        self._composites[comp.node_type] = comp
+
+    def composite(self, node_type: str) -> CompositeType | None:
+        return self._composites.get(node_type)
+
+    def composites(self) -> list[CompositeType]:
+        return [self._composites[k] for k in sorted(self._composites)]
+
     def __contains__(self, node_type: str) -> bool:
-        return node_type in self._specs
+        return node_type in self._specs or node_type in self._composites
 
     def names(self) -> list[str]:
-        return sorted(self._specs)
+        """Every node type a manifest may name: classes and composites."""
+        return sorted({*self._specs, *self._composites})
 
     def specs(self) -> list[NodeTypeSpec]:
-        return [self._specs[name] for name in self.names()]
+        return [self._specs[name] for name in sorted(self._specs)]
 
     def suggest(self, node_type: str, n: int = 3) -> list[str]:
-        lower = {k.lower(): k for k in self._specs}
+        lower = {k.lower(): k for k in self.names()}
         hits = difflib.get_close_matches(node_type.lower(), list(lower), n=n, cutoff=0.5)
         return [lower[h] for h in hits]
 

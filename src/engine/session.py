@@ -192,6 +192,8 @@ class Session:
         if self._state != "new":
             raise SessionClosedError(f"session {self.id} already started")
         self._state = "starting"
+        for note in self.plan.notes:
+            self.log.info("%s", note)
         if self.settings.max_duration_secs > 0:
             self._deadline = asyncio.get_running_loop().call_later(
                 self.settings.max_duration_secs, self._deadline_passed)
@@ -236,9 +238,9 @@ class Session:
             raise self._error
         if self._state != "running":
             raise SessionClosedError(f"session {self.id} is {self._state}; cannot send")
-        runner = self._runners.get(node_id)
+        runner = self._runners.get(self.plan.entry(node_id))
         if runner is None:
-            raise ValidationError(f"unknown target node {node_id!r}; nodes: {', '.join(self.plan.order)}",
+            raise ValidationError(f"unknown target node {node_id!r}; nodes: {', '.join(sorted(self.plan.public_ids))}",
                                   node_id=node_id)
         if not isinstance(data, RuntimeData):
             raise ValidationError(f"send() takes RuntimeData, got {type(data).__name__}", node_id=node_id)
@@ -287,8 +289,10 @@ class Session:
                 await self._sink.put(out)
             else:
                 await self._outputs.put(out)
-            return
-        self._observe(planned, frame)
+            if not planned.downstream:
+                return
+        else:
+            self._observe(planned, frame)
         for target in planned.downstream:
             await self._runners[target].push(frame)
 
@@ -309,6 +313,8 @@ class Session:
                 return False
             self._observe(planned, frame)
             return True
+        if planned.downstream:
+            return False  # an exposed output node (also feeds others): emit() does both
         sink = self._sink
         if not (sink.has_room() if sink is not None else len(self._outputs) < self._outputs.capacity):
             return False
@@ -352,7 +358,7 @@ class Session:
         if t0 is not None:
             self.metrics.latency_sum_s += time.perf_counter() - t0
             self.metrics.latency_count += 1
-        return Output(planned.id, frame.sequence, frame)
+        return Output(planned.decl.public_id, frame.sequence, frame)
 
     async def node_ended(self, node_id: str) -> None:
         """A node flushed at end of stream: propagate the end downstream."""
@@ -393,6 +399,10 @@ class Session:
         await self._teardown()
 
     def _record_error(self, err: EngineError) -> None:
+        planned = self.plan.nodes.get(err.node_id or "")
+        if planned is not None and planned.decl.outer:  # the caller knows the composite, not its inside
+            err.context.setdefault("inner_node", planned.id)
+            err.node_id = planned.decl.outer
         self._error = err
         self.log.warning("session failed: %s", err, extra={"node_id": err.node_id or "-"})
         self._outputs.put_terminal(err)

@@ -13,16 +13,21 @@ REMOTEMEDIA_BUILTIN_NODES = True
 
 
 def builtin_nodes() -> list[type[Node]]:
-    from .audio import AudioChunkerNode, AudioFormatNode, AudioResampleNode
+    from .audio import AudioChunkerNode, AudioFormatNode, AudioResampleNode, FastResampleNode
     from .basic import PassThroughNode
     from .speech.accumulator import AudioBufferAccumulatorNode
+    from .speech.kokoro import KokoroTTSNode
+    from .speech.lfm2_audio import LFM2AudioNode
     from .speech.llm import LFM2Node, LlamaCppNode
     from .speech.tts import PiperTTSNode
     from .speech.vad import SileroVADNode
+    from .speech.vibevoice import VibeVoiceTTSNode
     from .speech.whisper import WhisperNode
+    from .text import TextCollectorNode
 
-    return [PassThroughNode, AudioChunkerNode, AudioResampleNode, AudioFormatNode,
-            SileroVADNode, AudioBufferAccumulatorNode, WhisperNode, LlamaCppNode, LFM2Node, PiperTTSNode]
+    return [PassThroughNode, AudioChunkerNode, AudioResampleNode, FastResampleNode, AudioFormatNode,
+            TextCollectorNode, SileroVADNode, AudioBufferAccumulatorNode, WhisperNode, LlamaCppNode, LFM2Node,
+            PiperTTSNode, KokoroTTSNode, LFM2AudioNode, VibeVoiceTTSNode]
 
 
 def test_nodes() -> list[type[Node]]:

@@ -185,3 +185,39 @@ class AudioFormatNode(Node):
         dst = np.empty(audio.samples.size, dtype=self.target.dtype)
         self._CONVERT[(src, self.target)](audio.samples, dst)
         return AudioData(dst, audio.sample_rate, audio.channels, metadata=dict(audio.metadata))
+
+
+class FastResampleNode(AudioResampleNode):
+    """The RemoteMedia resampler's contract on soxr: `target_rate` out, the rate in
+    taken from each frame (`source_rate` is only a hint: browsers capture at 44.1
+    or 48 kHz whatever a client assumed), `quality` Low/Medium/High."""
+
+    node_type = "FastResampleNode"
+    params_schema = {
+        "type": "object",
+        "required": ["target_rate"],
+        "properties": {
+            "target_rate": {"type": "integer", "minimum": 1000, "maximum": 384_000,
+                            "description": "the output rate in Hz"},
+            "source_rate": {"type": "integer", "minimum": 0, "maximum": 384_000, "default": 0,
+                            "description": "the rate the client expects to send (a hint: each frame's own "
+                                           "sample_rate is what is resampled from)"},
+            "quality": {"enum": ["Low", "Medium", "High", "VeryHigh", "low", "medium", "high", "very_high",
+                                 "QQ", "LQ", "MQ", "HQ", "VHQ"], "default": "High",
+                        "description": "Low (soxr LQ), Medium (MQ), High (HQ), VeryHigh (VHQ)"},
+            "channels": {"type": "integer", "minimum": 0, "maximum": 64, "default": 0,
+                         "description": "the channels the client expects (a hint; 0 = any): each frame's own "
+                                        "channel count is kept"},
+        },
+        "additionalProperties": False,
+    }
+    param_aliases = {"targetSampleRate": "target_rate", "target_sample_rate": "target_rate",
+                     "sourceSampleRate": "source_rate", "source_sample_rate": "source_rate"}
+    _QUALITY = {"low": "LQ", "medium": "MQ", "high": "HQ", "veryhigh": "VHQ", "very_high": "VHQ"}
+
+    def __init__(self, node_id: str, params: dict[str, Any]) -> None:
+        quality = str(params.get("quality", "High"))
+        mapped = {"target_sample_rate": params["target_rate"],
+                  "quality": self._QUALITY.get(quality.lower(), quality)}
+        super().__init__(node_id, mapped)
+        self.params = params

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import re
 
 import numpy as np
 import soxr
@@ -12,6 +13,9 @@ from engine.errors import TypeValidationError
 from engine.node import Node
 
 from ..audio import require_audio
+
+#: a model's special tokens in text (<|text_end|>, <|im_end|>, ...)
+SPECIAL_TOKENS = re.compile(r"<\|[^|>]*\|>")
 
 AUDIO = (DataKind.AUDIO,)
 TEXT = (DataKind.TEXT,)

@@ -117,6 +117,9 @@ class LlamaCppNode(Node):
                             "description": "score speculative texts and send an `eou` event"},
             "min_eou_to_reply": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.001,
                                  "description": "a speculative text less likely finished waits for its commit"},
+            "end_marker": {"type": "string", "default": "",
+                           "description": "sent as a last text frame after each reply (e.g. <|text_end|>); "
+                                          "empty = the reply's last phrase carries metadata final=1 only"},
             "pause_for_first_audio_ms": {"type": "integer", "minimum": 0, "maximum": 5_000, "default": 0,
                                          "description": "after the first phrase, wait up to this long for the "
                                                         "TTS's `speaking` event before generating on (leaves "
@@ -248,6 +251,9 @@ class LlamaCppNode(Node):
         if not isinstance(frame, TextData):
             raise TypeValidationError(f"{self.node_type} takes text, got {frame.kind.name.lower()}",
                                       node_id=self.node_id)
+        if frame.metadata.get("reset") == "true":  # the client starts the conversation over
+            self._history.clear()
+            self._answers.clear()
         user = _TRAILING.sub("", frame.text.strip())
         turn = turn_of(frame)
         if not user or self.superseded(turn):
@@ -370,7 +376,13 @@ class LlamaCppNode(Node):
         tail = buffer.strip()
         if tail:
             reply.append(tail)
-        yield phrase(tail, final=True)  # the final marker, even when empty
+        marker = self.params.get("end_marker", "")
+        if marker:
+            if tail:
+                yield phrase(tail, final=False)
+            yield phrase(marker, final=True)
+        else:
+            yield phrase(tail, final=True)  # the final marker, even when empty
 
     async def _wait_for_first_audio(self, turn: str, timeout_s: float) -> None:
         event = asyncio.Event()

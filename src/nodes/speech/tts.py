@@ -42,7 +42,7 @@ from engine.node import Node
 from engine.turns import TurnEvent, turn_of
 
 from . import models
-from .common import AUDIO, TEXT, remember
+from .common import AUDIO, SPECIAL_TOKENS, TEXT, remember
 
 #: how many replies to keep track of
 _REMEMBER = 256
@@ -94,7 +94,7 @@ class PiperTTSNode(Node):
     node_type = "PiperTTSNode"
     multiprocess = True
     input_types = (*TEXT, *AUDIO)
-    output_types = (*AUDIO, JsonData.kind)
+    output_types = (*AUDIO, JsonData.kind, TextData.kind)
     params_schema = {
         "type": "object",
         "properties": {
@@ -118,6 +118,8 @@ class PiperTTSNode(Node):
             "variation": {"type": "boolean", "default": True,
                           "description": "the voice's random variation of sound and timing (false: the "
                                          "same text gives the same audio every time)"},
+            "emit_text": {"type": "boolean", "default": False,
+                          "description": "send each phrase as a text frame before its first audio frame"},
         },
         "additionalProperties": False,
     }
@@ -133,6 +135,7 @@ class PiperTTSNode(Node):
         self.out_rate = int(params.get("output_sample_rate", 0))
         self.gate = bool(params.get("gate", True))
         self.chunk_ms = int(params.get("chunk_ms", 0))
+        self.emit_text = bool(params.get("emit_text", False))
         self.pace_s = int(params.get("pace_ahead_ms", 0)) / 1000
         self._committed: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._replies: collections.OrderedDict[str, _Reply] = collections.OrderedDict()
@@ -184,6 +187,9 @@ class PiperTTSNode(Node):
         if not isinstance(frame, TextData):
             raise TypeValidationError(f"{self.node_type} takes text, got {frame.kind.name.lower()}",
                                       node_id=self.node_id)
+        if "<|" in frame.text:  # a model's special tokens (<|text_end|>) are not to be spoken
+            frame = TextData(SPECIAL_TOKENS.sub("", frame.text), language=frame.language,
+                             metadata=frame.metadata, sequence=frame.sequence)
         turn = turn_of(frame)
         if self.superseded(turn):
             return
@@ -264,7 +270,7 @@ class PiperTTSNode(Node):
         else:
             self._held.setdefault(turn, []).extend(chunks)
 
-    async def _drain(self) -> AsyncIterator[AudioData]:
+    async def _drain(self) -> AsyncIterator[RuntimeData]:
         """Send the queue in order, paced; one drain at a time (the others leave their frames to it)."""
         if self._draining:
             return
@@ -282,6 +288,8 @@ class PiperTTSNode(Node):
                     continue  # the queue may have changed meanwhile (an interrupt)
                 self._queue.popleft()
                 first = self._sent(chunk, reply)
+                if self.emit_text and "text" in chunk.frame.metadata and chunk.text.strip():
+                    yield TextData(chunk.text, metadata=dict(chunk.frame.metadata))
                 yield chunk.frame
                 if first and chunk.turn:
                     yield self.turn_event("speaking", chunk.turn)
