@@ -122,3 +122,15 @@ def test_camel_case_params_reach_every_node():
     collector = registry.get("TextCollectorNode")
     assert collector.normalize_params({"splitPattern": "[.]"})["split_pattern"] == "[.]"
     assert collector.normalize_params({"min_sentence_length": 5, "minSentenceLength": 9})["min_sentence_length"] == 5
+
+
+def test_node_params_are_defaults_for_every_node_of_a_type():
+    cfg = RuntimeConfig.load({"node_params": {"TextCollectorNode": {"minSentenceLength": 7},
+                                              "WhisperNode": {"modle": "x"}, "NoSuchNode": {}}}, env={})
+    registry = default_registry(cfg)
+    collector = registry.get("TextCollectorNode")
+    assert collector.normalize_params({})["min_sentence_length"] == 7
+    assert collector.normalize_params({"minSentenceLength": 2})["min_sentence_length"] == 2  # the manifest wins
+    failed = {str(f.source): f.error for f in registry.failures}
+    assert "'modle'" in failed["module [node_params.WhisperNode] (runtime.toml)"], failed
+    assert "NoSuchNode" in failed["module [node_params.NoSuchNode] (runtime.toml)"], failed

@@ -272,6 +272,23 @@ async def test_the_llm_remembers_only_what_was_played_of_an_interrupted_reply(mp
                          {"role": "user", "content": "And of Italy?"}], msgs
 
 
+async def test_reset_metadata_starts_the_conversation_over_and_end_marker_closes_each_reply():
+    """The RemoteMedia app's `reset: "true"` chunk metadata; LFM2-Audio's <|text_end|> after a reply."""
+    from nodes.speech.llm import LlamaCppNode
+
+    spec = default_registry().get("LlamaCppNode")
+    node = LlamaCppNode("llm", spec.normalize_params({"max_tokens": 12, "end_marker": "<|text_end|>"}))
+    await asyncio.to_thread(node.initialize)
+    first = [f async for f in node.process(RuntimeData.text("What is the capital of France?"))]
+    assert first[-1].text == "<|text_end|>" and first[-1].metadata["final"] == "1", first
+    assert all(f.metadata.get("final") != "1" for f in first[:-1]) and any(f.text for f in first[:-1])
+    assert len(node.messages("Hi")) > 2  # the exchange is remembered
+    reset = RuntimeData.text("Hello there.", metadata={"reset": "true", "sessionId": "s1"})
+    [f async for f in node.process(reset)]
+    assert [m["content"] for m in node.messages("Hi") if m["role"] == "user"][0] == "Hello there", \
+        "the conversation before the reset is forgotten"
+
+
 async def test_a_speculative_turn_that_looks_unfinished_is_answered_only_once_committed():
     from nodes.speech.llm import LlamaCppNode
 

@@ -72,7 +72,14 @@ def default_registry(config: RuntimeConfig | None = None, *, test_nodes: bool | 
             registry.failures.append(PluginFailure(NodeSource("module", f"[node_params.{node_type}]"),
                                                    f"no registered node type {node_type!r}"))
         else:
-            registry.set_defaults(node_type, params)
+            spec = registry.get(node_type)
+            problems = [e.message for e in spec.params_validator.iter_errors(
+                spec.normalize_params(params)) if e.validator != "required"]
+            if problems:
+                registry.failures.append(PluginFailure(NodeSource("module", f"[node_params.{node_type}]"),
+                                                       "; ".join(problems)))
+            else:
+                registry.set_defaults(node_type, params)
     load_composites(registry, cfg)
     for failure in registry.failures:
         log.warning("node plugin %s did not load: %s", failure.source, failure.error)
