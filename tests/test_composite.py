@@ -106,6 +106,10 @@ async def test_a_stand_in_serves_only_where_the_class_cannot_run():
         # weights that are not here: the stand-in (Piper at 24 kHz) serves
         m = engine.validate(tts(model_path="/nonexistent/kokoro.onnx"))
         assert "PiperTTSNode" in m.served_by["tts"] and [n.id for n in m.nodes] == ["tts.tts"]
+    # the operator's override: the composite serves even where the class can run
+    async with Engine({"composites": {"KokoroTTSNode": {"override": True, "nodes": [
+            {"id": "tts", "node_type": "PiperTTSNode"}]}}}) as engine:
+        assert "PiperTTSNode" in engine.validate(tts()).served_by["tts"]
     # a stand-in that cannot run either: validation says what is missing, naming the node
     async with Engine({"composites": {"KokoroTTSNode": {"stand_in": True, "params": {"model_path": "t.model_path"},
                                                         "nodes": [{"id": "t", "node_type": "KokoroTTSNode"}]}}}

@@ -115,9 +115,9 @@ def load_composites(registry: ExecutorRegistry, cfg: RuntimeConfig) -> None:
         comp, problems = composite.parse(name, data, where)
         if comp is not None:
             comp, problems = composite.check(comp, registry)
-        if comp is not None and registry.get(name) is not None and not comp.stand_in:
+        if comp is not None and registry.get(name) is not None and not (comp.stand_in or comp.override):
             problems = [f"node type {name!r} is a registered class; set stand_in = true to serve it only "
-                        "where that class cannot run"]
+                        "where that class cannot run, or override = true to serve it always"]
         if comp is None or problems:
             registry.failures.append(PluginFailure(source, "; ".join(problems)))
             continue

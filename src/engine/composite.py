@@ -62,9 +62,16 @@ class CompositeType:
     #: outer params accepted and left out (they mean nothing here), with why
     inert: MappingProxyType
     stand_in: bool
+    #: serve the node type by this composite even where its own class can run
+    override: bool = False
     source: str = "runtime.toml"
     input_types: tuple[DataKind, ...] = field(default=())
     output_types: tuple[DataKind, ...] = field(default=())
+
+    def serves_instead_of(self, why_class_cannot_run: str | None) -> bool:
+        """Whether this composite serves its node type, given why the class of that name
+        cannot run here (None: it can)."""
+        return self.override or (self.stand_in and why_class_cannot_run is not None)
 
     # ------------------------------------------------------------ outer params
 
@@ -93,7 +100,7 @@ class CompositeType:
     def served_by(self, params: dict[str, Any] | None = None) -> str:
         """`WhisperNode → LlamaCppNode` (the inner node types along the pipeline)."""
         nodes = self.nodes if params is None else self.included(params)
-        kind = "stand-in" if self.stand_in else "composite"
+        kind = "stand-in" if self.stand_in and not self.override else "composite"
         return f"{' → '.join(n.node_type for n in nodes)} ({kind}, {self.source})"
 
     def describe(self) -> dict[str, Any]:
@@ -202,7 +209,7 @@ def parse(node_type: str, data: Any, source: str) -> tuple[CompositeType | None,
     if not isinstance(data, dict):
         return None, ["must be a table"]
     problems: list[str] = []
-    known = {"description", "stand_in", "input", "outputs", "params", "defaults", "inert_params", "nodes",
+    known = {"description", "stand_in", "override", "input", "outputs", "params", "defaults", "inert_params", "nodes",
              "connections"}
     problems += [f"unknown key {k!r}" for k in data if k not in known]
     nodes = []
@@ -245,7 +252,7 @@ def parse(node_type: str, data: Any, source: str) -> tuple[CompositeType | None,
         params=MappingProxyType({k: str(v) for k, v in mapping.items()}),
         defaults=MappingProxyType(dict(data.get("defaults") or {})),
         inert=MappingProxyType(dict(data.get("inert_params") or {})),
-        stand_in=bool(data.get("stand_in", False)), source=source), []
+        stand_in=bool(data.get("stand_in", False)), override=bool(data.get("override", False)), source=source), []
 
 
 def check(comp: CompositeType, registry: ExecutorRegistry) -> tuple[CompositeType | None, list[str]]:

@@ -493,7 +493,7 @@ def validate(source: Any, registry: ExecutorRegistry) -> Manifest:
         spec = registry.get(ntype)
         params = n.get("params") if isinstance(n.get("params"), dict) else {}
         comp = registry.composite(ntype)
-        if comp is not None and (spec is None or (comp.stand_in and spec.unavailable(spec.normalize_params(params)))):
+        if comp is not None and (spec is None or comp.serves_instead_of(spec.unavailable(spec.normalize_params(params)))):
             outer, problems = comp.outer_params(nid, path, params)
             issues += problems
             composites[nid] = comp

@@ -22,6 +22,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from .composite import SEP as COMPOSITE_SEP
+
 log = logging.getLogger("engine.tracing")
 
 PREFIX = "remotemedia."
@@ -106,6 +108,9 @@ class SessionTrace:
             PREFIX + "session_id": self.session_id, PREFIX + "node_id": node_id,
             PREFIX + "node_type": node_type, PREFIX + "outputs": call.outputs,
         }
+        outer, sep, _inner = node_id.partition(COMPOSITE_SEP)
+        if sep:  # an inner node of a composite: the node the caller knows
+            attributes[PREFIX + "composite_node_id"] = outer
         if call.sequence is not None:
             attributes[PREFIX + "sequence"] = call.sequence
         if call.turn_id:
