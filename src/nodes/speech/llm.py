@@ -135,6 +135,7 @@ class LlamaCppNode(Node):
         super().__init__(node_id, params)
         self._server: Any = None
         self._history: list[Exchange] = []  # committed
+        self._window_start = 0  # the first exchange of _history the prompt carries (see _window)
         self._answers: dict[str, Exchange] = {}  # answered, not yet committed
         self._played: dict[str, str] = {}  # what was played of an interrupted reply still being answered
         self._waiting: dict[str, TextData] = {}  # speculative texts to answer once committed
@@ -191,13 +192,25 @@ class LlamaCppNode(Node):
 
     def messages(self, user: str) -> list[dict[str, str]]:
         msgs = [{"role": "system", "content": self.params.get("system_prompt", "")}]
-        turns = int(self.params.get("history_turns", 6))
-        for ex in self._history[-turns:] if turns else []:
+        for ex in self._window():
             msgs.append({"role": "user", "content": ex.user})
             if ex.assistant:  # an interrupted reply of which nothing was heard leaves the user's words only
                 msgs.append({"role": "assistant", "content": ex.assistant})
         msgs.append({"role": "user", "content": user})
         return msgs
+
+    def _window(self) -> list[Exchange]:
+        """The exchanges the prompt carries: at most `history_turns`, the window moving
+        on by half its length at a time. A window that slid by one exchange every
+        turn would change the prompt's start every turn, and llama.cpp would then
+        evaluate the whole history again each time (~1 s for six exchanges here)
+        instead of the new words only."""
+        turns = int(self.params.get("history_turns", 6))
+        if not turns:
+            return []
+        if len(self._history) - self._window_start > turns:
+            self._window_start = len(self._history) - max(1, turns // 2)
+        return self._history[self._window_start:]
 
     def chat_prompt(self, user: str) -> str:
         """The ChatML prompt up to the user's last words (the message not yet ended).
@@ -253,6 +266,7 @@ class LlamaCppNode(Node):
                                       node_id=self.node_id)
         if frame.metadata.get("reset") == "true":  # the client starts the conversation over
             self._history.clear()
+            self._window_start = 0
             self._answers.clear()
         user = _TRAILING.sub("", frame.text.strip())
         turn = turn_of(frame)
@@ -299,7 +313,10 @@ class LlamaCppNode(Node):
 
     def _keep(self, ex: Exchange) -> None:
         self._history.append(ex)
-        del self._history[:-100]
+        if len(self._history) > 100:
+            drop = len(self._history) - 100
+            del self._history[:drop]
+            self._window_start = max(0, self._window_start - drop)
 
     def _model_lock(self) -> asyncio.Lock:
         if self._lock is None:  # made on the node's own loop
