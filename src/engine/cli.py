@@ -255,7 +255,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server.app import serve
 
     return asyncio.run(serve(_engine_config(args), host=args.host, port=args.port,
-                             metrics_port=args.metrics_port))
+                             metrics_port=args.metrics_port, http_port=args.http_port))
 
 
 def _install_uvloop() -> None:
@@ -328,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("serve", "serve remotemedia.v1 over gRPC", config)
     p.add_argument("--host", default=None, help="address to listen on (default: [server] host, 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="serve the page to talk to and its WebRTC signalling on this port (default: [http] port, "
+                        "0 = off)")
     p.add_argument("--port", type=int, default=None, help="gRPC port (default: [server] port, 50051)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="Prometheus /metrics port (default: [server] metrics_port, 0 = off)")

@@ -136,6 +136,27 @@ class NodeSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The browser face (runtime.toml `[http]`; engine.web): the page to talk to a
+    voice pipeline and its WebRTC signalling, on the gRPC host."""
+
+    #: 0 = off (the default, so several engines can share a machine); `make run` uses 8080
+    port: int = 0
+    #: the pipelines a browser may ask for by name (`pipeline` in the offer): a
+    #: manifest file's path, or `builtin:voice` (the speech-to-speech example)
+    pipelines: MappingProxyType = field(default_factory=lambda: MappingProxyType({"voice": "builtin:voice"}))
+    default_pipeline: str = "voice"
+    #: the node the microphone's audio goes to ("" = the pipeline's first node)
+    source_node: str = ""
+    #: the rate and frame size of that audio (Silero VAD: 16 kHz, 512 samples)
+    sample_rate: int = 16_000
+    chunk_samples: int = 512
+    #: a browser that sent no audio for this long is gone: its session ends
+    idle_secs: float = 3.0
+    max_offer_bytes: int = 65_536
+
+
+@dataclass(frozen=True)
 class TracingSettings:
     """OpenTelemetry traces (runtime.toml `[tracing]`; needs the otel extra). See engine.tracing."""
 
@@ -259,6 +280,7 @@ class RuntimeConfig:
     caps: Caps = field(default_factory=Caps)
     server: ServerSettings = field(default_factory=ServerSettings)
     nodes: NodeSettings = field(default_factory=NodeSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
     wasm: WasmSettings = field(default_factory=WasmSettings)
     remote: RemoteSettings = field(default_factory=RemoteSettings)
@@ -312,6 +334,14 @@ class RuntimeConfig:
         wasm = _build(WasmSettings, data.pop("wasm", {}), "wasm", issues)
         remote = _remote(data.pop("remote", {}), issues)
         ray = _build(RaySettings, data.pop("ray", {}), "ray", issues)
+        http_data = dict(data.pop("http", {}) or {})
+        pipelines = http_data.pop("pipelines", None)
+        http = _build(HttpSettings, http_data, "http", issues)
+        if pipelines is not None:
+            if not isinstance(pipelines, dict) or not all(isinstance(v, str) for v in pipelines.values()):
+                issues.append(Issue("http.pipelines", "must be a table of name = manifest path"))
+            else:
+                http = replace(http, pipelines=MappingProxyType(dict(pipelines)))
         tables = {}
         for section in ("node_params", "composites"):
             value = data.pop(section, {})
@@ -328,11 +358,11 @@ class RuntimeConfig:
         session = _build(SessionSettings, sess, "", issues)
         top = _build(cls, data, "", issues,
                      skip={"session", "caps", "server", "nodes", "tracing", "wasm", "remote", "ray",
-                           "node_params", "composites"})
+                           "node_params", "composites", "http"})
         if issues:
             raise ValidationError(issues)
         cfg = replace(top, session=session, caps=caps, server=server, nodes=nodes, tracing=tracing, wasm=wasm,
-                      remote=remote, ray=ray, **tables)
+                      remote=remote, ray=ray, http=http, **tables)
         cfg.check()
         return cfg
 
@@ -349,6 +379,11 @@ class RuntimeConfig:
                  for address, h in cfg.remote.hosts.items() if h.ca_file and not Path(h.ca_file).is_absolute()}
         if hosts:
             cfg = replace(cfg, remote=replace(cfg.remote, hosts=MappingProxyType({**cfg.remote.hosts, **hosts})))
+        pipelines = {name: str(base / path) for name, path in cfg.http.pipelines.items()
+                     if not path.startswith("builtin:") and not Path(path).is_absolute()}
+        if pipelines:
+            cfg = replace(cfg, http=replace(cfg.http, pipelines=MappingProxyType({**cfg.http.pipelines,
+                                                                                  **pipelines})))
         return cfg
 
     def with_env(self, env: Any) -> RuntimeConfig:

@@ -49,12 +49,16 @@ SERVICE_NAMES = (
 
 class EngineServer:
     def __init__(self, config: Any = None, *, host: str | None = None, port: int | None = None,
-                 metrics_port: int | None = None, tracer_provider: Any = None) -> None:
+                 metrics_port: int | None = None, http_port: int | None = None,
+                 tracer_provider: Any = None) -> None:
         self.config = RuntimeConfig.load(config)
         s = self.config.server
         self.host = host if host is not None else s.host
         self.port = port if port is not None else s.port
         self.metrics_port = metrics_port if metrics_port is not None else s.metrics_port
+        #: the browser face's port (engine.web; 0 = off)
+        self.http_port = http_port if http_port is not None else self.config.http.port
+        self.http: Any = None
         self.metrics = ServerMetrics()
         self.engine = Engine(self.config, observer=self.metrics, tracer_provider=tracer_provider)
         self.engine.on_serving = self._serving_changed
@@ -133,7 +137,18 @@ class EngineServer:
             self.bound_port = bound
             await self.engine.start()
             await server.start()
+            if self.http_port:
+                from ..web import HttpFace  # aiohttp and aiortc load only for the page
+
+                self.http = HttpFace(self.engine, self.config.http, self.host, self.http_port)
+                try:
+                    await self.http.start()
+                except OSError as exc:
+                    raise ValidationError(Issue("http.port", f"cannot serve the page on {self.host}:"
+                                                f"{self.http_port}: {exc.strerror or exc}", field="port")) from None
         except BaseException:
+            if self.http is not None:
+                await self.http.aclose()
             await server.stop(None)
             self.metrics.close()
             await self.engine.aclose()
@@ -158,6 +173,8 @@ class EngineServer:
         grace = self.config.server.drain_timeout_secs if grace_s is None else grace_s
         await asyncio.gather(*self._health_updates, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:  # a browser conversation never ends by itself: end it now
+            await self.http.aclose()
         self.engine.stop_accepting()
         stopping = None
         if self._server is not None:
@@ -230,9 +247,12 @@ def _remove_handlers(loop: asyncio.AbstractEventLoop) -> None:
 
 
 async def serve(config: Any = None, *, host: str | None = None, port: int | None = None,
-                metrics_port: int | None = None) -> int:
+                metrics_port: int | None = None, http_port: int | None = None) -> int:
     """Run the server until SIGTERM or SIGINT, then drain; returns the exit code."""
-    server = EngineServer(config, host=host, port=port, metrics_port=metrics_port)
+    server = EngineServer(config, host=host, port=port, metrics_port=metrics_port, http_port=http_port)
+    # A parent may have started us with these blocked (a script that blocks them
+    # while it starts children): the drain would then never run.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     process.fixed_mmap_threshold(server.config.server.mmap_threshold_kib)
     loop = asyncio.get_running_loop()
     process.fixed_executor(loop)

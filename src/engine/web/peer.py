@@ -1,0 +1,341 @@
+"""One browser conversation: an aiortc peer connection bound to one session.
+
+In: the microphone track (Opus, decoded by aiortc to 48 kHz s16) → mono
+float32 → resampled once (soxr, streaming) to the pipeline's rate → frames
+of `chunk` samples to its audio source node.
+
+Out: the pipeline's reply audio → 48 kHz s16 → `ReplyTrack`, which hands
+aiortc one 20 ms frame per 20 ms of the RTP clock (silence when there is
+nothing to say), so the browser's jitter buffer is the only playout buffer;
+an `interrupted` event empties it at once. JSON events go over the data
+channel `events`: `transcript`, `reply` (each phrase as it is spoken),
+`interrupted`, `timing` (end of speech → first reply audio, as the server
+sent it), `error`, `closed`.
+
+The peer ends its session when the connection fails or closes, when the
+caller goes silent at the transport level (no RTP for `idle_secs`: a closed
+tab may send nothing an ICE agent notices for many seconds), and when the
+session ends; every exit path closes both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import fractions
+import logging
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import orjson
+import soxr
+
+from ..data import AudioData, JsonData, RuntimeData, TextData
+from ..errors import EngineError
+from ..turns import TurnEvent, turn_of
+
+log = logging.getLogger("engine.web")
+
+RATE_OUT = 48_000
+FRAME_OUT = 960  # 20 ms at 48 kHz: Opus's frame
+#: most reply audio a peer holds for its track (a runaway pipeline cannot grow it past this)
+MAX_QUEUED_S = 120.0
+
+
+def make_reply_track() -> Any:
+    """The reply's audio track: 20 ms frames on the RTP clock; silence between replies.
+    (Its class is made here: aiortc and av are imported only when a browser connects.)"""
+    from aiortc import MediaStreamTrack
+    from av import AudioFrame
+
+    class _ReplyTrack(MediaStreamTrack):
+        kind = "audio"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._queue: collections.deque[tuple[np.ndarray, str]] = collections.deque()  # 20 ms pieces
+            self._partial = np.zeros(0, np.int16)
+            self._partial_turn = ""
+            self._start: float | None = None
+            self._pts = 0
+            self.on_first_audio: Any = None  # called with a turn id when its first frame goes out
+            self._started_turns: collections.OrderedDict[str, None] = collections.OrderedDict()
+            self.playing_turn = ""
+
+        @property
+        def queued_s(self) -> float:
+            return (len(self._queue) * FRAME_OUT + self._partial.size) / RATE_OUT
+
+        def add(self, samples: np.ndarray, turn: str) -> None:
+            """Queue 48 kHz s16 mono samples of `turn`."""
+            if self.queued_s > MAX_QUEUED_S:
+                return
+            if self._partial.size and self._partial_turn != turn:
+                self._flush_partial()
+            x = np.concatenate((self._partial, samples)) if self._partial.size else samples
+            whole = x.size // FRAME_OUT * FRAME_OUT
+            for lo in range(0, whole, FRAME_OUT):
+                self._queue.append((x[lo:lo + FRAME_OUT], turn))
+            self._partial, self._partial_turn = x[whole:], turn
+
+        def _flush_partial(self) -> None:
+            if self._partial.size:
+                piece = np.zeros(FRAME_OUT, np.int16)
+                piece[:self._partial.size] = self._partial
+                self._queue.append((piece, self._partial_turn))
+            self._partial = np.zeros(0, np.int16)
+
+        def end_of_reply(self) -> None:
+            self._flush_partial()
+
+        def clear(self, turn: str | None = None) -> None:
+            """Drop what is queued (of `turn` only, if given): the reply was interrupted."""
+            if turn is None:
+                self._queue.clear()
+                self._partial = np.zeros(0, np.int16)
+            else:
+                self._queue = collections.deque(p for p in self._queue if p[1] != turn)
+                if self._partial_turn == turn:
+                    self._partial = np.zeros(0, np.int16)
+
+        async def recv(self) -> Any:
+            if self.readyState != "live":
+                from aiortc.mediastreams import MediaStreamError
+
+                raise MediaStreamError
+            if self._start is None:
+                self._start = time.monotonic()
+            else:
+                wait = self._start + self._pts / RATE_OUT - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            if self._queue:
+                samples, turn = self._queue.popleft()
+                if turn and turn not in self._started_turns:
+                    self._started_turns[turn] = None
+                    while len(self._started_turns) > 64:
+                        self._started_turns.popitem(last=False)
+                    if self.on_first_audio is not None:
+                        self.on_first_audio(turn)
+                self.playing_turn = turn
+            else:
+                samples, self.playing_turn = np.zeros(FRAME_OUT, np.int16), ""
+            frame = AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate = RATE_OUT
+            frame.pts = self._pts
+            frame.time_base = fractions.Fraction(1, RATE_OUT)
+            self._pts += FRAME_OUT
+            return frame
+
+    return _ReplyTrack()
+
+
+class VoicePeer:
+    """A peer connection and its session; `start()` answers the offer, `aclose()` ends both."""
+
+    def __init__(self, face: Any, session: Any, source: str, rate: int, chunk: int, idle_secs: float) -> None:
+        from aiortc import RTCConfiguration, RTCPeerConnection
+
+        self.id = uuid.uuid4().hex[:12]
+        self.face = face
+        self.session = session
+        self.source = source
+        self.rate = rate
+        self.chunk = chunk
+        self.idle_secs = idle_secs
+        # no STUN/TURN server: aiortc would otherwise ask a public STUN server
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.track = make_reply_track()
+        self.track.on_first_audio = self._first_audio
+        self.channel: Any = None
+        self._pending: list[bytes] = []  # events before the data channel opened (bounded)
+        self._tasks: set[asyncio.Task] = set()
+        self._closed = asyncio.Event()
+        self._closing = False
+        self._last_rtp = time.monotonic()
+        self._speech_end: dict[str, float] = {}  # turn → end of speech (monotonic), from the commit event
+        self._heard: set[str] = set()
+        self.log = logging.LoggerAdapter(log, {"session_id": session.id, "node_id": "-"})
+
+    # ------------------------------------------------------------ set-up
+
+    async def answer(self, sdp: str, kind: str) -> dict[str, str]:
+        from aiortc import RTCSessionDescription
+
+        pc = self.pc
+
+        @pc.on("track")
+        def on_track(track: Any) -> None:
+            if track.kind == "audio":
+                self._spawn(self._read_microphone(track), "microphone")
+
+        @pc.on("datachannel")
+        def on_datachannel(channel: Any) -> None:
+            self.channel = channel
+            for message in self._pending:
+                channel.send(message.decode())
+            self._pending.clear()
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            self.log.info("peer %s: connection %s", self.id, pc.connectionState)
+            if pc.connectionState in ("failed", "closed"):
+                await self.aclose(f"connection {pc.connectionState}")
+
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
+        if not any(t.kind == "audio" for t in pc.getTransceivers()):
+            raise ValueError("the offer has no audio")
+        for t in pc.getTransceivers():
+            if t.kind == "audio":
+                t.direction = "sendrecv"
+                pc.addTrack(self.track)
+                break
+        await pc.setLocalDescription(await pc.createAnswer())  # gathers every candidate (no trickle)
+        self._last_rtp = time.monotonic()  # the caller's silence is counted from the answer on
+        self._spawn(self._read_outputs(), "outputs")
+        self._spawn(self._watch_transport(), "watchdog")
+        return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "pc_id": self.id}
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=f"peer {self.id} {name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and not self._closing:
+            self.log.warning("peer %s: %s ended: %s", self.id, task.get_name(), exc)
+            self._spawn(self.aclose(f"{task.get_name()} failed: {exc}"), "close")
+
+    # ------------------------------------------------------------ media in
+
+    async def _read_microphone(self, track: Any) -> None:
+        from aiortc.mediastreams import MediaStreamError
+
+        resampler: soxr.ResampleStream | None = None
+        rate_in = 0
+        pending = np.zeros(0, np.float32)
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                await self.aclose("the microphone track ended")
+                return
+            self._last_rtp = time.monotonic()
+            pcm = frame.to_ndarray()
+            channels = len(frame.layout.channels)
+            x = pcm.reshape(-1, channels).mean(axis=1) if channels > 1 else pcm.reshape(-1)
+            x = x.astype(np.float32) / 32768.0 if pcm.dtype == np.int16 else x.astype(np.float32)
+            if resampler is None or rate_in != frame.sample_rate:
+                rate_in = frame.sample_rate
+                resampler = soxr.ResampleStream(rate_in, self.rate, 1, dtype="float32", quality="HQ")
+            y = resampler.resample_chunk(x)
+            pending = np.concatenate((pending, y)) if pending.size else y
+            while pending.size >= self.chunk:
+                piece, pending = pending[:self.chunk].copy(), pending[self.chunk:]
+                await self.session.send(self.source, AudioData(piece, self.rate, 1))
+
+    async def _watch_transport(self) -> None:
+        """End the session when the caller has gone silent (no RTP for idle_secs)."""
+        while not self._closed.is_set():
+            silent = time.monotonic() - self._last_rtp
+            if silent > self.idle_secs:
+                await self.aclose(f"no audio from the browser for {silent:.1f} s")
+                return
+            try:
+                await asyncio.wait_for(self._closed.wait(), max(0.1, self.idle_secs - silent))
+            except TimeoutError:
+                pass
+
+    # ------------------------------------------------------------ media and events out
+
+    async def _read_outputs(self) -> None:
+        resample: dict[int, soxr.ResampleStream] = {}
+        try:
+            async for out in self.session:
+                self._on_output(out.data, resample)
+        except EngineError as exc:
+            self.send_event({"type": "error", "error_type": exc.error_type.name, "node": exc.node_id,
+                             "message": exc.message})
+            await self.aclose(f"session failed: {exc}")
+            return
+        await self.aclose("the session ended")
+
+    def _on_output(self, data: RuntimeData, resample: dict[int, soxr.ResampleStream]) -> None:
+        turn = turn_of(data)
+        if isinstance(data, AudioData):
+            transcript = data.metadata.get("transcript")
+            if transcript and turn not in self._heard:
+                self._heard.add(turn)
+                self.send_event({"type": "transcript", "turn_id": turn, "text": transcript})
+            if data.metadata.get("text"):
+                self.send_event({"type": "reply", "turn_id": turn, "text": data.metadata["text"]})
+            x = data.samples.astype(np.float32)
+            if data.channels > 1:
+                x = x.reshape(-1, data.channels).mean(axis=1)
+            if data.sample_rate != RATE_OUT:
+                rs = resample.get(data.sample_rate)
+                if rs is None:
+                    rs = resample[data.sample_rate] = soxr.ResampleStream(data.sample_rate, RATE_OUT, 1,
+                                                                          dtype="float32", quality="HQ")
+                x = rs.resample_chunk(x)
+            self.track.add((np.clip(x, -1, 1) * 32767).astype(np.int16), turn)
+        elif isinstance(data, JsonData) and isinstance(data.value, dict) and data.value.get("event") == "interrupted":
+            self.track.clear(data.value.get("turn_id"))
+            self.send_event({"type": "interrupted", "turn_id": data.value.get("turn_id"),
+                             "played_ms": data.value.get("played_ms")})
+        elif isinstance(data, TextData) and data.text.strip():
+            self.send_event({"type": "reply", "turn_id": turn, "text": data.text})
+
+    def turn_event(self, event: TurnEvent) -> None:
+        """The session's turn events (the peer is its observer): when speech ended."""
+        if event.kind == "commit":
+            silence = float(event.data.get("silence_ms", 0)) / 1000
+            self._speech_end[event.turn_id] = time.monotonic() - silence
+            while len(self._speech_end) > 64:
+                self._speech_end.pop(next(iter(self._speech_end)))
+
+    def _first_audio(self, turn: str) -> None:
+        end = self._speech_end.pop(turn, None)
+        if end is not None:
+            self.send_event({"type": "timing", "turn_id": turn,
+                             "server_first_audio_ms": round((time.monotonic() - end) * 1000)})
+
+    def send_event(self, event: dict[str, Any]) -> None:
+        message = orjson.dumps(event)
+        ch = self.channel
+        if ch is not None and ch.readyState == "open":
+            ch.send(message.decode())
+        elif len(self._pending) < 64:
+            self._pending.append(message)
+
+    # ------------------------------------------------------------ the end
+
+    async def aclose(self, reason: str = "closed") -> None:
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        self.log.info("peer %s: closing (%s)", self.id, reason)
+        try:
+            self.send_event({"type": "closed", "reason": reason})
+            await self.session.cancel()
+        except Exception as exc:  # the session may be failing already: it is closed either way
+            self.log.debug("peer %s: session close: %s", self.id, exc)
+        self.track.stop()
+        await self.pc.close()
+        current = asyncio.current_task()
+        others = [t for t in self._tasks if t is not current]
+        for t in others:
+            t.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        self._closed.set()
+        self.face.forget(self)
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()

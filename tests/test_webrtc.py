@@ -1,0 +1,47 @@
+"""The browser face without a browser: a real aiortc client against /api/offer,
+server and client in a network namespace with only loopback up (every ICE
+candidate and packet stays on 127.0.0.1). Each scenario runs in
+tests/webrtc_client.py inside the namespace and reports what it saw."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from speech_audio import wer
+from webrtc_client import in_loopback_netns
+
+pytestmark = pytest.mark.speech
+
+
+async def _run(scenario: str) -> dict:
+    return await asyncio.to_thread(in_loopback_netns, scenario)
+
+
+async def test_a_spoken_question_is_answered_over_webrtc_on_loopback():
+    seen = await _run("answer")
+    assert seen["pair"] == ["127.0.0.1", "127.0.0.1"], f"ICE paired {seen['pair']}"
+    kinds = [e["type"] for e in seen["events"]]
+    assert "transcript" in kinds and "reply" in kinds and "timing" in kinds, seen["events"]
+    transcript = next(e["text"] for e in seen["events"] if e["type"] == "transcript")
+    assert wer("What is the capital of France?", transcript) <= 0.34, transcript
+    reply = " ".join(e["text"] for e in seen["events"] if e["type"] == "reply")
+    assert seen["reply_peak"] > 0.05, "the reply audio is silent"
+    assert wer(reply, seen["reply_heard"]) <= 0.5, (reply, seen["reply_heard"])
+    assert seen["peers_left"] and seen["sessions_left"], seen
+    assert seen["leaks"] == {}, seen["leaks"]
+
+
+async def test_bad_offers_get_a_400_with_a_reason_and_leave_nothing():
+    seen = await _run("bad_offers")
+    for case in ("not json", "no sdp", "truncated sdp", "no audio", "unknown pipeline", "huge"):
+        status, reason = seen[case]
+        assert status == 400 and reason and "\n" not in reason, (case, status, reason)
+    assert "unknown pipeline" in seen["unknown pipeline"][1]
+    assert seen["sessions"] == 0 and seen["leaks"] == {}, seen
+
+
+async def test_a_caller_gone_silent_at_the_transport_ends_its_session():
+    seen = await _run("gone_silent")
+    assert seen["ended"], seen
+    assert seen["leaks"] == {}, seen["leaks"]
