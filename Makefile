@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup bench lint clean proto docs nginx espeak
+.PHONY: run test setup bench lint clean proto docs nginx espeak chromium
 
 $(STAMP): pyproject.toml setup.py src/engine/_fastpath.pyx Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,13 +32,18 @@ NGINX := $(shell command -v nginx || ls /usr/sbin/nginx 2>/dev/null)
 nginx:
 	@test -n "$(NGINX)" || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light; }
 
+# Chromium, for the browser tests and bench (tests/test_webrtc.py, bench browser_voice), from Debian
+CHROMIUM := $(shell command -v chromium)
+chromium:
+	@test -n "$(CHROMIUM)" || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
 # espeak-ng, for the voices the speech tests ask questions in (none of the bundled models speaks with it)
 ESPEAK := $(shell command -v espeak-ng)
 espeak:
 	@test -n "$(ESPEAK)" || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q espeak-ng; }
 
 ## the whole test suite
-test: $(STAMP) $(NODE_STAMP) nginx espeak
+test: $(STAMP) $(NODE_STAMP) nginx espeak chromium
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

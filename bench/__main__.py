@@ -9,6 +9,7 @@ from bench import (  # noqa: F401  (importing a scenarios module registers its s
     harness,
     plots,
     scenarios_app,
+    scenarios_browser,
     scenarios_foundation,
     scenarios_multiprocess,
     scenarios_node_host,

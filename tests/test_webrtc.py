@@ -45,3 +45,22 @@ async def test_a_caller_gone_silent_at_the_transport_ends_its_session():
     seen = await _run("gone_silent")
     assert seen["ended"], seen
     assert seen["leaks"] == {}, seen["leaks"]
+
+
+async def test_the_page_in_chromium_answers_and_is_interrupted(tmp_path):
+    """Debian's Chromium with a fake microphone: a question, its answer shown and heard
+    (with a latency), a second question spoken over the reply interrupts it; a reload ends
+    the old session. The screenshot is docs/page.png's source."""
+    shot = tmp_path / "page.png"
+    seen = await asyncio.to_thread(in_loopback_netns, "browser", str(shot))
+    assert seen["pair"] == ["127.0.0.1", "127.0.0.1"], f"ICE paired {seen['pair']}"
+    kinds = [e["type"] for e in seen["events"]]
+    assert "transcript" in kinds and "reply" in kinds and "interrupted" in kinds, kinds
+    first = next(e["text"] for e in seen["events"] if e["type"] == "transcript")
+    assert wer("What is the capital of France?", first) <= 0.34, first
+    heard = [t["heard_ms"] for t in seen["turns"].values() if "heard_ms" in t]
+    assert heard and all(ms > 0 for ms in heard), seen["turns"]
+    assert "answered" in seen["page_text"] and "interrupted" in seen["page_text"], seen["page_text"]
+    assert not seen["error_shown"] and seen["old_session_gone"] and seen["sessions_left"], seen
+    assert seen["leaks"] == {}, seen["leaks"]
+    assert shot.stat().st_size > 10_000

@@ -257,6 +257,124 @@ async def gone_silent() -> dict:
     return out
 
 
+CHROMIUM = "/usr/bin/chromium"
+
+
+def fake_microphone_wav(path: Path, *parts: tuple[str, float], lead_s: float = 6.0) -> Path:
+    """A WAV for Chromium's fake microphone: each (text, pause after it in s) spoken by
+    espeak-ng, after `lead_s` of silence (the file starts playing when the page opens the
+    microphone, seconds before the connection is up); 48 kHz 16-bit mono."""
+    import soundfile
+    from speech_audio import espeak
+
+    pieces = [np.zeros(int(lead_s * RATE), np.float32)]
+    for text, pause in parts:
+        pieces.append(espeak(text, RATE, wpm=150, lead_s=0.0, tail_s=pause))
+    soundfile.write(path, np.concatenate(pieces), RATE, subtype="PCM_16")
+    return path
+
+
+async def open_page(url: str, wav: Path) -> tuple[Any, Any, Any]:
+    """Headless Chromium (Debian's) on `url` with `wav` as its microphone: (playwright, browser, page)."""
+    from playwright.async_api import async_playwright
+
+    pw = await async_playwright().start()
+    browser = await pw.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}%noloop", "--autoplay-policy=no-user-gesture-required",
+        # candidates on 127.0.0.1 as they are, not hidden behind mDNS names
+        "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns"])
+    page = await browser.new_page()
+    await page.goto(url)
+    return pw, browser, page
+
+
+async def page_events(page: Any) -> list[dict]:
+    return await page.evaluate("window.rme.events")
+
+
+async def browser(shot: str = "") -> dict:
+    """The page in Chromium: a spoken question answered (transcript, reply, latency shown), then
+    a second question spoken over the reply interrupts it; a reload ends the old session."""
+    import tempfile
+
+    srv = await _server()
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = fake_microphone_wav(Path(tmp) / "mic.wav", ("What is the capital of France?", 3.0),
+                                  ("Tell me a long story about a dragon and a knight.", 0.3),
+                                  ("What color is the sky?", 6.0))
+        pw, chromium, page = await open_page(f"http://127.0.0.1:{srv.http.bound_port}/", wav)
+        try:
+            await page.click("#talk")
+            await page.wait_for_function("window.rme.events.some(e => e.type === 'timing')", timeout=60_000)
+            await page.wait_for_function("[...window.rme.turns.values()].some(t => t.heard_ms !== undefined)",
+                                         timeout=30_000)
+            peer = next(iter(srv.http.peers.values()))
+            ice = peer.pc.getTransceivers()[0].receiver.transport.transport
+            pair = next(iter(ice._connection._nominated.values()))  # aioice keeps no public accessor
+            out["pair"] = [pair.local_candidate.host, pair.remote_candidate.host]
+            await page.wait_for_function("window.rme.events.some(e => e.type === 'interrupted')", timeout=60_000)
+            await page.wait_for_timeout(1500)
+            if shot:
+                await page.screenshot(path=shot, full_page=True)
+            out["events"] = await page_events(page)
+            out["turns"] = await page.evaluate("Object.fromEntries(window.rme.turns)")
+            out["page_text"] = await page.inner_text("#log")
+            out["error_shown"] = await page.is_visible("#error")
+            old = set(srv.engine.sessions)
+            await page.reload()
+            out["old_session_gone"] = await until(lambda: not (old & set(srv.engine.sessions)), 10)
+        finally:
+            await chromium.close()
+            await pw.stop()
+    out["sessions_left"] = await until(lambda: not srv.engine.sessions, 10)
+    await srv.aclose()
+    return out
+
+
+async def bench(questions_json: str, barge_json: str) -> dict:
+    """The bench's run (bench/scenarios_browser.py): each question, then silence while the
+    reply plays; then barge-ins (a question, and another spoken over its reply); then the
+    idle cost of a connected session."""
+    import tempfile
+
+    import psutil
+
+    questions, barge = json.loads(questions_json), json.loads(barge_json)
+    srv = await _server()
+    out: dict[str, Any] = {}
+    parts = [(q, 7.0) for q in questions]
+    for a, b in barge:
+        parts += [(a, 1.1), (b, 7.0)]
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = fake_microphone_wav(Path(tmp) / "mic.wav", *parts)
+        import soundfile
+
+        total_s = soundfile.info(str(wav)).duration
+        pw, chromium, page = await open_page(f"http://127.0.0.1:{srv.http.bound_port}/", wav)
+        try:
+            await page.click("#talk")
+            await page.wait_for_function("window.rme.events.some(e => e.type === 'transcript')", timeout=60_000)
+            await asyncio.sleep(total_s + 2)
+            out["events"] = await page_events(page)
+            out["turns"] = await page.evaluate("Object.fromEntries(window.rme.turns)")
+            out["onsets"] = await page.evaluate("window.rme.onsets")
+            out["silences"] = await page.evaluate("window.rme.silences")
+            me = psutil.Process()
+            procs = [me, *me.children(recursive=True)]
+            procs = [p for p in procs if "chromium" not in " ".join(p.cmdline()[:1]).lower()]
+            t0 = [sum(p.cpu_times()[:2]) for p in procs]
+            await asyncio.sleep(10)  # nobody speaks; the microphone stays open
+            t1 = [sum(p.cpu_times()[:2]) for p in procs]
+            out["idle_core_share"] = (sum(t1) - sum(t0)) / 10
+        finally:
+            await chromium.close()
+            await pw.stop()
+    await srv.aclose()
+    return out
+
+
 async def _first_site() -> None:
     """The process's first aiohttp site opens /dev/null and keeps it (once, whatever comes after):
     opened here, before the leak snapshot."""
@@ -283,7 +401,9 @@ async def _main(name: str) -> dict:
     await _first_site()
     prepared = {"answer": prepare_answer}.get(name, dict)()
     before = leakprobe.snapshot()
-    out = await {"answer": answer, "bad_offers": bad_offers, "gone_silent": gone_silent}[name](**prepared)
+    scenarios = {"answer": answer, "bad_offers": bad_offers, "gone_silent": gone_silent, "browser": browser,
+                 "bench": bench}
+    out = await scenarios[name](*sys.argv[2:], **prepared)
     gc.collect()  # the scenario's client and server objects (an Opus codec holds threads) are gone
     out["leaks"] = leakprobe.leaks(before)
     return out
