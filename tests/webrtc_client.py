@@ -362,8 +362,9 @@ async def bench(questions_json: str, barge_json: str) -> dict:
             out["onsets"] = await page.evaluate("window.rme.onsets")
             out["silences"] = await page.evaluate("window.rme.silences")
             me = psutil.Process()
-            procs = [me, *me.children(recursive=True)]
-            procs = [p for p in procs if "chromium" not in " ".join(p.cmdline()[:1]).lower()]
+            browser_side = {p.pid for c in me.children() if "playwright" in " ".join(c.cmdline())
+                            for p in (c, *c.children(recursive=True))}  # Playwright's driver and Chromium
+            procs = [p for p in (me, *me.children(recursive=True)) if p.pid not in browser_side]
             t0 = [sum(p.cpu_times()[:2]) for p in procs]
             await asyncio.sleep(10)  # nobody speaks; the microphone stays open
             t1 = [sum(p.cpu_times()[:2]) for p in procs]

@@ -153,6 +153,9 @@ class HttpSettings:
     chunk_samples: int = 512
     #: a browser that sent no audio for this long is gone: its session ends
     idle_secs: float = 3.0
+    #: audio packets aiortc holds before decoding the microphone: each is 20 ms
+    #: of delay (aiortc's own default is 4); 1 suits a LAN, raise it on a lossy link
+    jitter_prefetch_packets: int = 1
     max_offer_bytes: int = 65_536
 
 

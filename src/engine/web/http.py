@@ -111,7 +111,7 @@ class HttpFace:
             return web.Response(status=503, text=f"{exc.message}\n")
         source = self.settings.source_node or manifest.nodes[0].public_id
         peer = VoicePeer(self, session, source, self.settings.sample_rate, self.settings.chunk_samples,
-                         self.settings.idle_secs)
+                         self.settings.idle_secs, self.settings.jitter_prefetch_packets)
         peer_ref.append(peer)
         try:
             await session.start()

@@ -56,59 +56,61 @@ def make_reply_track() -> Any:
         def __init__(self) -> None:
             super().__init__()
             self._queue: collections.deque[tuple[np.ndarray, str]] = collections.deque()  # 20 ms pieces
-            self._partial = np.zeros(0, np.int16)
-            self._partial_turn = ""
             self._start: float | None = None
             self._pts = 0
             self.on_first_audio: Any = None  # called with a turn id when its first frame goes out
             self._started_turns: collections.OrderedDict[str, None] = collections.OrderedDict()
             self.playing_turn = ""
+            self._audio = asyncio.Event()  # set while there is audio to send (or the track ended)
 
         @property
         def queued_s(self) -> float:
-            return (len(self._queue) * FRAME_OUT + self._partial.size) / RATE_OUT
+            return len(self._queue) * FRAME_OUT / RATE_OUT
 
         def add(self, samples: np.ndarray, turn: str) -> None:
-            """Queue 48 kHz s16 mono samples of `turn`."""
+            """Queue 48 kHz s16 mono samples of `turn`, in 20 ms frames (the last one padded
+            with silence: a reply's frames come 100 ms at a time, its end at any length)."""
             if self.queued_s > MAX_QUEUED_S:
                 return
-            if self._partial.size and self._partial_turn != turn:
-                self._flush_partial()
-            x = np.concatenate((self._partial, samples)) if self._partial.size else samples
-            whole = x.size // FRAME_OUT * FRAME_OUT
-            for lo in range(0, whole, FRAME_OUT):
+            pad = -samples.size % FRAME_OUT
+            x = np.concatenate((samples, np.zeros(pad, np.int16))) if pad else samples
+            for lo in range(0, x.size, FRAME_OUT):
                 self._queue.append((x[lo:lo + FRAME_OUT], turn))
-            self._partial, self._partial_turn = x[whole:], turn
+            if self._queue:
+                self._audio.set()
 
-        def _flush_partial(self) -> None:
-            if self._partial.size:
-                piece = np.zeros(FRAME_OUT, np.int16)
-                piece[:self._partial.size] = self._partial
-                self._queue.append((piece, self._partial_turn))
-            self._partial = np.zeros(0, np.int16)
-
-        def end_of_reply(self) -> None:
-            self._flush_partial()
+        def stop(self) -> None:
+            super().stop()
+            self._audio.set()  # a recv() waiting for audio ends
 
         def clear(self, turn: str | None = None) -> None:
             """Drop what is queued (of `turn` only, if given): the reply was interrupted."""
             if turn is None:
                 self._queue.clear()
-                self._partial = np.zeros(0, np.int16)
             else:
                 self._queue = collections.deque(p for p in self._queue if p[1] != turn)
-                if self._partial_turn == turn:
-                    self._partial = np.zeros(0, np.int16)
 
         async def recv(self) -> Any:
             if self.readyState != "live":
                 from aiortc.mediastreams import MediaStreamError
 
                 raise MediaStreamError
-            if self._start is None:
-                self._start = time.monotonic()
+            if not self._queue:
+                # Nothing to say: send nothing (as Opus DTX would) rather than encode and
+                # encrypt 50 frames of silence a second; the next reply starts at once,
+                # its RTP timestamp where the clock is by then.
+                self._audio.clear()
+                await self._audio.wait()
+                if self.readyState != "live":
+                    from aiortc.mediastreams import MediaStreamError
+
+                    raise MediaStreamError
+                now = time.monotonic()
+                if self._start is None:
+                    self._start = now
+                self._pts = max(self._pts, round((now - self._start) * RATE_OUT / FRAME_OUT) * FRAME_OUT)
             else:
-                wait = self._start + self._pts / RATE_OUT - time.monotonic()
+                wait = self._start + self._pts / RATE_OUT - time.monotonic()  # type: ignore[operator]
                 if wait > 0:
                     await asyncio.sleep(wait)
             if self._queue:
@@ -135,7 +137,8 @@ def make_reply_track() -> Any:
 class VoicePeer:
     """A peer connection and its session; `start()` answers the offer, `aclose()` ends both."""
 
-    def __init__(self, face: Any, session: Any, source: str, rate: int, chunk: int, idle_secs: float) -> None:
+    def __init__(self, face: Any, session: Any, source: str, rate: int, chunk: int, idle_secs: float,
+                 prefetch: int = 1) -> None:
         from aiortc import RTCConfiguration, RTCPeerConnection
 
         self.id = uuid.uuid4().hex[:12]
@@ -145,6 +148,7 @@ class VoicePeer:
         self.rate = rate
         self.chunk = chunk
         self.idle_secs = idle_secs
+        self.prefetch = prefetch
         # no STUN/TURN server: aiortc would otherwise ask a public STUN server
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.track = make_reply_track()
@@ -191,12 +195,26 @@ class VoicePeer:
             if t.kind == "audio":
                 t.direction = "sendrecv"
                 pc.addTrack(self.track)
+                self._shorten_jitter_buffer(t.receiver)
                 break
         await pc.setLocalDescription(await pc.createAnswer())  # gathers every candidate (no trickle)
         self._last_rtp = time.monotonic()  # the caller's silence is counted from the answer on
         self._spawn(self._read_outputs(), "outputs")
         self._spawn(self._watch_transport(), "watchdog")
         return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "pc_id": self.id}
+
+    def _shorten_jitter_buffer(self, receiver: Any) -> None:
+        """aiortc decodes an audio packet only once 4 more have come (80 ms) and has no
+        setting for it: its receiver's buffer is replaced, before any packet, by one that
+        holds `prefetch` (name-mangled attribute: checked, so an aiortc that renames it
+        leaves its own buffer and says so)."""
+        from aiortc.jitterbuffer import JitterBuffer
+
+        name = "_RTCRtpReceiver__jitter_buffer"
+        if not isinstance(getattr(receiver, name, None), JitterBuffer):
+            self.log.warning("peer %s: aiortc's receiver has no %s: its jitter buffer is kept", self.id, name)
+            return
+        setattr(receiver, name, JitterBuffer(capacity=16, prefetch=self.prefetch))
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=f"peer {self.id} {name}")
