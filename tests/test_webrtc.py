@@ -64,3 +64,27 @@ async def test_the_page_in_chromium_answers_and_is_interrupted(tmp_path):
     assert not seen["error_shown"] and seen["old_session_gone"] and seen["sessions_left"], seen
     assert seen["leaks"] == {}, seen["leaks"]
     assert shot.stat().st_size > 10_000
+
+
+def test_the_pages_default_pipeline_is_the_speech_example():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    shipped = (root / "src" / "engine" / "web" / "voice.json").read_text()
+    assert shipped == (root / "examples" / "speech_to_speech.json").read_text(), \
+        "src/engine/web/voice.json is the installed copy of examples/speech_to_speech.json: copy it again"
+
+
+def test_http_settings(tmp_path):
+    from engine.config import RuntimeConfig
+    from engine.errors import ValidationError
+
+    p = tmp_path / "runtime.toml"
+    p.write_text('[http]\nport = 8080\npipelines = { voice = "builtin:voice", mine = "mine.json" }\n')
+    cfg = RuntimeConfig.load(p, env={})
+    assert cfg.http.port == 8080 and cfg.http.pipelines["mine"] == str(tmp_path / "mine.json")
+    assert RuntimeConfig().http.port == 0, "off by default: engines sharing a machine must not collide"
+    with pytest.raises(ValidationError, match="http.pipelines"):
+        RuntimeConfig.load({"http": {"pipelines": ["x"]}}, env={})
+    with pytest.raises(ValidationError, match="http.idle_secs: must be a number"):
+        RuntimeConfig.load({"http": {"idle_secs": "soon"}}, env={})
