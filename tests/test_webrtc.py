@@ -88,3 +88,17 @@ def test_http_settings(tmp_path):
         RuntimeConfig.load({"http": {"pipelines": ["x"]}}, env={})
     with pytest.raises(ValidationError, match="http.idle_secs: must be a number"):
         RuntimeConfig.load({"http": {"idle_secs": "soon"}}, env={})
+
+
+async def test_audio_faster_than_real_time_in_odd_sizes_is_held_within_a_bound():
+    seen = await _run("flood")
+    assert seen["sent_x_real_time"] > 2, f"the client did not outpace real time: {seen}"
+    assert seen["alive"] and seen["rss_growth_mb"] < 50, seen
+    assert seen["ended"] and seen["leaks"] == {}, seen
+
+
+async def test_more_offers_than_the_session_cap_get_a_503():
+    seen = await _run("full")
+    assert seen["second"].startswith("503: ") and "max_sessions" not in seen["second"].split(":")[0], seen
+    assert "cap 1" in seen["second"] and seen["sessions"] == 1, seen
+    assert seen["ended"] and seen["leaks"] == {}, seen

@@ -37,8 +37,9 @@ def in_loopback_netns(*args: str, timeout_s: float = 240) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def make_microphone(audio48k: np.ndarray) -> Any:
-    """A track that plays `audio48k` (float32 mono) in real time, then silence, like a microphone."""
+def make_microphone(audio48k: np.ndarray, *, paced: bool = True, frame: int = FRAME) -> Any:
+    """A track that plays `audio48k` (float32 mono) in real time, then silence, like a microphone;
+    not `paced`: as fast as the sender takes it, in frames of `frame` samples."""
     from aiortc import MediaStreamTrack
     from av import AudioFrame
 
@@ -56,17 +57,19 @@ def make_microphone(audio48k: np.ndarray) -> Any:
             if self.start is None:
                 self.start = time.monotonic()
             wait = self.start + self.pts / RATE - time.monotonic()
-            if wait > 0:
+            if wait > 0 and paced:
                 await asyncio.sleep(wait)
-            piece = self.pcm[self.pts:self.pts + FRAME]
-            if piece.size < FRAME:
+            elif not paced:
+                await asyncio.sleep(0)
+            piece = self.pcm[self.pts:self.pts + frame]
+            if piece.size < frame:
                 if self.speech_end_at is None:
                     self.speech_end_at = time.monotonic()
-                piece = np.concatenate((piece, np.zeros(FRAME - piece.size, np.int16)))
-            frame = AudioFrame.from_ndarray(piece.reshape(1, -1), format="s16", layout="mono")
-            frame.sample_rate, frame.pts, frame.time_base = RATE, self.pts, fractions.Fraction(1, RATE)
-            self.pts += FRAME
-            return frame
+                piece = np.concatenate((piece, np.zeros(frame - piece.size, np.int16)))
+            out = AudioFrame.from_ndarray(piece.reshape(1, -1), format="s16", layout="mono")
+            out.sample_rate, out.pts, out.time_base = RATE, self.pts, fractions.Fraction(1, RATE)
+            self.pts += frame
+            return out
 
     return Microphone()
 
@@ -74,12 +77,12 @@ def make_microphone(audio48k: np.ndarray) -> Any:
 class VoiceClient:
     """One conversation with the server's /api/offer: a microphone in, reply audio and events out."""
 
-    def __init__(self, url: str, audio48k: np.ndarray) -> None:
+    def __init__(self, url: str, audio48k: np.ndarray, **mic: Any) -> None:
         from aiortc import RTCConfiguration, RTCPeerConnection
 
         self.url = url
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.mic = make_microphone(audio48k)
+        self.mic = make_microphone(audio48k, **mic)
         self.events: list[dict] = []
         self.reply: list[np.ndarray] = []
         self.reply_times: list[float] = []
@@ -150,10 +153,14 @@ async def until(predicate: Any, timeout_s: float) -> bool:
 # ---------------------------------------------------------------- scenarios (inside the namespace)
 
 async def _server(**http: Any) -> Any:
+    return await _server_with({"http": http})
+
+
+async def _server_with(config: dict) -> Any:
     from engine.server import EngineServer
 
     # a port of our own: in this namespace nothing else listens
-    srv = EngineServer({"ipc_root": "/tmp/remotemedia-engine-test", "http": http},
+    srv = EngineServer({"ipc_root": "/tmp/remotemedia-engine-test", **config},
                        host="127.0.0.1", port=0, http_port=_free_port())
     await srv.start()
     return srv
@@ -252,6 +259,54 @@ async def gone_silent() -> dict:
         out["ended"] = await until(lambda: not srv.engine.sessions and not srv.http.peers, 10)
         out["ended_after_s"] = round(time.monotonic() - t0, 2)
         await client.aclose()
+    finally:
+        await srv.aclose()
+    return out
+
+
+async def flood() -> dict:
+    """A client that sends audio as fast as it can, in odd frame sizes: the server holds a
+    bounded amount, keeps running, and its session ends cleanly."""
+    import psutil
+
+    srv = await _server()
+    out: dict[str, Any] = {}
+    try:
+        noise = np.random.default_rng(1).normal(0, 0.1, RATE * 60).astype(np.float32)
+        client = VoiceClient(f"http://127.0.0.1:{srv.http.bound_port}", noise, paced=False, frame=333)
+        await client.connect()
+        await until(lambda: client.pc.connectionState == "connected", 10)
+        rss0, pts0 = psutil.Process().memory_info().rss, client.mic.pts
+        await asyncio.sleep(6)
+        out["sent_x_real_time"] = round((client.mic.pts - pts0) / RATE / 6, 1)
+        out["rss_growth_mb"] = (psutil.Process().memory_info().rss - rss0) / 2**20
+        peer = next(iter(srv.http.peers.values()), None)
+        out["alive"] = peer is not None and bool(srv.engine.sessions)
+        out["dropped"] = peer.dropped_frames if peer is not None else -1
+        await client.aclose()
+        out["ended"] = await until(lambda: not srv.engine.sessions and not srv.http.peers, 10)
+    finally:
+        await srv.aclose()
+    return out
+
+
+async def full() -> dict:
+    """More offers than caps.max_sessions: a 503 with the reason, and nothing started for it."""
+    srv = await _server_with({"caps": {"max_sessions": 1}})
+    out: dict[str, Any] = {}
+    try:
+        first = VoiceClient(f"http://127.0.0.1:{srv.http.bound_port}", np.zeros(RATE, np.float32))
+        await first.connect()
+        second = VoiceClient(f"http://127.0.0.1:{srv.http.bound_port}", np.zeros(RATE, np.float32))
+        try:
+            await second.connect()
+            out["second"] = "accepted"
+        except RuntimeError as exc:
+            out["second"] = str(exc)
+        out["sessions"] = len(srv.engine.sessions)
+        await second.aclose()
+        await first.aclose()
+        out["ended"] = await until(lambda: not srv.engine.sessions and not srv.http.peers, 10)
     finally:
         await srv.aclose()
     return out
@@ -403,7 +458,7 @@ async def _main(name: str) -> dict:
     prepared = {"answer": prepare_answer}.get(name, dict)()
     before = leakprobe.snapshot()
     scenarios = {"answer": answer, "bad_offers": bad_offers, "gone_silent": gone_silent, "browser": browser,
-                 "bench": bench}
+                 "bench": bench, "flood": flood, "full": full}
     out = await scenarios[name](*sys.argv[2:], **prepared)
     gc.collect()  # the scenario's client and server objects (an Opus codec holds threads) are gone
     out["leaks"] = leakprobe.leaks(before)

@@ -40,6 +40,9 @@ log = logging.getLogger("engine.web")
 
 RATE_OUT = 48_000
 FRAME_OUT = 960  # 20 ms at 48 kHz: Opus's frame
+#: decoded microphone frames a peer lets wait (aiortc's queue has no bound): ~1 s of 20 ms frames.
+#: A caller that sends faster than the pipeline takes has its oldest audio dropped past this.
+MAX_WAITING_FRAMES = 50
 #: most reply audio a peer holds for its track (a runaway pipeline cannot grow it past this)
 MAX_QUEUED_S = 120.0
 
@@ -161,6 +164,7 @@ class VoicePeer:
         self._last_rtp = time.monotonic()
         self._speech_end: dict[str, float] = {}  # turn → end of speech (monotonic), from the commit event
         self._heard: set[str] = set()
+        self.dropped_frames = 0
         self.log = logging.LoggerAdapter(log, {"session_id": session.id, "node_id": "-"})
 
     # ------------------------------------------------------------ set-up
@@ -238,6 +242,7 @@ class VoicePeer:
         resampler: soxr.ResampleStream | None = None
         rate_in = 0
         pending = np.zeros(0, np.float32)
+        waiting: asyncio.Queue = getattr(track, "_queue", None) or asyncio.Queue()  # aiortc's, unbounded
         while True:
             try:
                 frame = await track.recv()
@@ -245,6 +250,14 @@ class VoicePeer:
                 await self.aclose("the microphone track ended")
                 return
             self._last_rtp = time.monotonic()
+            while waiting.qsize() > MAX_WAITING_FRAMES:  # sent faster than real time: keep the newest
+                if waiting.get_nowait() is None:  # the track's end: put it back, it is read next
+                    waiting.put_nowait(None)
+                    break
+                self.dropped_frames += 1
+                if self.dropped_frames == 1:
+                    self.log.warning("peer %s: the browser sends audio faster than the pipeline takes it; "
+                                     "dropping its oldest frames past %d", self.id, MAX_WAITING_FRAMES)
             pcm = frame.to_ndarray()
             channels = len(frame.layout.channels)
             x = pcm.reshape(-1, channels).mean(axis=1) if channels > 1 else pcm.reshape(-1)
