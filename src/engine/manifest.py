@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -39,6 +38,7 @@ import orjson
 
 from .data import DataKind
 from .errors import Issue, ValidationError
+from .registry import snake_case
 
 if TYPE_CHECKING:
     from .composite import CompositeType
@@ -103,16 +103,9 @@ class Manifest:
 
 # ---------------------------------------------------------------- loading
 
-_CAMEL = re.compile(r"(?<=[a-z0-9])([A-Z])")
-
-
-def _snake(key: str) -> str:
-    return _CAMEL.sub(lambda m: "_" + m.group(1).lower(), key)
-
-
 def _snake_keys(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {_snake(k) if isinstance(k, str) else k: v for k, v in obj.items()}
+        return {snake_case(k) if isinstance(k, str) else k: v for k, v in obj.items()}
     return obj
 
 

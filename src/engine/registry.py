@@ -87,6 +87,8 @@ class NodeTypeSpec:
     params_fast: Any = field(repr=False)  # compiled fastjsonschema (the fast path)
     defaults: MappingProxyType = field(repr=False, default_factory=lambda: MappingProxyType({}))
     source: NodeSource = REGISTERED
+    #: the params its schema names (camelCase spellings of these are accepted)
+    params_known: frozenset[str] = frozenset()
 
     def accepts_executor(self, requested: str) -> bool:
         """Whether a manifest may ask for `requested` for this node type."""
@@ -116,10 +118,6 @@ class NodeTypeSpec:
         """The params of `params` that mean nothing on this server (accepted, left out)."""
         return sorted(k for k in canonical_params(params, self.cls.param_aliases, self.params_known)
                       if k in self.cls.inert_params)
-
-    @property
-    def params_known(self) -> frozenset[str]:
-        return frozenset(self.cls.params_schema.get("properties", {}))
 
     def unavailable(self, params: dict[str, Any]) -> str | None:
         """Why this node cannot run here with `params` (a model or package missing), or None."""
@@ -200,6 +198,7 @@ class ExecutorRegistry:
             params_fast=fastjsonschema.compile(schema),
             defaults=MappingProxyType(defaults),
             source=source,
+            params_known=frozenset(schema.get("properties", {})),
         )
         self._specs[name] = spec
         return spec
