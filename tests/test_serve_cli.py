@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import sys
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -36,11 +37,17 @@ class ServeProcess:
         return await cls.launch(cfg)
 
     @classmethod
-    async def launch(cls, cfg: os.PathLike[str] | str, env: dict[str, str] | None = None) -> ServeProcess:
-        """`serve` with config file `cfg` (and environment `env`), once it listens."""
+    async def launch(cls, cfg: os.PathLike[str] | str, env: dict[str, str] | None = None,
+                     blocked: set[signal.Signals] | None = None) -> ServeProcess:
+        """`serve` with config file `cfg` (and environment `env`), once it listens; started
+        with the `blocked` signals blocked, as a parent script may leave them."""
+        def block() -> None:
+            signal.pthread_sigmask(signal.SIG_BLOCK, blocked or set())
+
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "engine", "serve", "--port", "0", "--config", str(cfg),
-            stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL, env=env)
+            stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL, env=env,
+            preexec_fn=block if blocked else None)
         self = cls(proc)
         async with asyncio.timeout(60):
             while not self.address:
@@ -161,3 +168,20 @@ async def test_drain_deadline_tears_down_sessions_that_do_not_finish(tmp_path):
     assert not _alive({node_pid})
     assert any("tearing them down" in line for line in srv.lines)
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"rme{srv.proc.pid}x")]
+
+
+async def test_sigterm_drains_a_server_started_with_its_signals_blocked(tmp_path):
+    """A parent that blocks SIGINT/SIGTERM while it starts children (deploy/local_cluster.py did)
+    leaves them blocked in the child: serve unblocks them, so SIGTERM still drains."""
+    cfg = tmp_path / "runtime.toml"
+    cfg.write_text(f'ipc_root = "{TEST_IPC_ROOT}"\n')
+    srv = await ServeProcess.launch(cfg, blocked={signal.SIGINT, signal.SIGTERM})
+    try:
+        status = await asyncio.to_thread(Path(f"/proc/{srv.proc.pid}/status").read_text)
+        blocked = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk")), 16)
+        assert not blocked & (1 << (signal.SIGTERM - 1)), "serve still blocks SIGTERM"
+        srv.proc.send_signal(signal.SIGTERM)
+        assert await srv.wait() == 0, "".join(srv.lines)
+        assert any("signal received: draining" in line for line in srv.lines), "".join(srv.lines)
+    finally:
+        await srv.kill()
