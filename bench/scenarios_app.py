@@ -30,28 +30,12 @@ from bench.scenarios_speech import QUESTIONS, Spoken, engine_turns, voice_manife
 from engine._proto import streaming_pb2 as spb
 from engine._proto import streaming_pb2_grpc
 from engine.data import AudioData
-from engine.manifest import to_proto
+from engine.manifest_proto import to_proto
 from engine.server import EngineServer, wire
+from nodes.speech.spoken import espeak
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "nextjs_app" / "simple-s2s.json"
 RATE = 24_000
-
-
-def espeak(text: str, rate: int, wpm: int) -> np.ndarray:
-    import shutil
-    import subprocess
-    import tempfile
-
-    import soundfile
-    import soxr
-
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        raise RuntimeError("seed_app needs espeak-ng (apt-get install espeak-ng; make test installs it)")
-    with tempfile.NamedTemporaryFile(suffix=".wav") as f:
-        subprocess.run([exe, "-v", "en-us", "-s", str(wpm), "-w", f.name, text], check=True, timeout=30)
-        audio, sr = soundfile.read(f.name, dtype="float32")
-    return soxr.resample(audio, sr, rate).astype(np.float32)
 
 
 class _Stream:
@@ -161,7 +145,7 @@ def seed_app() -> dict:
     import uvloop
 
     wpm = [130 + (i * 10) % 50 for i in range(len(QUESTIONS))]
-    app_audio = [espeak(q, RATE, w) for q, w in zip(QUESTIONS, wpm, strict=True)]
+    app_audio = [espeak(q, RATE, wpm=w, lead_s=0, tail_s=0) for q, w in zip(QUESTIONS, wpm, strict=True)]
     series: dict[str, dict] = {}
     derived: dict[str, object] = {}
     p50s = {}
@@ -175,7 +159,7 @@ def seed_app() -> dict:
         derived[f"app turns answered ({label})"] = f"{len(answered)} of {len(first_audio)}"
         derived[f"app session start-up, {label} (s)"] = startup
         p50s[label] = (pct(answered, .5), pct(answered, .95))
-    spoken = [Spoken.from_audio(q, espeak(q, 16_000, w), seed=i)
+    spoken = [Spoken.from_audio(q, espeak(q, 16_000, wpm=w, lead_s=0, tail_s=0), seed=i)
               for i, (q, w) in enumerate(zip(QUESTIONS, wpm, strict=True))]
     own, _cpu, _ = uvloop.run(engine_turns(spoken, voice_manifest()))
     series["speech example: end of speech → first reply audio"] = {

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ import psutil
 from bench.harness import RESULTS, pct, scenario
 from engine import Engine, RuntimeData
 from engine.turns import TurnEvent, turn_of
+from nodes.speech.spoken import wer
 
 MANIFEST = Path(__file__).resolve().parent.parent / "examples" / "speech_to_speech.json"
 QUESTIONS = [
@@ -199,21 +199,6 @@ class VoiceClient:
 
     def audio_of(self, turn: str) -> list[tuple[float, Any]]:
         return [(t, f) for t, f in self.received if f.kind.name == "AUDIO" and turn_of(f) == turn]
-
-
-def _words(text: str) -> list[str]:
-    numbers = {"2": "two", "8": "eight", "4": "four"}
-    return [numbers.get(w, w) for w in re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()]
-
-
-def wer(reference: str, hypothesis: str) -> float:
-    ref, hyp = _words(reference), _words(hypothesis)
-    d = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, d[0] = d[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
-    return d[len(hyp)] / max(1, len(ref))
 
 
 def session_cpu_s(session: Any) -> dict[str, float]:

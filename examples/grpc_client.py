@@ -19,7 +19,7 @@ from engine._proto import common_pb2 as pb
 from engine._proto import execution_pb2 as epb
 from engine._proto import execution_pb2_grpc, streaming_pb2_grpc
 from engine._proto import streaming_pb2 as spb
-from engine.manifest import to_proto
+from engine.manifest_proto import to_proto
 
 MANIFEST = Path(__file__).resolve().parent / "audio_pipeline.json"  # found from any directory
 

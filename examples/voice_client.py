@@ -30,7 +30,7 @@ import numpy as np
 from engine._proto import common_pb2 as pb
 from engine._proto import streaming_pb2 as spb
 from engine._proto import streaming_pb2_grpc
-from engine.manifest import to_proto
+from engine.manifest_proto import to_proto
 
 CHUNK = 512  # samples at 16 kHz = 32 ms
 MANIFEST = Path(__file__).resolve().parent / "speech_to_speech.json"

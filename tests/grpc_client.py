@@ -42,7 +42,7 @@ def proto_manifest(nodes: list[tuple[str, str, dict[str, Any]] | tuple[str, str]
 
 def proto_manifest_from_dict(doc: dict[str, Any]) -> epb.PipelineManifest:
     """A JSON manifest as the proto a gRPC client sends."""
-    from engine.manifest import to_proto
+    from engine.manifest_proto import to_proto
 
     return to_proto(doc)
 

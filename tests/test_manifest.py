@@ -193,7 +193,8 @@ def test_proto_manifest_goes_through_the_same_validation():
 
 def test_to_proto_round_trips_through_validation():
     from engine.catalog import default_registry
-    from engine.manifest import proto_to_dict, to_proto, validate
+    from engine.manifest import validate
+    from engine.manifest_proto import proto_to_dict, to_proto
 
     doc = {"version": "v1", "metadata": {"name": "rt", "createdAt": "2026-01-01T00:00:00Z",
                                          "multiprocess": {"channelCapacity": 8}},

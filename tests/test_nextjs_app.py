@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soxr
 from speech_audio import espeak, spoken, wer
 
 from engine import Engine
@@ -66,7 +67,7 @@ def _f32(path: Path, audio: np.ndarray) -> Path:
 def _heard(checker, raw: Path, rate: int = 24_000) -> str:
     audio = np.frombuffer(raw.read_bytes(), dtype="<f4")
     assert audio.size and float(np.abs(audio).max()) > 0.05, "the reply audio is silent"
-    text, _ = checker.transcribe(__import__("soxr").resample(audio, rate, 16_000).astype(np.float32))
+    text, _ = checker.transcribe(soxr.resample(audio, rate, 16_000).astype(np.float32))
     return text
 
 

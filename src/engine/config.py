@@ -3,7 +3,7 @@ then per pipeline ← the manifest's `metadata.multiprocess`, bounded by the
 service-wide caps (a manifest may lower a limit or raise it up to its cap,
 never past it).
 
-One module on purpose (~465 lines): it is mostly one frozen dataclass per
+One module on purpose (~520 lines): it is mostly one frozen dataclass per
 runtime.toml section, read together with runtime.toml.example, and the one
 loader that checks them all; split per section, each piece would be a few
 lines apart from the loader that must name every one.

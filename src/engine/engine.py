@@ -308,7 +308,7 @@ class Engine:
         """
         t0 = time.perf_counter()
         m = self.validate(manifest)
-        known = {n.public_id for n in m.nodes}
+        known = m.public_ids
         for node_id in inputs:
             if node_id not in known:
                 raise ValidationError(f"input for unknown node {node_id!r}; nodes: {', '.join(sorted(known))}",

@@ -17,8 +17,10 @@ share one, unless either side accepts or produces ANY (a node that declares
 nothing accepts anything). Frames the caller sends to a source node are not
 known here; the node's host checks those when they arrive.
 
-One module on purpose (~530 lines): every check feeds one list of Issues in
-one pass, and the checks read the same normalized document.
+One module on purpose (~525 lines): every check feeds one list of Issues in
+one pass, and the checks read the same normalized document (composites
+expand in engine.composite; the remotemedia.v1 proto form is
+engine.manifest_proto).
 """
 
 from __future__ import annotations
@@ -91,8 +93,13 @@ class Manifest:
     notes: tuple[str, ...] = ()
 
     def entry(self, node_id: str) -> str:
-        """The node that takes what a caller sends to `node_id`."""
+        """The node that takes what a caller sends to `node_id` (a composite's input node)."""
         return self.entries.get(node_id, node_id)
+
+    @property
+    def public_ids(self) -> frozenset[str]:
+        """The node ids a caller knows: a composite's own, never its inner nodes'."""
+        return frozenset(n.public_id for n in self.nodes)
 
     def node(self, node_id: str) -> NodeDecl:
         for n in self.nodes:
@@ -129,24 +136,24 @@ def normalize(doc: dict[str, Any]) -> dict[str, Any]:
                 n["capabilities"] = caps
             if isinstance(n, dict) and isinstance(n.get("params"), str):
                 # the proto form carries params as a JSON string
-                n["params"] = _parse_params_string(n["params"])
+                n["params"] = parse_params_string(n["params"])
             nodes.append(n)
         out["nodes"] = nodes
     return out
 
 
-class _BadParams:
+class BadParams:
     def __init__(self, text: str, error: str) -> None:
         self.text, self.error = text, error
 
 
-def _parse_params_string(text: str) -> Any:
+def parse_params_string(text: str) -> Any:
     if not text.strip():
         return {}
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError as exc:
-        return _BadParams(text, str(exc))
+        return BadParams(text, str(exc))
 
 
 def load_document(source: Any) -> dict[str, Any]:
@@ -154,6 +161,8 @@ def load_document(source: Any) -> dict[str, Any]:
     if isinstance(source, dict):
         return source
     if hasattr(source, "DESCRIPTOR") and hasattr(source, "nodes"):
+        from .manifest_proto import proto_to_dict  # the proto form builds on this module
+
         return proto_to_dict(source)
     if isinstance(source, os.PathLike) or (isinstance(source, str) and not source.lstrip().startswith("{")):
         try:
@@ -169,86 +178,6 @@ def load_document(source: Any) -> dict[str, Any]:
             raise ValidationError(Issue("$", "manifest must be a JSON object", code="type"))
         return doc
     raise ValidationError(Issue("$", f"cannot load a manifest from {type(source).__name__}", code="type"))
-
-
-def proto_to_dict(pm: Any) -> dict[str, Any]:
-    """remotemedia.v1.PipelineManifest → the JSON manifest shape."""
-    from ._proto import common_pb2
-
-    md: dict[str, Any] = {"name": pm.metadata.name}
-    if pm.metadata.description:
-        md["description"] = pm.metadata.description
-    if pm.metadata.created_at:
-        md["created_at"] = pm.metadata.created_at
-    if pm.metadata.multiprocess_json:
-        mp = _parse_params_string(pm.metadata.multiprocess_json)
-        md["multiprocess"] = mp if not isinstance(mp, _BadParams) else pm.metadata.multiprocess_json
-    nodes = []
-    for n in pm.nodes:
-        d: dict[str, Any] = {"id": n.id, "node_type": n.node_type, "params": n.params}
-        if n.is_streaming:
-            d["is_streaming"] = True
-        if n.host:
-            d["host"] = n.host
-        if n.executor:
-            d["executor"] = n.executor
-        if n.input_types:
-            d["input_types"] = [common_pb2.DataTypeHint.Name(t) for t in n.input_types]
-        if n.output_types:
-            d["output_types"] = [common_pb2.DataTypeHint.Name(t) for t in n.output_types]
-        if n.HasField("capabilities"):
-            c = n.capabilities
-            caps: dict[str, Any] = {}
-            if c.HasField("gpu"):
-                caps["gpu"] = {"type": c.gpu.type, "min_memory_gb": c.gpu.min_memory_gb,
-                               "required": c.gpu.required}
-            if c.HasField("cpu"):
-                cpu: dict[str, Any] = {}
-                if c.cpu.cores:
-                    cpu["cores"] = c.cpu.cores
-                if c.cpu.arch:
-                    cpu["arch"] = c.cpu.arch
-                caps["cpu"] = cpu
-            if c.memory_gb:
-                caps["memory_gb"] = c.memory_gb
-            d["capabilities"] = caps
-        nodes.append(d)
-    return {
-        "version": pm.version,
-        "metadata": md,
-        "nodes": nodes,
-        "connections": [{"from": c.__getattribute__("from"), "to": c.to} for c in pm.connections],
-    }
-
-
-
-def to_proto(source: Any) -> Any:
-    """A JSON manifest (dict, JSON text or path) → the remotemedia.v1 PipelineManifest a client sends.
-
-    The inverse of proto_to_dict for what the proto can carry; not validated
-    (the server validates what it receives).
-    """
-    from ._proto import execution_pb2 as epb
-
-    doc = normalize(load_document(source))
-    md = doc.get("metadata") or {}
-    m = epb.PipelineManifest(version=str(doc.get("version", "")))
-    m.metadata.name = str(md.get("name", ""))
-    m.metadata.description = str(md.get("description", ""))
-    m.metadata.created_at = str(md.get("created_at", ""))
-    if md.get("multiprocess"):
-        m.metadata.multiprocess_json = orjson.dumps(md["multiprocess"]).decode()
-    for n in doc.get("nodes") or []:
-        node = m.nodes.add(id=str(n.get("id", "")), node_type=str(n.get("node_type", "")),
-                           params=orjson.dumps(n.get("params") or {}).decode(),
-                           is_streaming=bool(n.get("is_streaming", False)))
-        if n.get("executor"):
-            node.executor = str(n["executor"])
-        if n.get("host"):
-            node.host = str(n["host"])
-    for c in doc.get("connections") or []:
-        m.connections.add(**{"from": str(c.get("from", "")), "to": str(c.get("to", ""))})
-    return m
 
 
 # ---------------------------------------------------------------- schema
@@ -449,7 +378,7 @@ def validate(source: Any, registry: ExecutorRegistry) -> Manifest:
     # bad JSON in a proto params string is reported as a params issue
     issues: list[Issue] = []
     for i, n in enumerate(doc.get("nodes") or []):
-        if isinstance(n, dict) and isinstance(n.get("params"), _BadParams):
+        if isinstance(n, dict) and isinstance(n.get("params"), BadParams):
             issues.append(Issue(f"$.nodes[{i}].params", f"params is not valid JSON: {n['params'].error}",
                                 node_id=n.get("id"), field="params", code="params.json"))
             n["params"] = {}
@@ -485,9 +414,14 @@ def validate(source: Any, registry: ExecutorRegistry) -> Manifest:
         path = f"$.nodes[{i}]"
         spec = registry.get(ntype)
         params = n.get("params") if isinstance(n.get("params"), dict) else {}
+        given = params
+        why = None  # why the class cannot run here
+        if spec is not None:
+            params = spec.normalize_params(given)
+            why = spec.unavailable(params)
         comp = registry.composite(ntype)
-        if comp is not None and (spec is None or comp.serves_instead_of(spec.unavailable(spec.normalize_params(params)))):
-            outer, problems = comp.outer_params(nid, path, params)
+        if comp is not None and (spec is None or comp.serves_instead_of(why)):
+            outer, problems = comp.outer_params(nid, path, given)
             issues += problems
             composites[nid] = comp
             served[nid] = comp.served_by(outer)
@@ -506,10 +440,9 @@ def validate(source: Any, registry: ExecutorRegistry) -> Manifest:
                                 code="unknown_node_type", extra={"suggestions": hint}))
         else:
             specs[nid] = spec
-            notes += _inert_note(nid, ntype, spec.inert_params(params), spec.cls.inert_params)
-            params = spec.normalize_params(params)
+            notes += _inert_note(nid, ntype, spec.inert_params(given), spec.cls.inert_params)
             issues += params_issues(spec, nid, path, params)
-            if (why := spec.unavailable(params)) is not None:
+            if why is not None:
                 issues.append(Issue(f"{path}.node_type", f"node type {ntype!r} cannot run on this server: {why}",
                                     node_id=nid, field="node_type", code="unavailable"))
             executor = n.get("executor")

@@ -4,9 +4,7 @@ order, fan-out (downstream lists), fan-in (upstream lists), sources and sinks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from dataclasses import dataclass
 
 from .config import RaySettings, SessionSettings
 from .data import DataKind
@@ -51,19 +49,6 @@ class PlannedNode:
 class ExecutionPlan:
     order: tuple[str, ...]
     nodes: dict[str, PlannedNode]
-    #: a composite node's id → its input node's id (Manifest.entries)
-    entries: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    #: logged once when a session starts (Manifest.notes)
-    notes: tuple[str, ...] = ()
-
-    def entry(self, node_id: str) -> str:
-        """The node that takes what a caller sends to `node_id` (a composite's input node)."""
-        return self.entries.get(node_id, node_id)
-
-    @property
-    def public_ids(self) -> frozenset[str]:
-        """The node ids a caller knows: a composite's own, never its inner nodes'."""
-        return frozenset(n.decl.public_id for n in self.nodes.values())
 
     @property
     def sinks(self) -> tuple[str, ...]:
@@ -109,4 +94,4 @@ def build_plan(manifest: Manifest, registry: ExecutorRegistry, settings: Session
         if decl.host:  # on the engine there (which runs it on the executor it chooses)
             kind = "remote"
         nodes[decl.id] = PlannedNode(decl, spec, kind, tuple(ups[decl.id]), tuple(downs[decl.id]))
-    return ExecutionPlan(tuple(order), nodes, manifest.entries, manifest.notes)
+    return ExecutionPlan(tuple(order), nodes)

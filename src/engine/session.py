@@ -8,7 +8,7 @@ is written into its channel), so a slow node slows its producer instead of
 growing a queue: that is the backpressure. Sink outputs go to a bounded
 output queue, tagged with the sequence of the input that caused them.
 
-One module on purpose (~500 lines): the session's state machine, routing
+One module on purpose (~545 lines): the session's state machine, routing
 and teardown share its state and each exit path must be read against all of
 them; splitting them would spread one invariant (nothing left behind) over
 files.
@@ -192,7 +192,7 @@ class Session:
         if self._state != "new":
             raise SessionClosedError(f"session {self.id} already started")
         self._state = "starting"
-        for note in self.plan.notes:
+        for note in self.manifest.notes:
             self.log.info("%s", note)
         if self.settings.max_duration_secs > 0:
             self._deadline = asyncio.get_running_loop().call_later(
@@ -238,9 +238,9 @@ class Session:
             raise self._error
         if self._state != "running":
             raise SessionClosedError(f"session {self.id} is {self._state}; cannot send")
-        runner = self._runners.get(self.plan.entry(node_id))
+        runner = self._runners.get(self.manifest.entry(node_id))
         if runner is None:
-            raise ValidationError(f"unknown target node {node_id!r}; nodes: {', '.join(sorted(self.plan.public_ids))}",
+            raise ValidationError(f"unknown target node {node_id!r}; nodes: {', '.join(sorted(self.manifest.public_ids))}",
                                   node_id=node_id)
         if not isinstance(data, RuntimeData):
             raise ValidationError(f"send() takes RuntimeData, got {type(data).__name__}", node_id=node_id)

@@ -138,7 +138,7 @@ class RemoteRunner(NodeRunner):
         self.ctx.track(self._read_results(), f"{self.node_id}:remote")
 
     def _one_node_manifest(self) -> Any:
-        from ..manifest import to_proto
+        from ..manifest_proto import to_proto
 
         decl = self.planned.decl
         node: dict[str, Any] = {"id": decl.id, "node_type": decl.node_type, "params": dict(decl.params),

@@ -187,7 +187,7 @@ class StreamCall:
                                           output_sink=self, trace_carrier=self.carrier)
         self.metrics.sessions.labels("stream").inc()
         self.log = ContextAdapter(log, {"session_id": self.session.id, "node_id": "-"})
-        self.known_nodes = set(self.session.plan.public_ids)
+        self.known_nodes = set(self.session.manifest.public_ids)
 
     async def _cleanup(self) -> None:
         for task in self.tasks:

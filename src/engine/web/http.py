@@ -57,6 +57,7 @@ class HttpFace:
         self.peers: dict[str, VoicePeer] = {}
         self._runner: Any = None
         self._manifests: dict[str, Any] = {}
+        self._page_html = ""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -65,6 +66,7 @@ class HttpFace:
 
         for name, source in self.settings.pipelines.items():  # checked at start, not at the first call
             self._manifests[name] = self.engine.validate(_manifest_source(source))
+        self._page_html = resources.files("engine.web").joinpath("page.html").read_text()
         ice.offer_addresses(self.host)
         app = web.Application(client_max_size=self.settings.max_offer_bytes)
         app.router.add_get("/", self._page)
@@ -92,8 +94,7 @@ class HttpFace:
     async def _page(self, request: Any) -> Any:
         from aiohttp import web
 
-        html = resources.files("engine.web").joinpath("page.html").read_text()
-        return web.Response(text=html, content_type="text/html",
+        return web.Response(text=self._page_html, content_type="text/html",
                             headers={"Cache-Control": "no-store"})
 
     async def _offer(self, request: Any) -> Any:

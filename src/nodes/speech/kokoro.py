@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.util
 import logging
 import os
 import re
@@ -39,6 +38,7 @@ from engine.errors import NodeExecutionError
 from engine.node import Node
 from engine.turns import turn_of
 
+from . import models
 from .common import SPECIAL_TOKENS
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ _LANG_CODES = {"a": "en-us", "b": "en-gb", "e": "es", "f": "fr-fr", "h": "hi", "
 
 
 def _missing(modules: tuple[str, ...]) -> list[str]:
-    return [m for m in modules if importlib.util.find_spec(m) is None]
+    return [m for m in modules if not models.installed(m)]
 
 
 def cache_dir() -> Path:

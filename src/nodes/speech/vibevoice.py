@@ -10,7 +10,6 @@ is missing the node type is served by the server's stand-in
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +20,8 @@ import numpy as np
 from engine.data import AudioData, DataKind, RuntimeData, TextData
 from engine.errors import NodeExecutionError
 from engine.node import Node
+
+from . import models
 
 RATE = 24_000
 
@@ -54,7 +55,7 @@ class VibeVoiceTTSNode(Node):
 
     @classmethod
     def unavailable(cls, params: dict[str, Any]) -> str | None:
-        missing = [m for m in ("vibevoice", "torch") if importlib.util.find_spec(m) is None]
+        missing = [m for m in ("vibevoice", "torch") if not models.installed(m)]
         if missing:
             return f"it needs the Python packages {', '.join(missing)} (and a GPU)"
         path = params.get("model_path") or ""
