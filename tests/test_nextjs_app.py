@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,11 @@ async def _app(server, flow: str, fixture: str, out: Path, *inputs: Path) -> dic
     return seen
 
 
+def _espeak_copies() -> set[str]:
+    """The copies of espeak-ng phonemizer makes in temporary folders (one per wrapper)."""
+    return {str(p) for p in Path(tempfile.gettempdir()).glob("tmp*/libespeak-ng.so")}
+
+
 def _f32(path: Path, audio: np.ndarray) -> Path:
     path.write_bytes(np.ascontiguousarray(audio, dtype="<f4").tobytes())
     return path
@@ -93,8 +99,12 @@ async def test_unknown_params_of_a_stand_in_are_refused_by_name():
 async def test_tts_page_speaks_the_text_after_close(make_server, checker, tmp_path):
     """Page `/`: one text chunk, then CLOSE and half-close at once; every audio
     result still comes, float32 mono 24 kHz, and says the text."""
+    espeak_copies = _espeak_copies()
     srv = await make_server(test_nodes=False)
     seen = await _app(srv, "tts", "tts.json", tmp_path / "tts.f32")
+    await srv.aclose()
+    left = _espeak_copies() - espeak_copies
+    assert not left, f"Kokoro's node process left temporary folders: {sorted(left)}"
     assert "ready" in seen["kinds"] and seen["kinds"][-1] == "closed", seen["kinds"]
     assert seen["sample_rates"] == [24_000] and seen["audio_results"] >= 1, seen
     heard = _heard(checker, tmp_path / "tts.f32")

@@ -22,6 +22,7 @@ speech.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import os
@@ -234,3 +235,13 @@ class KokoroTTSNode(Node):
 
     def cleanup(self) -> None:
         self._kokoro = None
+        # phonemizer copies espeak-ng into a temporary folder for each wrapper it makes and
+        # removes the folder only when the wrapper is collected; its backend cache and the
+        # lru_cache on EspeakWrapper.available_voices keep them for the process's life, and
+        # a node process ends without running collectors: drop both and collect here.
+        from phonemizer.backend.espeak.wrapper import EspeakWrapper
+        from phonemizer.phonemize import clear_backends_cache
+
+        clear_backends_cache()
+        EspeakWrapper.available_voices.cache_clear()
+        gc.collect()
