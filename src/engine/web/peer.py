@@ -1,12 +1,13 @@
 """One browser conversation: an aiortc peer connection bound to one session.
 
-In: the microphone track (Opus, decoded by aiortc to 48 kHz s16) → mono
-float32 → resampled once (soxr, streaming) to the pipeline's rate → frames
-of `chunk` samples to its audio source node.
+In: the microphone's Opus frames, decoded to mono in the event loop's thread
+as aiortc's receiver hands them over (`MicrophoneDecoder`: no decoder thread
+and no hop back per 20 ms) → float32 → resampled once (soxr, streaming) to
+the pipeline's rate → frames of `chunk` samples to its audio source node.
 
 Out: the pipeline's reply audio → 48 kHz s16 → `ReplyTrack`, which hands
-aiortc one 20 ms frame per 20 ms of the RTP clock (silence when there is
-nothing to say), so the browser's jitter buffer is the only playout buffer;
+aiortc one 20 ms frame per 20 ms of the RTP clock (nothing at all between
+replies), so the browser's jitter buffer is the only playout buffer;
 an `interrupted` event empties it at once. JSON events go over the data
 channel `events`: `transcript`, `reply` (each phrase as it is spoken),
 `interrupted`, `timing` (end of speech → first reply audio, as the server
@@ -24,6 +25,7 @@ import asyncio
 import collections
 import fractions
 import logging
+import queue
 import time
 import uuid
 from typing import Any
@@ -137,6 +139,67 @@ def make_reply_track() -> Any:
     return _ReplyTrack()
 
 
+def pcm_of(frame: Any) -> tuple[np.ndarray, int]:
+    """A decoded audio frame → (mono float32 samples, rate); a stereo frame's left channel (a
+    microphone's two channels are the same)."""
+    pcm = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    x = pcm.reshape(-1, channels)[:, 0] if channels > 1 else pcm.reshape(-1)
+    x = x.astype(np.float32) * (1 / 32768) if pcm.dtype == np.int16 else x.astype(np.float32)
+    return x, frame.sample_rate
+
+
+class MicrophoneDecoder:
+    """Stands in for aiortc's decoder queue: its receiver puts each complete audio frame in a
+    queue.Queue that a thread of its own decodes and hands back to the event loop (a thread hop,
+    a wake-up and a scheduled coroutine per 20 ms of audio). This decodes as the frame is put,
+    in the loop's thread (Opus to mono, ~30 µs), and hands the samples to `deliver`. aiortc's
+    thread finds it empty at once (`get` → None) and ends; `put(None)`, the receiver stopping,
+    ends the caller's audio. Codecs other than Opus (G.711) go through aiortc's own decoders."""
+
+    def __init__(self, deliver: Any, log: Any) -> None:
+        self.deliver = deliver
+        self.log = log
+        self._decoders: dict[str, Any] = {}
+
+    def get(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def _decoder(self, codec: Any) -> Any:
+        """codec → a function from an encoded frame to decoded frames."""
+        decode = self._decoders.get(codec.name)
+        if decode is None:
+            if codec.name.lower() == "opus":
+                from av import CodecContext, Packet
+
+                ctx = CodecContext.create("libopus", "r")
+                ctx.format, ctx.layout, ctx.sample_rate = "s16", "mono", 48_000
+
+                def decode(encoded: Any) -> list:
+                    return ctx.decode(Packet(encoded.data))
+            else:
+                from aiortc.codecs import get_decoder
+
+                decode = get_decoder(codec).decode
+            self._decoders[codec.name] = decode
+        return decode
+
+    def put(self, item: Any, *args: Any, **kwargs: Any) -> None:
+        if item is None:
+            self.deliver(None)
+            return
+        codec, encoded = item
+        from av import FFmpegError
+
+        try:
+            frames = self._decoder(codec)(encoded)
+        except FFmpegError as exc:  # a bad frame: the next one decodes (Opus keeps its own state)
+            self.log.debug("microphone: %s frame not decoded: %s", codec.name, exc)
+            return
+        for frame in frames:
+            self.deliver(pcm_of(frame))
+
+
 class VoicePeer:
     """A peer connection and its session; `start()` answers the offer, `aclose()` ends both."""
 
@@ -163,7 +226,9 @@ class VoicePeer:
         self._closing = False
         self._last_rtp = time.monotonic()
         self._speech_end: dict[str, float] = {}  # turn → end of speech (monotonic), from the commit event
-        self._heard: set[str] = set()
+        self._transcribed: set[str] = set()
+        self._mic: collections.deque[tuple[np.ndarray, int] | None] = collections.deque()  # decoded, waiting
+        self._mic_ready = asyncio.Event()
         self.dropped_frames = 0
         self.log = logging.LoggerAdapter(log, {"session_id": session.id, "node_id": "-"})
 
@@ -173,11 +238,6 @@ class VoicePeer:
         from aiortc import RTCSessionDescription
 
         pc = self.pc
-
-        @pc.on("track")
-        def on_track(track: Any) -> None:
-            if track.kind == "audio":
-                self._spawn(self._read_microphone(track), "microphone")
 
         @pc.on("datachannel")
         def on_datachannel(channel: Any) -> None:
@@ -200,9 +260,11 @@ class VoicePeer:
                 t.direction = "sendrecv"
                 pc.addTrack(self.track)
                 self._shorten_jitter_buffer(t.receiver)
+                self._take_microphone(t.receiver)
                 break
         await pc.setLocalDescription(await pc.createAnswer())  # gathers every candidate (no trickle)
         self._last_rtp = time.monotonic()  # the caller's silence is counted from the answer on
+        self._spawn(self._send_microphone(), "microphone")
         self._spawn(self._read_outputs(), "outputs")
         self._spawn(self._watch_transport(), "watchdog")
         return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "pc_id": self.id}
@@ -236,40 +298,62 @@ class VoicePeer:
 
     # ------------------------------------------------------------ media in
 
-    async def _read_microphone(self, track: Any) -> None:
+    def _take_microphone(self, receiver: Any) -> None:
+        """Route the caller's audio to `_heard`: decoded by `MicrophoneDecoder` in this thread
+        as aiortc's receiver hands over each frame or, if this aiortc's receiver is not as
+        expected, read from its track (decoded in aiortc's thread)."""
+        name = "_RTCRtpReceiver__decoder_queue"
+        if isinstance(getattr(receiver, name, None), queue.Queue) and not getattr(receiver, "_RTCRtpReceiver__started", True):
+            setattr(receiver, name, MicrophoneDecoder(self._heard, self.log))
+            return
+        self.log.warning("peer %s: aiortc's receiver has no %s: its decoder thread is kept", self.id, name)
+        self._spawn(self._read_track(receiver.track), "microphone track")
+
+    async def _read_track(self, track: Any) -> None:
         from aiortc.mediastreams import MediaStreamError
 
-        resampler: soxr.ResampleStream | None = None
-        rate_in = 0
-        pending = np.zeros(0, np.float32)
-        waiting: asyncio.Queue = getattr(track, "_queue", None) or asyncio.Queue()  # aiortc's, unbounded
         while True:
             try:
                 frame = await track.recv()
             except MediaStreamError:
-                await self.aclose("the microphone track ended")
+                self._heard(None)
                 return
-            self._last_rtp = time.monotonic()
-            while waiting.qsize() > MAX_WAITING_FRAMES:  # sent faster than real time: keep the newest
-                if waiting.get_nowait() is None:  # the track's end: put it back, it is read next
-                    waiting.put_nowait(None)
-                    break
-                self.dropped_frames += 1
-                if self.dropped_frames == 1:
-                    self.log.warning("peer %s: the browser sends audio faster than the pipeline takes it; "
-                                     "dropping its oldest frames past %d", self.id, MAX_WAITING_FRAMES)
-            pcm = frame.to_ndarray()
-            channels = len(frame.layout.channels)
-            x = pcm.reshape(-1, channels).mean(axis=1) if channels > 1 else pcm.reshape(-1)
-            x = x.astype(np.float32) / 32768.0 if pcm.dtype == np.int16 else x.astype(np.float32)
-            if resampler is None or rate_in != frame.sample_rate:
-                rate_in = frame.sample_rate
-                resampler = soxr.ResampleStream(rate_in, self.rate, 1, dtype="float32", quality="HQ")
-            y = resampler.resample_chunk(x)
-            pending = np.concatenate((pending, y)) if pending.size else y
-            while pending.size >= self.chunk:
-                piece, pending = pending[:self.chunk].copy(), pending[self.chunk:]
-                await self.session.send(self.source, AudioData(piece, self.rate, 1))
+            self._heard(pcm_of(frame))
+
+    def _heard(self, audio: tuple[np.ndarray, int] | None) -> None:
+        """One decoded frame of the caller's audio (mono float32, its rate), or None: the track ended."""
+        self._last_rtp = time.monotonic()
+        if audio is not None and len(self._mic) >= MAX_WAITING_FRAMES:  # faster than real time: keep the newest
+            self._mic.popleft()
+            self.dropped_frames += 1
+            if self.dropped_frames == 1:
+                self.log.warning("peer %s: the browser sends audio faster than the pipeline takes it; "
+                                 "dropping its oldest frames past %d", self.id, MAX_WAITING_FRAMES)
+        self._mic.append(audio)
+        self._mic_ready.set()
+
+    async def _send_microphone(self) -> None:
+        """The caller's audio → resampled once (soxr, streaming) → `chunk`-sample frames to the source node."""
+        resampler: soxr.ResampleStream | None = None
+        rate_in = 0
+        pending = np.zeros(0, np.float32)
+        while True:
+            await self._mic_ready.wait()
+            self._mic_ready.clear()
+            while self._mic:
+                audio = self._mic.popleft()
+                if audio is None:
+                    await self.aclose("the microphone track ended")
+                    return
+                x, rate = audio
+                if resampler is None or rate_in != rate:
+                    rate_in = rate
+                    resampler = soxr.ResampleStream(rate_in, self.rate, 1, dtype="float32", quality="HQ")
+                y = resampler.resample_chunk(x)
+                pending = np.concatenate((pending, y)) if pending.size else y
+                while pending.size >= self.chunk:
+                    piece, pending = pending[:self.chunk].copy(), pending[self.chunk:]
+                    await self.session.send(self.source, AudioData(piece, self.rate, 1))
 
     async def _watch_transport(self) -> None:
         """End the session when the caller has gone silent (no RTP for idle_secs)."""
@@ -301,8 +385,8 @@ class VoicePeer:
         turn = turn_of(data)
         if isinstance(data, AudioData):
             transcript = data.metadata.get("transcript")
-            if transcript and turn not in self._heard:
-                self._heard.add(turn)
+            if transcript and turn not in self._transcribed:
+                self._transcribed.add(turn)
                 self.send_event({"type": "transcript", "turn_id": turn, "text": transcript})
             if data.metadata.get("text"):
                 self.send_event({"type": "reply", "turn_id": turn, "text": data.metadata["text"]})
