@@ -105,6 +105,32 @@ async def test_vad_finds_the_speech_segments(mp_engine):
         assert abs(got - want) < 0.25, (starts, ends, starts_true, ends_true)
 
 
+def test_vad_skips_the_model_on_silence_and_hears_the_same():
+    """Outside speech, windows below silence_floor_dbfs are scored silence at once and the
+    model sees them only when something louder comes: a silent microphone costs no model
+    run, and the segments found are exactly those of running the model on every window
+    (Silero's state depends on seconds of history), quiet speech included."""
+    from nodes.speech.vad import SileroVADNode
+
+    speech = spoken("Is anybody there?")
+    quiet = speech / np.abs(speech).max() * 10 ** (-45 / 20)  # quiet, still speech
+    audio = np.concatenate([np.zeros(16000), speech, np.zeros(48000), quiet, np.zeros(96000)]).astype(np.float32)
+    seen = {}
+    for floor in (-60, -120):
+        vad = SileroVADNode("vad", {"silence_floor_dbfs": floor, "min_silence_duration_ms": 320})
+        vad.initialize()
+        runs, probability = [0], vad.probability
+        vad.probability = lambda w, p=probability, runs=runs: (runs.__setitem__(0, runs[0] + 1), p(w))[1]
+        frames = vad.process(RuntimeData.audio(np.zeros(16000 * 5, np.float32), 16000))  # nobody speaks
+        idle_runs = runs[0]
+        frames = vad.process(RuntimeData.audio(audio, 16000))
+        seen[floor] = [(i, f.metadata["vad_event"]) for i, f in enumerate(frames) if "vad_event" in f.metadata], idle_runs
+    (gated, gated_idle), (full, full_idle) = seen[-60], seen[-120]
+    assert [e for _, e in full].count("speech_start") == 2, full
+    assert gated == full
+    assert gated_idle == 0 and full_idle == 16000 * 5 // 512
+
+
 async def test_llm_answers_with_streamed_phrases(mp_engine):
     result = await mp_engine.execute(one("llm", "LlamaCppNode", max_tokens=40, first_phrase_max_words=3),
                                      {"llm": RuntimeData.text("Name three colors.")})

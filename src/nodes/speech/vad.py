@@ -1,16 +1,20 @@
 """SileroVADNode: Silero VAD v6 (the ONNX model inside faster-whisper) on onnxruntime.
 
 Runs in the engine process by default: one 512-sample window costs ~0.1 ms
-back to back, less than a hop to a node process and back (but ~0.7 ms when
-windows come 32 ms apart, as live audio does: the model's weights are out of
-the caches by then). Outside speech, a window whose peak is below
-`silence_floor_dbfs` is scored 0 without running the model, its state set to
-what silence leads it to: Silero itself scores speech at that level ~0.02
-(measured: espeak-ng speech peaking at −55 dBFS scores 0.95, at −60 dBFS
-0.02), so nothing it would hear is lost, and a connected microphone that
-nobody speaks into costs almost nothing. Input audio is re-cut into
-windows (512 samples at 16 kHz, 256 at 8 kHz); each window goes out as an
-audio frame annotated in its metadata:
+back to back, less than a hop to a node process and back; but ~0.7 ms when
+windows come 32 ms apart, as live audio does (the model's weights are out of
+the caches by then). So outside speech a window whose peak is below
+`silence_floor_dbfs` is scored 0 without running the model, and kept: the
+model runs on the kept windows, back to back, when the next louder window
+comes. Silero's recurrent state depends on seconds of history (it never
+settles on silence, and a state left as it was, or taken from silence, made
+it find other segments in quiet speech), so this keeps its results exactly
+those of running it on every window for silences up to `_REPLAY` windows
+(8.2 s); past that the oldest are let go. The floor is below what Silero
+hears: espeak-ng speech peaking at −55 dBFS scores 0.95, at −60 dBFS 0.02.
+A connected microphone that nobody speaks into costs almost nothing.
+
+Input audio is re-cut into windows (512 samples at 16 kHz, 256 at 8 kHz); each window goes out as an audio frame annotated in its metadata:
 
 - `vad_probability`: the model's speech probability for the window;
 - `vad_speech`: "1" while inside a speech segment;
@@ -25,6 +29,7 @@ audio frame annotated in its metadata:
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 import numpy as np
@@ -37,6 +42,7 @@ from .common import AUDIO, check_mono_rate, mono_f32
 
 _WINDOW = {16000: 512, 8000: 256}
 _CONTEXT = {16000: 64, 8000: 32}
+_REPLAY = 256  # quiet windows kept for the model (8.2 s at 16 kHz)
 
 
 class SileroVADNode(Node):
@@ -83,7 +89,6 @@ class SileroVADNode(Node):
         self.pad_ms = int(params.get("speech_pad_ms", 30))
         floor_db = float(params.get("silence_floor_dbfs", -60))
         self.floor = 0.0 if floor_db <= -120 else 10 ** (floor_db / 20)
-        self._silent_state: tuple[np.ndarray, np.ndarray] | None = None
         self._session: Any = None
         self._pending = np.zeros(0, np.float32)
         self._template: AudioData | None = None
@@ -99,11 +104,6 @@ class SileroVADNode(Node):
         self._session = ort.InferenceSession(str(models.silero_vad_path(self.node_id)), sess_options=opts,
                                              providers=["CPUExecutionProvider"])
         self._reset()
-        zeros = np.zeros(self.window, np.float32)
-        for _ in range(16):  # the state that silence leads the model to (settled well before 16 windows)
-            self.probability(zeros)
-        self._silent_state = (self._h, self._c)
-        self._reset()
         self.report_progress("loaded", 100, "Silero VAD v6")
 
     def _reset(self) -> None:
@@ -114,6 +114,8 @@ class SileroVADNode(Node):
         self._paused = False
         self._speech_len = 0  # samples from speech start to the current pause
         self._silence_len = 0
+        self._quiet: collections.deque[np.ndarray] = collections.deque()  # windows the model has not seen yet
+        self._quiet_context = self._context  # the context before the first of them
 
     def probability(self, window: np.ndarray) -> float:
         x = np.concatenate((self._context, window))[None, :]
@@ -133,11 +135,19 @@ class SileroVADNode(Node):
         return out
 
     def _step(self, window: np.ndarray, src: AudioData) -> AudioData:
-        if not self._in_speech and self._silent_state is not None and float(np.abs(window).max()) < self.floor:
-            p = 0.0  # silence, as the model would say; its state is where silence takes it
-            self._h, self._c = self._silent_state
-            self._context = window[-len(self._context):]
+        if not self._in_speech and float(np.abs(window).max()) < self.floor:
+            p = 0.0  # silence, as the model would say; it sees the window later, with the next louder one
+            if len(self._quiet) == _REPLAY:
+                self._quiet_context = self._quiet.popleft()[-len(self._context):]
+            elif not self._quiet:
+                self._quiet_context = self._context
+            self._quiet.append(window)
         else:
+            if self._quiet:  # the model catches up on the quiet windows, back to back (hot: ~0.1 ms each)
+                self._context = self._quiet_context
+                for w in self._quiet:
+                    self.probability(w)
+                self._quiet.clear()
             p = self.probability(window)
         meta = dict(src.metadata)
         meta["vad_probability"] = f"{p:.4f}"
