@@ -45,6 +45,10 @@ FRAME_OUT = 960  # 20 ms at 48 kHz: Opus's frame
 #: decoded microphone frames a peer lets wait (aiortc's queue has no bound): ~1 s of 20 ms frames.
 #: A caller that sends faster than the pipeline takes has its oldest audio dropped past this.
 MAX_WAITING_FRAMES = 50
+#: the level (RMS, −40 dBFS) above which the caller's audio is sound: the end of speech that
+#: the server's `timing` event counts from is when the last frame above it came (the page
+#: measures its own with the same level)
+LOUD_RMS = 0.01
 #: most reply audio a peer holds for its track (a runaway pipeline cannot grow it past this)
 MAX_QUEUED_S = 120.0
 
@@ -234,6 +238,7 @@ class VoicePeer:
         self._transcribed: set[str] = set()
         self._mic: collections.deque[tuple[np.ndarray, int] | None] = collections.deque()  # decoded, waiting
         self._mic_ready = asyncio.Event()
+        self._loud_at = 0.0  # when the caller's last frame louder than LOUD_RMS came (monotonic)
         self.dropped_frames = 0
         self.log = logging.LoggerAdapter(log, {"session_id": session.id, "node_id": "-"})
 
@@ -327,7 +332,9 @@ class VoicePeer:
 
     def _heard(self, audio: tuple[np.ndarray, int] | None) -> None:
         """One decoded frame of the caller's audio (mono float32, its rate), or None: the track ended."""
-        self._last_rtp = time.monotonic()
+        self._last_rtp = now = time.monotonic()
+        if audio is not None and float(np.dot(audio[0], audio[0])) > LOUD_RMS ** 2 * audio[0].size:
+            self._loud_at = now
         if audio is not None and len(self._mic) >= MAX_WAITING_FRAMES:  # faster than real time: keep the newest
             self._mic.popleft()
             self.dropped_frames += 1
@@ -415,8 +422,10 @@ class VoicePeer:
     def turn_event(self, event: TurnEvent) -> None:
         """The session's turn events (the peer is its observer): when speech ended."""
         if event.kind == "commit":
+            # the end of speech as the page measures it: the last frame louder than LOUD_RMS, when
+            # it came (the VAD's pause may begin before the last sound or, more often, after it)
             silence = float(event.data.get("silence_ms", 0)) / 1000
-            self._speech_end[event.turn_id] = time.monotonic() - silence
+            self._speech_end[event.turn_id] = self._loud_at or time.monotonic() - silence
             while len(self._speech_end) > 64:
                 self._speech_end.pop(next(iter(self._speech_end)))
 

@@ -36,6 +36,20 @@ def mono_f32(node: Node, frame: RuntimeData, rate: int | None = None) -> np.ndar
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+#: a reply's first audio starts this long before its first sound (−50 dBFS): the synthesizers'
+#: own lead-in silence (30–55 ms with Piper) is time a listener waits for nothing
+LEAD_IN_S = 0.005
+_LEAD_IN_FLOOR = 10 ** (-50 / 20)
+
+
+def trim_lead_in(x: np.ndarray, rate: int) -> np.ndarray:
+    """`x` from `LEAD_IN_S` before its first sample above −50 dBFS (all of it if none is)."""
+    loud = np.flatnonzero(np.abs(x) > _LEAD_IN_FLOOR)
+    if not loud.size:
+        return x
+    return x[max(0, int(loud[0]) - int(LEAD_IN_S * rate)):]
+
+
 def remember(seen: collections.OrderedDict[str, None], key: str, keep: int = 256) -> None:
     """Add `key` to a bounded set of the most recent keys (turns committed, ...)."""
     seen[key] = None

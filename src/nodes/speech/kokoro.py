@@ -22,6 +22,7 @@ speech.
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import hashlib
 import logging
@@ -40,7 +41,7 @@ from engine.node import Node
 from engine.turns import turn_of
 
 from . import models
-from .common import SPECIAL_TOKENS
+from .common import SPECIAL_TOKENS, remember, trim_lead_in
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ class KokoroTTSNode(Node):
         self.speed = float(params.get("speed", 1.0))
         self._split = re.compile(params.get("split_pattern", r"(?<=[.!?;:])\s+|\n+"))
         self._skip = tuple(params.get("skip_tokens") or ())
+        self._spoken: collections.OrderedDict[str, None] = collections.OrderedDict()  # turns with audio out
 
     def initialize(self) -> None:
         why = self.unavailable(self.params)
@@ -231,6 +233,9 @@ class KokoroTTSNode(Node):
             if self.params.get("emit_text", True):
                 yield TextData(piece, language=frame.language, metadata=dict(meta))
             samples = np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
+            if turn not in self._spoken:  # the reply's (the stream's) first sound goes out first
+                remember(self._spoken, turn)
+                samples = trim_lead_in(samples, int(rate))
             yield AudioData(samples, int(rate), 1, metadata={**meta, "text": piece})
 
     def cleanup(self) -> None:

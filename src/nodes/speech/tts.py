@@ -42,7 +42,7 @@ from engine.node import Node
 from engine.turns import TurnEvent, turn_of
 
 from . import models
-from .common import AUDIO, SPECIAL_TOKENS, TEXT, remember
+from .common import AUDIO, SPECIAL_TOKENS, TEXT, remember, trim_lead_in
 
 #: how many replies to keep track of
 _REMEMBER = 256
@@ -247,8 +247,10 @@ class PiperTTSNode(Node):
         if self.out_rate and self.out_rate != rate:
             x = soxr.resample(x, rate, self.out_rate).astype(np.float32, copy=False)
             rate = self.out_rate
-        step = rate * self.chunk_ms // 1000 if self.chunk_ms else x.size
         turn, phrase = turn_of(src), src.metadata.get("phrase_index", "0")
+        if first and phrase == "0":  # the reply's first sound goes out first
+            x = trim_lead_in(x, rate)
+        step = rate * self.chunk_ms // 1000 if self.chunk_ms else x.size
         out = []
         for i, lo in enumerate(range(0, x.size, max(step, 1))):
             meta = dict(src.metadata)
