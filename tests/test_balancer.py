@@ -202,3 +202,77 @@ async def test_when_every_engine_is_full_the_answer_is_resource_limit(cluster_co
             for call in calls:
                 await collect(call)
     _nothing_left(pids)
+
+
+def _recipe() -> list[str]:
+    """The docs' command line for the local cluster, as a newcomer would type it."""
+    root = Path(__file__).resolve().parent.parent
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for line in doc.read_text().splitlines():
+            if "deploy/local_cluster.py" in line and line.lstrip().startswith("python"):
+                return line.split("#")[0].split()
+    raise AssertionError("no `python deploy/local_cluster.py` line in README.md or docs/")
+
+
+def test_the_cluster_recipe_runs_as_written_and_ctrl_c_drains_it(tmp_path):
+    """The docs' recipe, with the plain `python` on PATH (it has no engine: the script runs itself
+    with the project's venv), its port moved to a free one; SIGINT drains every engine, and
+    nothing of them is left: no process, no nginx folder, no shared memory."""
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    cmd = _recipe()
+    assert "--config" not in cmd, "the recipe names a config file a fresh clone does not have"
+    engines = int(cmd[cmd.index("--engines") + 1])
+    cmd[cmd.index("--port") + 1] = str(_free_ports(engines))
+    python = shutil.which("python3") or shutil.which("python")
+    assert python, "no python on PATH"
+    nginx_dirs = set(Path(tempfile.gettempdir()).glob("rme-nginx-*"))
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    proc = subprocess.Popen([python, *cmd[1:]], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("nginx on "), line + proc.stderr.read() if proc.poll() is not None else line
+        children = psutil.Process(proc.pid).children(recursive=True)
+        engine_pids = [c.pid for c in children if "serve" in c.cmdline()]
+        assert len(engine_pids) == engines
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "stopped" in out
+    deadline = time.monotonic() + 10
+    while any(psutil.pid_exists(c.pid) and c.status() != psutil.STATUS_ZOMBIE for c in children):
+        assert time.monotonic() < deadline, "a process of the cluster outlived it"
+        time.sleep(0.05)
+    assert set(Path(tempfile.gettempdir()).glob("rme-nginx-*")) == nginx_dirs
+    assert not [f for f in os.listdir("/dev/shm") if any(f.startswith(f"rme{pid}x") for pid in engine_pids)]
+
+
+def test_the_cluster_script_says_why_it_cannot_start(tmp_path):
+    """A port in use, a missing config: one line, exit 1, nothing started or left."""
+    import subprocess
+    import tempfile
+
+    script = str(Path(__file__).resolve().parent.parent / "deploy" / "local_cluster.py")
+    nginx_dirs = set(Path(tempfile.gettempdir()).glob("rme-nginx-*"))
+    missing = subprocess.run([sys.executable, script, "--engines", "1", "--config", str(tmp_path / "runtime.toml")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "cannot read config" in missing.stderr and "Traceback" not in missing.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        clash = subprocess.run([sys.executable, script, "--engines", "1", "--port", str(port - 1)],
+                               capture_output=True, text=True, timeout=60)
+    assert clash.returncode == 1, clash.stderr
+    assert "already in use" in clash.stderr and "Traceback" not in clash.stderr, clash.stderr
+    assert set(Path(tempfile.gettempdir()).glob("rme-nginx-*")) == nginx_dirs
