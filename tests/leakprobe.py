@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -41,11 +42,31 @@ def ipc_files(roots: tuple[str, ...] = IPC_ROOTS) -> set[str]:
     return found
 
 
+_SHM_OWNER = re.compile(r"rme(\d+)x")
+
+
+def shm_files(descendants: set[int]) -> set[str]:
+    """The engines' shared-memory files in /dev/shm (`rme<engine pid>x...`) that are this
+    process's: its own engines', its descendants' and a dead engine's (a leak, whoever's);
+    another program's engine running beside the suite is not the test's."""
+    me = os.getpid()
+    found = set()
+    for name in os.listdir("/dev/shm"):
+        owner = _SHM_OWNER.match(name)
+        if owner is None:
+            continue
+        pid = int(owner.group(1))
+        if pid == me or pid in descendants or not psutil.pid_exists(pid):
+            found.add(name)
+    return found
+
+
 def snapshot() -> dict:
     me = psutil.Process()
+    children = {p.pid for p in me.children(recursive=True)}
     return {
-        "children": {p.pid for p in me.children(recursive=True)},
-        "shm": {f for f in os.listdir("/dev/shm") if f.startswith("rme")},
+        "children": children,
+        "shm": shm_files(children),
         "ipc_files": ipc_files(),
         "fds": len(os.listdir("/proc/self/fd")),
         # the loop's default executor (asyncio.to_thread) lives as long as the
