@@ -178,7 +178,7 @@ def add_plugin(registry: ExecutorRegistry, cls: object, source: NodeSource) -> b
     except Exception as exc:  # a bad params schema, a class registry.register refuses
         registry.failures.append(PluginFailure(source, _describe(exc)))
         return False
-    log.info("node type %s from %s", cls.node_type, source)
+    log.debug("node type %s from %s", cls.node_type, source)  # every CLI command loads them: not news
     return True
 
 
