@@ -1,4 +1,7 @@
-"""python -m bench [all | SCENARIO ... | plot | report] (see `python -m bench list`)."""
+"""python -m bench [--reference] [all | SCENARIO ... | plot | report] (see `python -m bench list`).
+
+Results go to bench/out/ (ignored by git); with --reference, to bench/results/, the
+committed reference runs the docs quote (`plot` and `report` read the same folder)."""
 
 from __future__ import annotations
 
@@ -27,15 +30,20 @@ OWN_PLOTS = {"voice_loop"}
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv == ["list"]:
+    reference = "--reference" in argv
+    args = [a for a in argv if a != "--reference"]
+    folder = harness.RESULTS if reference else harness.OUT
+    if not args or args == ["list"]:
         print("scenarios:", ", ".join(harness.SCENARIOS))
-        print("also: all, plot [SCENARIO ...] (PNGs from the saved results), report (REPORT.md)")
+        print("also: all, plot [SCENARIO ...] (PNGs from the saved results), report (REPORT.md); "
+              "--reference: bench/results/ (committed) instead of bench/out/")
         return 0
-    if argv[0] == "report":
-        print(f"wrote {plots.report(harness.RESULTS)}")
+    if args[0] == "report":
+        print(f"wrote {plots.report(folder)}")
         return 0
-    if argv[0] == "plot":  # redraw from the saved JSON, without running anything
-        for path in sorted(harness.RESULTS.glob("*.json")):
+    if args[0] == "plot":  # redraw from the saved JSON, without running anything
+        argv = args
+        for path in sorted(folder.glob("*.json")):
             result = json.loads(path.read_text())
             if argv[1:] and path.stem not in argv[1:]:
                 continue
@@ -44,12 +52,12 @@ def main(argv: list[str] | None = None) -> int:
             png = plots.plot(result, path.with_suffix(".png"))
             print(f"wrote {png}" if png else f"{path.stem}: no series to plot")
         return 0
-    names = list(harness.SCENARIOS) if argv == ["all"] else argv
+    names = list(harness.SCENARIOS) if args == ["all"] else args
     unknown = [n for n in names if n not in harness.SCENARIOS]
     if unknown:
         print(f"unknown scenario(s): {', '.join(unknown)}; have {', '.join(harness.SCENARIOS)}")
         return 2
-    harness.run(names, argv)
+    harness.run(names, argv, reference=reference)
     return 0
 
 

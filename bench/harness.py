@@ -2,8 +2,10 @@
 
 A scenario is a function returning a dict of named series (lists of seconds
 or plain numbers) plus free-form notes; the harness turns each series into
-p50/p95/p99 and writes one JSON file per run under bench/results/, with
-a PNG of it beside (bench.plots).
+p50/p95/p99 and writes one JSON file per run under bench/out/ (not
+committed), with a PNG of it beside (bench.plots). `--reference` writes to
+bench/results/ instead: the reference runs the docs quote, committed on
+purpose.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ from typing import Any
 
 from bench import plots
 
-RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"  # the reference results, committed (`--reference`)
+OUT = HERE / "out"  # every other run's (ignored by git)
+#: where this run writes (run() sets it; a scenario drawing its own figure writes there too)
+folder = OUT
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {}
 
 
@@ -85,8 +91,10 @@ def environment() -> dict[str, Any]:
     }
 
 
-def run(names: list[str], argv: list[str]) -> list[dict[str, Any]]:
-    RESULTS.mkdir(exist_ok=True)
+def run(names: list[str], argv: list[str], reference: bool = False) -> list[dict[str, Any]]:
+    global folder
+    folder = RESULTS if reference else OUT
+    folder.mkdir(exist_ok=True)
     out = []
     for name in names:
         t0 = time.perf_counter()
@@ -102,7 +110,7 @@ def run(names: list[str], argv: list[str]) -> list[dict[str, Any]]:
             "targets": data.get("targets", {}),
             "notes": data.get("notes", ""),
         }
-        path = RESULTS / f"{name}.json"
+        path = folder / f"{name}.json"
         path.write_text(json.dumps(result, indent=1))
         out.append(result)
         print_table(result)

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench.harness import RESULTS, pct, scenario
+from bench import harness
+from bench.harness import pct, scenario
 from engine import Engine, RuntimeData
 from engine.turns import TurnEvent, turn_of
 from nodes.speech.spoken import wer
@@ -545,7 +546,7 @@ def voice_loop() -> dict:
                                             [0.4 + 0.1 * i for i in range(len(pairs))]))
         _barge_in_series(label, barge[label], series)
     held = _sessions_held(manifest, questions[:3], series)
-    plot = RESULTS / "voice_loop.png"
+    plot = harness.folder / "voice_loop.png"
     plot_timeline(engine, base, plot)
     asr_wer = float(np.mean([wer(r.question, r.transcript) for r in engine]))
     trip = _round_trip_wer(engine)

@@ -17,8 +17,17 @@ from bench import harness, plots  # noqa: E402
 
 @pytest.fixture
 def results(tmp_path, monkeypatch):
-    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    monkeypatch.setattr(harness, "RESULTS", tmp_path / "reference")
+    monkeypatch.setattr(harness, "OUT", tmp_path)
     return tmp_path
+
+
+def test_a_run_leaves_the_committed_reference_results_alone_unless_asked(results, monkeypatch):
+    monkeypatch.setattr(harness, "SCENARIOS", {"x": lambda: {"series": {"x": {"values": [1.0], "unit": "s"}}}})
+    harness.run(["x"], ["x"])
+    assert (results / "x.json").exists() and not harness.RESULTS.exists()
+    harness.run(["x"], ["--reference", "x"], reference=True)
+    assert (harness.RESULTS / "x.json").exists()
 
 
 def _png(path: Path) -> bool:
