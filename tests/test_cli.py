@@ -37,7 +37,7 @@ def test_validate_ok_and_errors(tmp_path):
 def test_run_on_generated_audio():
     res = cli("run", str(EXAMPLE))
     assert res.returncode == 0, res.stderr
-    assert "output: audio 32000 frames x 1 ch @ 16000 Hz I16" in res.stdout
+    assert "output: audio 32000 samples, 1 ch @ 16000 Hz I16" in res.stdout
     assert "chunker" in res.stdout and "busy" in res.stdout
 
 

@@ -135,12 +135,12 @@ def test_run_reads_audio_formats_and_resamples_to_the_first_nodes_rate(tmp_path,
     res = cli("run", str(manifest), "--input", str(src), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "1.00 s @ 44100 Hz, resampled to 16000 Hz" in res.stdout
-    assert "vad: audio 16000 frames x 1 ch @ 16000 Hz" in res.stdout
+    assert "vad: audio 16000 samples, 1 ch @ 16000 Hz" in res.stdout
 
     resampling = ROOT / "examples" / "audio_pipeline.json"  # chunker → resampler → 16 kHz
     res = cli("run", str(resampling), "--input", str(src), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert "output: audio 16000 frames x 1 ch @ 16000 Hz" in res.stdout
+    assert "output: audio 16000 samples, 1 ch @ 16000 Hz" in res.stdout
 
 
 def test_the_speech_manifests_first_node_rate_is_its_schema_default():

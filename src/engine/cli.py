@@ -123,7 +123,9 @@ def _summary(data: Any) -> str:
 
     if isinstance(data, AudioData):
         peak = float(abs(data.samples).max()) if data.samples.size else 0.0
-        return (f"audio {data.frames} frames x {data.channels} ch @ {data.sample_rate} Hz "
+        # "samples" as the protocol's num_samples means it: every channel's counted
+        per_channel = f" ({data.frames} per channel)" if data.channels > 1 else ""
+        return (f"audio {data.samples.size} samples{per_channel}, {data.channels} ch @ {data.sample_rate} Hz "
                 f"{data.format.name} ({data.duration_s:.3f} s, peak {peak:.3f})")
     if isinstance(data, TextData):
         return f"text {data.text!r}"
