@@ -82,7 +82,7 @@ class Engine:
         ready.set()  # exited: start() reports it
 
     def stop(self, timeout_s: float = 60.0) -> int:
-        """SIGTERM: the engine drains (see README "Many engines"); its exit code."""
+        """SIGTERM: the engine drains (see docs/deployment.md); its exit code."""
         if self.proc is None:
             return 0
         if self.proc.poll() is None:

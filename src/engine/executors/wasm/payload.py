@@ -1,6 +1,6 @@
 """A frame as the bytes a WASM plugin reads, and the plugin's bytes as a frame.
 
-The contract (README "WASM nodes"): audio is little-endian float32
+The contract (docs/wasm-nodes.md): audio is little-endian float32
 interleaved samples (int16/int32 converted first), read back as float32 at
 the input's rate and channel count; text is UTF-8; JSON its UTF-8 text;
 binary raw; tensors and video their raw bytes, read back keeping dtype and,
