@@ -30,13 +30,21 @@ def read_audio(path: str | Path) -> AudioData:
             dtype = "int16" if sf.subtype in _INT16 else "int32" if sf.subtype in _INT32 else "float32"
             samples, rate, channels = sf.read(dtype=dtype, always_2d=True), sf.samplerate, sf.channels
     except soundfile.LibsndfileError as exc:
-        raise ValidationError(f"cannot read audio file {path}: {exc.error_string}") from None
+        raise ValidationError(f"cannot read audio file {path}: {_why_not_audio(path, exc.error_string)}") from None
     except (OSError, RuntimeError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise ValidationError(f"cannot read audio file {path}: {reason}") from None
     if samples.shape[0] == 0:
         raise ValidationError(f"cannot read audio file {path}: it holds no audio frames")
     return AudioData(np.ascontiguousarray(samples).reshape(-1), int(rate), int(channels))
+
+
+def _why_not_audio(path: str | Path, error: str) -> str:
+    """Why libsndfile could not read `path`: an empty file says so (some libsndfile builds
+    give no reason for one), else libsndfile's own words."""
+    if Path(path).stat().st_size == 0:
+        return "the file is empty (0 bytes)"
+    return error.strip() or "not an audio format libsndfile reads (WAV, FLAC, OGG, MP3, ...)"
 
 
 read_wav = read_audio

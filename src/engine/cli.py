@@ -173,7 +173,6 @@ async def _run(args: argparse.Namespace) -> int:
     from .audio_io import read_audio, resample, tone, write_wav
     from .data import AudioData
     from .engine import Engine
-    from .errors import EngineError
 
     async with Engine(_engine_config(args)) as engine:
         manifest = engine.validate(Path(args.manifest))
@@ -190,15 +189,11 @@ async def _run(args: argparse.Namespace) -> int:
               f"{'file ' + args.input if args.input else 'generated tone'} "
               f"({audio.duration_s:.2f} s @ {audio.sample_rate} Hz"
               f"{', resampled to ' + ', '.join(resampled) if resampled else ''}) → {', '.join(targets)}")
-        try:
-            result = await engine.execute(
-                manifest, inputs, on_output=_text_printer(),
-                on_progress=lambda p: print(f"  init {p.node_id}: {p.phase} {p.percent:.0f}% {p.message}"),
-            )
-        except EngineError as exc:
-            if exc.traceback_text:
-                print(exc.traceback_text, file=sys.stderr)
-            raise
+        # a failure is main()'s to report: one line, its traceback only with -v
+        result = await engine.execute(
+            manifest, inputs, on_output=_text_printer(),
+            on_progress=lambda p: print(f"  init {p.node_id}: {p.phase} {p.percent:.0f}% {p.message}"),
+        )
         print("outputs:")
         for node_id, data in result.outputs.items():
             n = len(result.all_outputs[node_id])
@@ -272,8 +267,9 @@ def _install_uvloop() -> None:
 def _one_line(exc: Exception) -> str:
     from .errors import ValidationError
 
-    if isinstance(exc, ValidationError) and len(exc.issues) == 1 and exc.issues[0].path == "$":
-        return exc.issues[0].message
+    if isinstance(exc, ValidationError) and len(exc.issues) == 1:
+        issue = exc.issues[0]
+        return issue.message if issue.path == "$" else str(issue)  # the issue names its node itself
     return str(exc).replace("\n", "; ")
 
 
@@ -354,17 +350,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from . import logs
+def _exit_code(exc: Exception) -> int:
     from .errors import EngineError
 
+    if isinstance(exc, EngineError) and exc.error_type.name in ("VALIDATION", "TYPE_VALIDATION"):
+        return 2
+    return 1
+
+
+def _traceback(exc: Exception) -> str:
+    """Where `exc` came from: a node's own traceback (from its process) when it has one."""
+    import traceback
+
+    from .errors import EngineError
+
+    if isinstance(exc, EngineError) and exc.traceback_text:
+        return exc.traceback_text.rstrip()
+    return "".join(traceback.format_exception(exc)).rstrip()
+
+
+def report_error(exc: Exception, *, verbose: bool, fmt: str) -> int:
+    """Say why a command failed in one line (a JSON record with --log-format json), with
+    its traceback only under -v; returns the exit code."""
+    import logging
+
+    from .errors import EngineError
+
+    code = _exit_code(exc)
+    line = _one_line(exc) if isinstance(exc, EngineError) else f"internal error: {type(exc).__name__}: {exc}"
+    if fmt == "json":
+        fields: dict[str, Any] = {"error_type": exc.error_type.name if isinstance(exc, EngineError)
+                                  else type(exc).__name__, "exit_code": code}
+        if isinstance(exc, EngineError):
+            # the node's traceback (its tail rides in the context) only under -v, as everywhere
+            fields.update({k: v for k, v in exc.context.items()
+                           if v is not None and k not in ("error_type", "exit_code", "traceback_tail")})
+            if exc.node_id:
+                fields["node_id"] = exc.node_id
+        if verbose:
+            fields["traceback"] = _traceback(exc)
+        logging.getLogger("remotemedia-engine").error(line, extra=fields)
+        return code
+    if verbose:
+        print(_traceback(exc), file=sys.stderr)
+    hint = "" if verbose or isinstance(exc, EngineError) else " (-v shows the traceback)"
+    print(f"remotemedia-engine: error: {line}{hint}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import logs
+
     args = build_parser().parse_args(argv)
-    logs.configure(verbose=getattr(args, "verbose", False), fmt=getattr(args, "log_format", "text"))
+    verbose, fmt = getattr(args, "verbose", False), getattr(args, "log_format", "text")
+    logs.configure(verbose=verbose, fmt=fmt)
     try:
         return args.func(args)
-    except EngineError as exc:
-        # bad configuration, input or address: one line, no traceback
-        print(f"remotemedia-engine: error: {_one_line(exc)}", file=sys.stderr)
-        return 2 if exc.error_type.name in ("VALIDATION", "TYPE_VALIDATION") else 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - a command's failure: one line, the traceback under -v
+        return report_error(exc, verbose=verbose, fmt=fmt)

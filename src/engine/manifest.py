@@ -40,6 +40,7 @@ import orjson
 
 from .data import DataKind
 from .errors import Issue, ValidationError
+from .node import ParamUnavailable
 from .registry import snake_case
 
 if TYPE_CHECKING:
@@ -352,6 +353,15 @@ def params_issues(spec: NodeTypeSpec, node_id: str, path: str, params: dict[str,
     return issues
 
 
+def _unavailable_issue(path: str, node_id: str, node_type: str, why: str | ParamUnavailable) -> Issue:
+    """Why a node cannot run here, said at the param at fault when its class names one."""
+    if isinstance(why, ParamUnavailable):
+        return Issue(f"{path}.params.{why.param}", str(why), node_id=node_id, field=why.param,
+                     code="unavailable")
+    return Issue(f"{path}.node_type", f"node type {node_type!r} cannot run on this server: {why}",
+                 node_id=node_id, field="node_type", code="unavailable")
+
+
 def _type_mismatch(path: str, upstream: NodeDecl, downstream: NodeDecl) -> Issue:
     outs, ins = _kinds(upstream.output_types), _kinds(downstream.input_types)
     return Issue(
@@ -443,8 +453,7 @@ def validate(source: Any, registry: ExecutorRegistry) -> Manifest:
             notes += _inert_note(nid, ntype, spec.inert_params(given), spec.cls.inert_params)
             issues += params_issues(spec, nid, path, params)
             if why is not None:
-                issues.append(Issue(f"{path}.node_type", f"node type {ntype!r} cannot run on this server: {why}",
-                                    node_id=nid, field="node_type", code="unavailable"))
+                issues.append(_unavailable_issue(path, nid, ntype, why))
             executor = n.get("executor")
             if executor and not spec.accepts_executor(executor):
                 can = ("native, multiprocess or ray" if spec.overridable else

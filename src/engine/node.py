@@ -24,6 +24,7 @@ must be identical either way.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -32,6 +33,20 @@ from .data import AudioData, DataKind, JsonData, RuntimeData, TensorData
 from .turns import TurnEvent, TurnLedger
 
 ProgressCallback = Callable[[str, float, str], None]
+
+
+@dataclass(frozen=True)
+class ParamUnavailable:
+    """Why a node cannot run here when the cause is one param's value (a model
+    name that is not installed, a path that holds no model): what `unavailable()`
+    returns instead of a plain string, so that validation reports the problem at
+    that param, naming it."""
+
+    param: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"param {self.param!r}: {self.reason}"
 
 
 class FrameMemory:
@@ -69,10 +84,11 @@ class Node:
     zero_copy_inputs: ClassVar[bool] = False
 
     @classmethod
-    def unavailable(cls, params: dict[str, Any]) -> str | None:
+    def unavailable(cls, params: dict[str, Any]) -> str | ParamUnavailable | None:
         """Why this node cannot run on this machine with `params` (its model or a
         package is missing), said at validation before any process starts;
-        None when it can. Must be cheap: no model is loaded here."""
+        None when it can. A ParamUnavailable names the param at fault (a model
+        that is not installed). Must be cheap: no model is loaded here."""
         return None
 
     def __init__(self, node_id: str, params: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import fastjsonschema
 import jsonschema
 
-from .node import Node
+from .node import Node, ParamUnavailable
 
 if TYPE_CHECKING:
     from .composite import CompositeType
@@ -119,7 +119,7 @@ class NodeTypeSpec:
         return sorted(k for k in canonical_params(params, self.cls.param_aliases, self.params_known)
                       if k in self.cls.inert_params)
 
-    def unavailable(self, params: dict[str, Any]) -> str | None:
+    def unavailable(self, params: dict[str, Any]) -> str | ParamUnavailable | None:
         """Why this node cannot run here with `params` (a model or package missing), or None."""
         return self.cls.unavailable(params)
 

@@ -19,13 +19,15 @@ from __future__ import annotations
 import os
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 
 from engine.data import RuntimeData, TextData
-from engine.node import Node
+from engine.errors import NodeExecutionError
+from engine.node import Node, ParamUnavailable
 
 from . import models
 from .common import AUDIO, TEXT, mono_f32
@@ -84,6 +86,12 @@ class WhisperNode(Node):
     param_aliases = {"beamSize": "beam_size", "computeType": "compute_type", "model_path": "model",
                      "modelPath": "model", "cpuThreads": "cpu_threads"}
 
+    @classmethod
+    def unavailable(cls, params: dict[str, Any]) -> str | ParamUnavailable | None:
+        if not models.installed("faster_whisper"):
+            return "the Python package faster-whisper is not installed: pip install '.[speech]'"
+        return models.whisper_model_unavailable(params.get("model", "tiny.en"))
+
     def __init__(self, node_id: str, params: dict[str, Any]) -> None:
         super().__init__(node_id, params)
         self._model: Any = None
@@ -93,12 +101,14 @@ class WhisperNode(Node):
         self.beam_size = int(params.get("beam_size", 1))
 
     def initialize(self) -> None:
-        models.require("faster_whisper", self.node_id, self.node_type)
+        why = self.unavailable(self.params)  # validation said so already; a node made directly learns it here
+        if why is not None:
+            raise NodeExecutionError(str(why), node_id=self.node_id,
+                                     context={"field": why.param} if isinstance(why, ParamUnavailable) else {})
         threads = int(self.params.get("cpu_threads", 1))
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         name = self.params.get("model", "tiny.en")
-        path = (models.whisper_tiny_en_path(self.node_id) if name == "tiny.en"
-                else models.existing_file(name, self.node_id, "model"))
+        path = models.whisper_tiny_en_path(self.node_id) if name == "tiny.en" else Path(os.path.expanduser(name))
         self.report_progress("loading", 0, f"Whisper {name}")
         from faster_whisper import WhisperModel
         from faster_whisper.tokenizer import Tokenizer
