@@ -1,5 +1,6 @@
 """The server's log as an operator reads it: node ids on session records, one line per
-unary call, a session failure logged once, JSON lines for log shippers."""
+unary call, a session failure logged once, a cancelled or timed-out call in one line,
+JSON lines for log shippers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
+import pytest
+from conftest import eventually
 from grpc_client import CLOSE, buffer, chunk, collect, init, kinds, proto_manifest, requests
 
 from engine import RuntimeData
@@ -66,3 +70,46 @@ def test_log_format_json(tmp_path):
     assert ready["level"] == "DEBUG" and ready["logger"] == "engine.session"
     assert ready["session_id"] and ready["ts"].endswith("Z")
     assert "node_id" not in ready  # not node-scoped: left out rather than "-"
+
+
+def _ended_lines(caplog, start: str) -> list[logging.LogRecord]:
+    return [r for r in _engine_records(caplog) if r.getMessage().startswith(start)]
+
+
+async def test_cancelled_and_timed_out_calls_are_one_line_each(channel, caplog):
+    """A call the client cancels, or whose deadline passes, is not an error of the server:
+    one INFO line with its session id and what happened, no traceback."""
+    caplog.set_level(logging.INFO)
+    stub = epb_grpc.PipelineExecutionServiceStub(channel)
+    slow = epb.ExecuteRequest(manifest=proto_manifest([("a", "SleepNode", {"sleep_ms": 60_000})], name="slow"))
+    slow.data_inputs["a"].CopyFrom(buffer(RuntimeData.text("hi")))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ExecutePipeline(slow, timeout=0.5)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await eventually(lambda: _ended_lines(caplog, "ExecutePipeline 'slow'"), "the unary call's line")
+
+    streams = spb_grpc.StreamingPipelineServiceStub(channel)
+    idle = proto_manifest([("a", "PassThroughNode")], name="idle")
+    timed_out = streams.StreamPipeline(timeout=0.5)
+    await timed_out.write(init(idle))
+    assert (await timed_out.read()).WhichOneof("response") == "ready"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await timed_out.read()
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await eventually(lambda: _ended_lines(caplog, "stream ended"), "the timed-out stream's line")
+
+    cancelled = streams.StreamPipeline()
+    await cancelled.write(init(idle))
+    ready = await cancelled.read()
+    cancelled.cancel()
+    await eventually(lambda: len(_ended_lines(caplog, "stream ended")) == 2, "the cancelled stream's line")
+
+    (unary,) = _ended_lines(caplog, "ExecutePipeline 'slow'")
+    assert "cancelled: the client's deadline passed" in unary.getMessage(), unary.getMessage()
+    assert unary.levelno == logging.INFO and unary.session_id not in ("", "-")
+    deadline, cancel = _ended_lines(caplog, "stream ended")
+    assert "the client's deadline passed" in deadline.getMessage(), deadline.getMessage()
+    assert "the client cancelled the call" in cancel.getMessage(), cancel.getMessage()
+    assert cancel.session_id == ready.ready.session_id
+    assert {deadline.levelno, cancel.levelno} == {logging.INFO} and deadline.session_id not in ("", "-")
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import urllib.request
 
@@ -178,6 +179,36 @@ async def test_message_size_cap(make_server):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await epb_grpc.PipelineExecutionServiceStub(ch).ExecutePipeline(req)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_outputs_past_the_message_size_stop_the_run_in_band(make_server, caplog):
+    """1,000 outputs of 200 kB would be 200 MB; the answer may be 1 MiB: the run stops at the
+    output that passes it, answered as RESOURCE_LIMIT naming node and limit, and the server
+    serves on; its log says so in one line, without a traceback and without 'ok'."""
+    caplog.set_level(logging.INFO)
+    limit = 1 << 20
+    srv = await make_server(caps={"max_message_bytes": limit})
+    async with grpc.aio.insecure_channel(srv.address) as ch:
+        stub = epb_grpc.PipelineExecutionServiceStub(ch)
+        req = _req([("chunk", "AudioChunkerNode", {"chunk_size": 1}), ("gen", "GenerateNode", {"bytes": 200_000})],
+                   inputs={"chunk": buffer(RuntimeData.audio(np.zeros(1000, np.float32), 16000))}, name="big")
+        resp = await stub.ExecutePipeline(req)
+        assert resp.WhichOneof("outcome") == "error", "the run should have been stopped"
+        err = resp.error
+        assert err.error_type == pb.ERROR_TYPE_RESOURCE_LIMIT, err
+        assert err.failing_node_id == "gen"
+        assert "caps.max_message_bytes" in err.message and f"{limit:,}" in err.message, err.message
+        context = json.loads(err.context)
+        assert context["limit"] == limit
+        assert context["output_bytes"] <= limit + 200_000, "it went on past the output that passed the limit"
+        assert node_processes(srv.engine.process_manager().zygote_pid) == set()
+        assert not srv.engine.sessions
+        ok = await stub.ExecutePipeline(_req([("a", "PassThroughNode")], name="small"))
+        assert ok.WhichOneof("outcome") == "result", ok.error
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ExecutePipeline 'big'")]
+    assert len(lines) == 1 and "failed RESOURCE_LIMIT" in lines[0], lines
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()], \
+        "an expected error was logged with a traceback"
 
 
 # ---------------------------------------------------------------- auth, health, metrics

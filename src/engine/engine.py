@@ -23,8 +23,8 @@ from typing import Any
 
 from .catalog import default_registry
 from .config import ClientLimits, RuntimeConfig
-from .data import RuntimeData, concat
-from .errors import Issue, ResourceLimitError, ValidationError
+from .data import DataKind, RuntimeData, concat
+from .errors import EngineError, Issue, ResourceLimitError, ValidationError
 from .executors.base import NodeRunner
 from .executors.native import NativeRunner
 from .manifest import Manifest, validate
@@ -55,6 +55,43 @@ class ExecutionResult:
     #: every output of each sink, in order (outputs[] joins them)
     all_outputs: dict[str, list[RuntimeData]]
     metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutputLimit:
+    """How many bytes a batch run's outputs may come to, all sinks together (a
+    server's largest message, say). The run stops at the output that passes it:
+    RESOURCE_LIMIT, naming that node and `setting`, instead of computing on
+    for an answer that cannot be sent."""
+
+    max_bytes: int
+    #: the name the error gives the limit (the setting an operator would change)
+    setting: str = "max_output_bytes"
+    #: bytes of `max_bytes` kept for the rest of the answer (metrics, per-node results)
+    reserve_bytes: int = 0
+
+
+class _OutputBytes:
+    """The payload bytes of a batch run's outputs as data.concat will join them."""
+
+    def __init__(self, limit: OutputLimit) -> None:
+        self.limit = limit
+        self.total = 0
+        self._picture: dict[str, int] = {}  # video: a sink's last picture is all that is kept
+
+    def add(self, out: Output) -> None:
+        n = out.data.nbytes
+        if out.data.kind is DataKind.VIDEO:
+            self.total -= self._picture.get(out.node_id, 0)
+            self._picture[out.node_id] = n
+        self.total += n
+        lim = self.limit
+        if self.total > lim.max_bytes - lim.reserve_bytes:
+            raise ResourceLimitError(
+                f"the outputs came to {self.total:,} bytes at an output of node {out.node_id!r}: more than "
+                f"one answer may carry ({lim.setting} = {lim.max_bytes:,} bytes); the run was stopped",
+                node_id=out.node_id,
+                context={"field": lim.setting, "limit": lim.max_bytes, "output_bytes": self.total})
 
 
 def check_executors(m: Manifest, config: RuntimeConfig, registry: ExecutorRegistry,
@@ -142,6 +179,11 @@ class Engine:
         if self._ray is not None:
             await self._ray.aclose()
             self._ray = None
+
+    @property
+    def accepting(self) -> bool:
+        """False once the engine is closing or draining (it starts no new session)."""
+        return self._accepting and not self._closed
 
     def stop_accepting(self) -> None:
         """Refuse new sessions (RESOURCE_LIMIT); running ones go on. For draining."""
@@ -297,14 +339,17 @@ class Engine:
                       on_progress: Callable[[InitProgress], Any] | None = None,
                       limits: ClientLimits | None = None,
                       on_output: Callable[[Output], Any] | None = None,
-                      trace_carrier: dict[str, str] | None = None) -> ExecutionResult:
+                      trace_carrier: dict[str, str] | None = None,
+                      output_limit: OutputLimit | None = None,
+                      session_id: str | None = None) -> ExecutionResult:
         """Batch mode: feed `inputs` (keyed by node id), run to completion.
 
         Every source node (one no connection feeds) that takes input must
         have one. Returns one value per sink: several outputs of one sink are
         joined (audio and text concatenated, JSON collected into a list; see
         data.concat); `all_outputs` keeps them separate. `on_output` sees
-        each sink output as it comes.
+        each sink output as it comes. With `output_limit`, the output that
+        takes the outputs past it fails the run at once (RESOURCE_LIMIT).
         """
         t0 = time.perf_counter()
         m = self.validate(manifest)
@@ -320,14 +365,26 @@ class Engine:
             raise ValidationError([Issue("$.data_inputs", f"no input for source node {nid!r}: a batch run "
                                          "feeds the pipeline only through its inputs", node_id=nid,
                                          code="missing_input") for nid in starved])
-        session = self.stream(m, on_progress=on_progress, limits=limits, trace_carrier=trace_carrier)
+        session = self.stream(m, on_progress=on_progress, limits=limits, trace_carrier=trace_carrier,
+                              session_id=session_id)
         collected: dict[str, list[RuntimeData]] = collections.defaultdict(list)
+        counted = _OutputBytes(output_limit) if output_limit is not None else None
 
         async def collect() -> None:
-            async for out in session:
-                collected[out.node_id].append(out.data)
-                if on_output is not None:
-                    on_output(out)
+            try:
+                async for out in session:
+                    if counted is not None:
+                        counted.add(out)
+                    collected[out.node_id].append(out.data)
+                    if on_output is not None:
+                        on_output(out)
+            except EngineError as err:
+                if session.error is None:
+                    # stop at once: the error is the run's, what is queued or still
+                    # being computed is dropped (a sender waiting for room goes on)
+                    session.fail_soon(err)
+                    await session.cancel()
+                raise
 
         async with session:
             t_ready = time.perf_counter()

@@ -21,7 +21,8 @@ one bounded outbox that the call's generator drains; the outbox being full
 is what slows the pipeline down for a slow reader. An `error`, `closed` or
 the end of the request stream is terminal: the generator sends it and
 returns, and its `finally` tears the session down. A client that goes away
-cancels the generator: the same `finally`.
+cancels the generator: the same `finally`, and one log line saying whether
+the client cancelled or its deadline passed.
 
 One module on purpose (~400 lines): the two tasks, the outbox and the
 call's end share one StreamCall's state.
@@ -47,6 +48,7 @@ from ..fifo import BoundedFifo
 from ..logs import ContextAdapter
 from ..session import InitProgress, Output, Session
 from . import wire
+from .call_end import CallEnd
 from .convert import (
     check_client_version,
     engine_error,
@@ -95,15 +97,18 @@ class StreamingPipelineServicer(spb_grpc.StreamingPipelineServiceServicer):
 
     async def StreamPipeline(self, request_iterator: AsyncIterator[spb.StreamRequest],
                              context: aio.ServicerContext) -> AsyncIterator[spb.StreamResponse]:
-        call = StreamCall(self.engine, self.metrics, self.settings, request_iterator, trace_carrier(context))
+        call = StreamCall(self.engine, self.metrics, self.settings, request_iterator, trace_carrier(context),
+                          CallEnd(context, self.engine))
         async for response in call.run():
             yield response
 
 
 class StreamCall:
     def __init__(self, engine: Engine, metrics: ServerMetrics, settings: ServerSettings,
-                 requests: AsyncIterator[spb.StreamRequest], carrier: dict[str, str] | None = None) -> None:
+                 requests: AsyncIterator[spb.StreamRequest], carrier: dict[str, str] | None = None,
+                 ended: CallEnd | None = None) -> None:
         self.engine = engine
+        self.ended = ended
         self.carrier = carrier
         self.metrics = metrics
         self.settings = settings
@@ -144,6 +149,11 @@ class StreamCall:
         except EngineError as err:
             yield self._error_response(err)
             await self._let_client_finish(None)
+        except (asyncio.CancelledError, GeneratorExit):  # not an error of ours: one line, no traceback
+            if self.ended is not None and not self.ending:  # after its answer, a cancel ends nothing
+                self.log.info("stream ended: %s (%d chunks in %.1f s)", self.ended.why(), self.chunks,
+                              time.perf_counter() - self.started)
+            raise
         finally:
             await asyncio.shield(self._cleanup())
 
