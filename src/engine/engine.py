@@ -88,8 +88,8 @@ class _OutputBytes:
         lim = self.limit
         if self.total > lim.max_bytes - lim.reserve_bytes:
             raise ResourceLimitError(
-                f"the outputs came to {self.total:,} bytes at an output of node {out.node_id!r}: more than "
-                f"one answer may carry ({lim.setting} = {lim.max_bytes:,} bytes); the run was stopped",
+                f"the outputs came to {self.total:,} bytes with this node's latest: more than one answer "
+                f"may carry ({lim.setting} = {lim.max_bytes:,} bytes); the run was stopped there",
                 node_id=out.node_id,
                 context={"field": lim.setting, "limit": lim.max_bytes, "output_bytes": self.total})
 

@@ -9,7 +9,7 @@ import numpy as np
 import soxr
 
 from engine.data import AudioData, DataKind, RuntimeData, SampleFormat
-from engine.errors import TypeValidationError
+from engine.errors import ResourceLimitError, TypeValidationError
 from engine.node import Node
 
 from ..audio import require_audio
@@ -48,6 +48,29 @@ def trim_lead_in(x: np.ndarray, rate: int) -> np.ndarray:
     if not loud.size:
         return x
     return x[max(0, int(loud[0]) - int(LEAD_IN_S * rate)):]
+
+
+#: the longest text a TTS node takes in one frame by default: about four and a half minutes
+#: of speech (~15 characters a second; 24-26 MB of float32 audio at 22-24 kHz), several times
+#: a long chat reply, well inside one 64 MiB gRPC answer, and about 35 s of one core's time
+#: (20,000 characters took Piper 177 s): a longer text is better sent in parts, each of them
+#: spoken as it comes, than refused only once its audio no longer fits in an answer
+MAX_TEXT_CHARS = 4000
+
+#: the TTS nodes' `max_text_chars` param (JSON Schema)
+MAX_TEXT_CHARS_PARAM = {"type": "integer", "minimum": 1, "maximum": 1_000_000, "default": MAX_TEXT_CHARS,
+                        "description": "the longest text one input may carry; a longer one is an error "
+                                       "(RESOURCE_LIMIT) before anything is synthesized"}
+
+
+def check_text_length(node: Node, text: str) -> None:
+    """Refuse a text longer than the node's `max_text_chars`, before any synthesis (never cut it)."""
+    limit = int(node.params.get("max_text_chars", MAX_TEXT_CHARS))
+    if len(text) > limit:
+        raise ResourceLimitError(
+            f"{node.node_type}: a text of {len(text):,} characters is longer than max_text_chars = {limit:,}; "
+            "send it in parts (each is spoken as it comes) or raise max_text_chars",
+            node_id=node.node_id, context={"field": "max_text_chars", "limit": limit, "chars": len(text)})
 
 
 def remember(seen: collections.OrderedDict[str, None], key: str, keep: int = 256) -> None:

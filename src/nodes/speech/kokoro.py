@@ -16,7 +16,8 @@ kokoro-v1.0.onnx), in the manifest or for every node in runtime.toml
 
 Before each sentence's audio the node sends the sentence as a text frame
 (`emit_text`), so a client that shows the reply's words gets them with the
-speech.
+speech. A text longer than `max_text_chars` (default 4,000) is refused
+(RESOURCE_LIMIT) before any synthesis.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from engine.node import Node
 from engine.turns import turn_of
 
 from . import models
-from .common import SPECIAL_TOKENS, remember, trim_lead_in
+from .common import MAX_TEXT_CHARS_PARAM, SPECIAL_TOKENS, check_text_length, remember, trim_lead_in
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class KokoroTTSNode(Node):
             "sample_rate": {"const": RATE, "description": "always 24000 (Kokoro's rate)"},
             "output_format": {"enum": ["pcm_f32le", "f32"], "description": "always float32"},
             "stream_chunks": {"type": "boolean", "description": "always streamed, sentence by sentence"},
+            "max_text_chars": MAX_TEXT_CHARS_PARAM,
         },
         "additionalProperties": False,
     }
@@ -219,6 +221,7 @@ class KokoroTTSNode(Node):
     async def process(self, frame: RuntimeData) -> AsyncIterator[RuntimeData]:
         if not isinstance(frame, TextData):
             return
+        check_text_length(self, frame.text)
         text = SPECIAL_TOKENS.sub("", frame.text)
         for token in self._skip:
             text = text.replace(token, "")

@@ -7,7 +7,9 @@ so TTS and a still-generating LLM do not oversubscribe a small machine.
 Audio goes out as float32 mono at the voice's rate or `output_sample_rate`,
 in frames of `chunk_ms` (0: one frame per synthesized sentence). Each frame
 carries the text's metadata (`turn_id`, `phrase_index`, ...) plus `tts_ms`;
-the first frame of each phrase also carries `text`.
+the first frame of each phrase also carries `text`. A text longer than
+`max_text_chars` (default 4,000) is refused (RESOURCE_LIMIT) before any
+synthesis (never cut short).
 
 Turns (see engine.turns): audio of a turn that is not committed yet is
 held, and dropped if the turn is cancelled; audio of a committed turn, or of
@@ -42,7 +44,15 @@ from engine.node import Node
 from engine.turns import TurnEvent, turn_of
 
 from . import models
-from .common import AUDIO, SPECIAL_TOKENS, TEXT, remember, trim_lead_in
+from .common import (
+    AUDIO,
+    MAX_TEXT_CHARS_PARAM,
+    SPECIAL_TOKENS,
+    TEXT,
+    check_text_length,
+    remember,
+    trim_lead_in,
+)
 
 #: how many replies to keep track of
 _REMEMBER = 256
@@ -120,6 +130,7 @@ class PiperTTSNode(Node):
                                          "same text gives the same audio every time)"},
             "emit_text": {"type": "boolean", "default": False,
                           "description": "send each phrase as a text frame before its first audio frame"},
+            "max_text_chars": MAX_TEXT_CHARS_PARAM,
         },
         "additionalProperties": False,
     }
@@ -187,6 +198,7 @@ class PiperTTSNode(Node):
         if not isinstance(frame, TextData):
             raise TypeValidationError(f"{self.node_type} takes text, got {frame.kind.name.lower()}",
                                       node_id=self.node_id)
+        check_text_length(self, frame.text)
         if "<|" in frame.text:  # a model's special tokens (<|text_end|>) are not to be spoken
             frame = TextData(SPECIAL_TOKENS.sub("", frame.text), language=frame.language,
                              metadata=frame.metadata, sequence=frame.sequence)
