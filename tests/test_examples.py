@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import subprocess
 import sys
 import textwrap
 import wave
@@ -123,3 +124,12 @@ async def test_voice_client_says_why_sending_failed(server, tmp_path):
     rc, out, err = await run_script(tmp_path, str(script), str(question), "r.wav", "--address", server.address)
     assert rc == 1 and err.strip().startswith("error while sending: "), err
     assert "speech_to_speech.json" in err and "Exception iterating requests" not in err
+
+
+@pytest.mark.parametrize("manifest", sorted(p.name for p in EXAMPLES.glob("*.json")))
+def test_every_example_manifest_validates(manifest, tmp_path):
+    # as a user checks one, from another directory (the speech examples need the speech extra)
+    res = subprocess.run([sys.executable, "-m", "engine", "validate", str(EXAMPLES / manifest)],
+                         capture_output=True, text=True, cwd=tmp_path, env=ENV, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert f"{manifest}: valid (" in res.stdout, res.stdout

@@ -219,6 +219,7 @@ def test_endpointing_shortens_on_a_log_scale_between_the_two_probabilities():
 def test_speech_after_a_committed_turn_interrupts_it_once_it_lasts():
     node = _accumulator(barge_in_min_speech_ms=128)
     _run(node, ["speech_start", None, None, "speech_pause", *[None] * 10])  # turn 0 committed
+    node.on_turn_event(TurnEvent("speaking", "0", source="tts"))  # its reply is playing
     out = _run(node, ["speech_resume", None, None])  # 96 ms of speech: not yet
     assert _described(out) == []
     out = _run(node, [None, None])

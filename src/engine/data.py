@@ -414,11 +414,27 @@ class BinaryData(RuntimeData):
         return f"BinaryData({len(self.data)} bytes {self.mime_type}, seq={self.sequence})"
 
 
+def join_texts(frames: list[TextData]) -> str:
+    """Several texts of one sink as one. Texts of different turns (utterances: one
+    transcript each) and phrases (metadata `phrase_index`, whole words) are joined
+    with a space where neither side has one; the pieces of one stream (an LLM's
+    tokens, which carry their own spacing) are joined as they are."""
+    from .turns import turn_of  # turns builds on this module
+
+    out = frames[0].text
+    for prev, frame in zip(frames, frames[1:], strict=False):
+        whole = turn_of(prev) != turn_of(frame) or "phrase_index" in frame.metadata
+        if whole and out and frame.text and not out[-1].isspace() and not frame.text[0].isspace():
+            out += " "
+        out += frame.text
+    return out
+
+
 def concat(frames: list[RuntimeData]) -> RuntimeData:
     """Join several outputs of one sink into one value (batch execution).
 
     Audio is concatenated (all parts must share rate, channels and format),
-    text is joined, JSON values become a list, binary bytes are joined,
+    text is joined (see join_texts), JSON values become a list, binary bytes are joined,
     tensors are stacked along a new first axis, video keeps the last frame,
     and outputs of mixed kinds become a JSON list of summaries.
     """
@@ -446,7 +462,7 @@ def concat(frames: list[RuntimeData]) -> RuntimeData:
             **first._common(),
         )
     if isinstance(first, TextData):
-        return TextData("".join(f.text for f in frames), first.language, **first._common())  # type: ignore[attr-defined]
+        return TextData(join_texts(frames), first.language, **first._common())  # type: ignore[attr-defined]
     if isinstance(first, JsonData):
         return JsonData([f.value for f in frames], first.schema_type, **first._common())  # type: ignore[attr-defined]
     if isinstance(first, BinaryData):

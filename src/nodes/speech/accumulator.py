@@ -22,6 +22,12 @@ utterance goes on. A pause the VAD itself closes (its
 Barge-in: speech that lasts `barge_in_min_speech_ms` after a committed turn
 sends `interrupt` for that turn, which stops its reply (LLM and TTS) if it
 is still being generated or played; the speech itself becomes the next turn.
+Only where a reply exists: once another node has sent a turn event about
+that turn (the LLM's `eou` score, TTS's `speaking` with the reply's first
+audio), the sign that something answers it. An interrupt voids the whole
+turn, its transcript too, so in a pipeline that only transcribes (no node
+answers, none sends turn events) speech after a turn interrupts nothing:
+every utterance keeps its transcript.
 """
 
 from __future__ import annotations
@@ -94,6 +100,8 @@ class AudioBufferAccumulatorNode(Node):
         self._emitted: str | None = None  # a speculative emission not yet committed or cancelled
         self._eou: dict[str, float] = {}  # turn → end-of-turn probability (from the LLM)
         self._replying: str | None = None  # the last committed turn, whose reply may be under way
+        #: the turns (of _emitted and _replying) another node has sent an event about: being answered
+        self._answered: set[str] = set()
 
     # ------------------------------------------------------------ node
 
@@ -131,6 +139,8 @@ class AudioBufferAccumulatorNode(Node):
         return out
 
     def on_turn_event(self, event: TurnEvent) -> None:
+        if not event.voids and event.turn_id and event.turn_id in (self._emitted, self._replying):
+            self._answered.add(event.turn_id)
         if event.kind == "eou" and event.turn_id == self._emitted:
             prob = event.data.get("probability")
             if isinstance(prob, (int, float)):
@@ -168,10 +178,12 @@ class AudioBufferAccumulatorNode(Node):
         return hi - (hi - lo) * share
 
     def _barge_in(self) -> list[RuntimeData]:
-        if (self._replying is None or not self.p["barge_in"]
+        # a turn nothing answers has no reply to interrupt, only a transcript to lose
+        if (self._replying not in self._answered or not self.p["barge_in"]
                 or self._speech * 1000 < self.p["barge_in_min_speech_ms"] * self._rate):
             return []
         turn, self._replying = self._replying, None
+        self._answered.discard(turn)
         return [self.turn_event("interrupt", turn, speech_ms=self._ms(self._speech))]
 
     def _finish(self, frame: AudioData | None, keep: bool, silence_ms: int) -> list[RuntimeData]:
@@ -189,6 +201,7 @@ class AudioBufferAccumulatorNode(Node):
         elif self._emitted is not None:
             out.append(self.turn_event("cancel", self._emitted, reason="too short"))
         self._emitted = None
+        self._answered = {t for t in self._answered if t == self._replying}
         self._eou.clear()
         self._pause = None
         self._parts = None
