@@ -41,7 +41,7 @@ import orjson
 from .data import DataKind
 from .errors import Issue, ValidationError
 from .node import ParamUnavailable
-from .registry import snake_case
+from .registry import snake_case, unimportable
 
 if TYPE_CHECKING:
     from .composite import CompositeType
@@ -458,9 +458,10 @@ def validate(source: Any, registry: ExecutorRegistry) -> Manifest:
             if executor and not spec.accepts_executor(executor):
                 can = ("native, multiprocess or ray" if spec.overridable else
                        f"{spec.executor} or ray" if spec.executor == "multiprocess" else repr(spec.executor))
+                why_not = unimportable(spec.cls) if executor in ("multiprocess", "ray") else ""
                 issues.append(Issue(f"{path}.executor", f"node type {ntype!r} runs on the {can} "
-                                    f"executor, not {executor!r}", node_id=nid, field="executor",
-                                    code="executor"))
+                                    f"executor, not {executor!r}" + (f": {why_not}" if why_not else ""),
+                                    node_id=nid, field="executor", code="executor"))
         in_kinds = _parse_kinds(n.get("input_types"), f"{path}.input_types", nid, issues)
         out_kinds = _parse_kinds(n.get("output_types"), f"{path}.output_types", nid, issues)
         if spec is not None:

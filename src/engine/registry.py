@@ -161,6 +161,20 @@ def canonical_params(params: dict[str, Any], aliases: dict[str, str], known: fro
     return out
 
 
+def unimportable(cls: type[Node]) -> str:
+    """Why a node process, which imports a node class by its module's name and its own,
+    cannot import `cls`, with how to make it importable; "" when it can."""
+    name = cls.__qualname__
+    if cls.__module__ == "__main__":
+        return (f"{name} is defined in __main__ (the script being run), which a node process cannot "
+                f"import: move the class into a module beside the script (say mynodes.py) and "
+                f"`from mynodes import {cls.__name__}`")
+    if "<locals>" in name:
+        return (f"{name} is defined inside a function, where a node process cannot find it: define it at "
+                f"the top level of {cls.__module__}")
+    return ""
+
+
 class ExecutorRegistry:
     def __init__(self) -> None:
         self._specs: dict[str, NodeTypeSpec] = {}
@@ -175,11 +189,9 @@ class ExecutorRegistry:
         if not name:
             raise ValueError(f"{cls.__qualname__} declares no node_type")
         kind: ExecutorKind = executor or ("multiprocess" if cls.multiprocess else "native")
-        if kind == "multiprocess" and cls.__module__ == "__main__":
-            raise ValueError(
-                f"{cls.__qualname__}: a node that runs in a worker process must be importable "
-                "from a module, not defined in __main__"
-            )
+        not_importable = unimportable(cls)
+        if kind == "multiprocess" and not_importable:
+            raise ValueError(f"{not_importable}; or register it with executor='native' to run it in this process")
         schema = cls.params_schema
         jsonschema.Draft7Validator.check_schema(schema)
         defaults = {
@@ -191,7 +203,7 @@ class ExecutorRegistry:
             node_type=name,
             cls=cls,
             executor=kind,
-            overridable=cls.executor_overridable and cls.__module__ != "__main__",
+            overridable=cls.executor_overridable and not not_importable,
             module=cls.__module__,
             qualname=cls.__qualname__,
             params_validator=jsonschema.Draft7Validator(schema),

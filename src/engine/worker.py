@@ -83,7 +83,15 @@ def load_class(module: str, qualname: str) -> type[Node]:
             f"import with the engine's own import path (its sys.path entries and PYTHONPATH): make "
             f"{module!r} importable there, e.g. install it or add its folder to PYTHONPATH") from exc
     for part in qualname.split("."):
-        obj = getattr(obj, part)
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            # registration refuses classes in __main__ or in a function; this is one that
+            # only exists once the app has run (made at run time, under `if __name__ == ...`)
+            raise NodeExecutionError(
+                f"initialize() failed: the node process imported {module!r} but found no {qualname} in it: "
+                f"define the class at the top level of {module!r}, so that importing the module makes it"
+            ) from None
     return obj
 
 
