@@ -1,0 +1,187 @@
+"""The LLM nodes' replies: a reply capped by max_tokens ends at its last complete
+sentence (scripted exactly, then with the bundled model), and LlamaCppNode's
+`model_path`, checked when the manifest is validated."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+
+import pytest
+
+from engine import RuntimeData
+from engine.catalog import default_registry
+from engine.errors import NodeExecutionError, ValidationError
+from nodes.speech import models
+from nodes.speech.chat import ChatNode, user_words
+
+#: how a spoken phrase that ends a sentence ends
+SENTENCE_END = re.compile(r"[.!?…][\"')\]]*$")
+BOOKS = "Recommend three books about the history of Rome."
+
+
+class ScriptedChat(ChatNode):
+    """A chat node whose model writes `pieces` (one a token) and stops with `finish`."""
+
+    node_type = "ScriptedChat"
+
+    def __init__(self, pieces: list[str], finish: str, **params) -> None:
+        super().__init__("llm", {"max_tokens": 64, **params})
+        self.pieces, self.finish = pieces, finish
+
+    async def deltas(self, user: str, received: str, max_tokens: int, turn: str,
+                     finish: list[str | None]) -> AsyncIterator[str]:
+        for piece in self.pieces[:max_tokens]:
+            yield piece
+        finish.append(self.finish if max_tokens > len(self.pieces) else "length")
+
+
+async def reply(node: ChatNode, text: str = "Which books about Rome?") -> list[RuntimeData]:
+    return [f async for f in node.process(RuntimeData.text(text))]
+
+
+def said(frames: list[RuntimeData]) -> str:
+    return " ".join(f.text for f in frames if f.text)
+
+
+# ---------------------------------------------------------------- scripted
+
+
+ROME = ["Here", " are", " some", " books", ":", " 1", ".", ' "', "Rome", ":", " The", " Complete", " History"]
+
+
+async def test_a_capped_reply_drops_the_sentence_it_could_not_finish():
+    node = ScriptedChat(ROME, "stop", max_tokens=len(ROME))
+    frames = await reply(node)
+    assert said(frames) == "Here are some books: 1.", said(frames)
+    assert frames[-1].text == "" and frames[-1].metadata["final"] == "1"
+    assert frames[-1].metadata["max_tokens_reached"] == "1"
+    assert node.messages("Next?")[-2] == {"role": "assistant", "content": "Here are some books: 1."}, \
+        "the history must hold what was said, not the dropped words"
+
+
+async def test_an_uncapped_reply_keeps_its_last_words_and_a_capped_one_without_any_sentence_end_too():
+    ended = await reply(ScriptedChat(ROME, "stop", max_tokens=100))  # the model stopped by itself
+    assert said(ended) == 'Here are some books: 1. "Rome: The Complete History'
+    assert "max_tokens_reached" not in ended[-1].metadata
+    pieces = ["The", " history", " of", " Rome", " is", " long", " and"]
+    capped = await reply(ScriptedChat(pieces, "stop", max_tokens=len(pieces)))
+    assert said(capped) == "The history of Rome is long and", "with no sentence ended, the words are all the reply"
+    assert capped[-1].metadata["max_tokens_reached"] == "1"
+
+
+async def test_near_the_cap_a_clause_waits_for_its_sentence():
+    """Within the last phrase's worth of tokens, a clause is not sent before its sentence ends:
+    "The Odyssey" by Homer: would otherwise be spoken and its sentence never finished."""
+    pieces = ["Three", " books", ".", " First", ",", ' "', "The", " Odyssey", '"', " by", " Homer", ":", " an",
+              " epic", " poem"]
+    near = await reply(ScriptedChat(pieces, "stop", max_tokens=len(pieces), min_phrase_words=1))
+    assert said(near) == "Three books.", said(near)
+    far = await reply(ScriptedChat(pieces, "stop", max_tokens=100, min_phrase_words=1))
+    assert [f.text for f in far] == ["Three books.", "First,", '"The Odyssey" by Homer:', "an epic poem"], \
+        "far from the cap, clauses stream as they come"
+
+
+async def test_the_end_marker_follows_a_capped_reply():
+    frames = await reply(ScriptedChat(ROME, "stop", max_tokens=len(ROME), end_marker="<|text_end|>"))
+    assert [f.text for f in frames][-1] == "<|text_end|>"
+    assert said(frames[:-1]) == "Here are some books: 1."
+    assert frames[-1].metadata["max_tokens_reached"] == "1" and frames[-1].metadata["final"] == "1"
+
+
+# ---------------------------------------------------------------- the bundled model
+
+
+def _llama(**params):
+    from nodes.speech.llm import LlamaCppNode
+
+    return LlamaCppNode("llm", default_registry().get("LlamaCppNode").normalize_params(params))
+
+
+async def written(node: ChatNode, text: str, max_tokens: int) -> tuple[str, str | None]:
+    """What the model writes for `text` in `max_tokens` tokens (greedy: what the reply is made of)."""
+    finish: list[str | None] = []
+    raw = "".join([d async for d in node.deltas(user_words(text), "", max_tokens, "", finish)])
+    return raw, finish[0]
+
+
+async def check_capped_at_a_sentence(node: ChatNode, text: str, max_tokens: int) -> None:
+    """Shared with tests/test_openai_chat.py: the reply to `text` is the model's own words up to its
+    last complete sentence, and what the model wrote after that is an unfinished sentence."""
+    raw, finish = await written(node, text, max_tokens)
+    assert finish == "length", f"the model should have been stopped by max_tokens, not {finish!r}: {raw!r}"
+    frames = [f async for f in node.process(RuntimeData.text(text))]
+    spoken = said(frames)
+    assert frames[-1].metadata.get("max_tokens_reached") == "1", frames[-1].metadata
+    assert SENTENCE_END.search(spoken), f"the reply does not end at a sentence end: {spoken!r}"
+    words, raw_words = spoken.split(), raw.split()
+    assert raw_words[:len(words)] == words, f"the reply is not the model's words: {spoken!r} / {raw!r}"
+    dropped = " ".join(raw_words[len(words):])
+    assert dropped and not SENTENCE_END.search(dropped), f"nothing unfinished was dropped: {dropped!r}"
+
+
+@pytest.mark.speech
+async def test_the_bundled_model_capped_mid_sentence_is_cut_at_its_last_sentence():
+    node = _llama(max_tokens=32, system_prompt="You are a helpful assistant.")
+    await asyncio.to_thread(node.initialize)
+    await check_capped_at_a_sentence(node, BOOKS, 32)
+
+
+@pytest.mark.speech
+async def test_the_bundled_model_capped_before_any_sentence_end_keeps_its_words():
+    node = _llama(max_tokens=6, system_prompt="You are a helpful assistant.")
+    await asyncio.to_thread(node.initialize)
+    raw, finish = await written(node, BOOKS, 6)
+    assert finish == "length" and not SENTENCE_END.search(raw.strip()), raw
+    frames = [f async for f in node.process(RuntimeData.text(BOOKS))]
+    assert said(frames).split() == raw.split()
+    assert frames[-1].metadata["max_tokens_reached"] == "1"
+
+
+# ---------------------------------------------------------------- model_path
+
+
+def _one(**params) -> dict:
+    return {"version": "v1", "metadata": {"name": "model-path"},
+            "nodes": [{"id": "brain", "node_type": "LlamaCppNode", "params": params}], "connections": []}
+
+
+@pytest.mark.speech
+async def test_model_path_loads_the_gguf_it_names(mp_engine):
+    path = str(models.smollm2_path("test"))
+    result = await mp_engine.execute(_one(model_path=path, max_tokens=24),
+                                     {"brain": RuntimeData.text("What is the capital of France?")})
+    frames = result.all_outputs["brain"]
+    assert said(frames) and frames[-1].metadata["final"] == "1", frames
+
+
+@pytest.mark.parametrize("kind", ["missing", "not a GGUF", "a folder"])
+async def test_a_bad_model_path_fails_validation_naming_the_field(mp_engine, tmp_path, kind):
+    if kind == "missing":
+        path, expected = tmp_path / "nowhere.gguf", "does not exist"
+    elif kind == "not a GGUF":
+        path, expected = tmp_path / "notes.gguf", "is not a GGUF file"
+        path.write_bytes(b"PK\x03\x04 a zip file, not a model")
+    else:
+        path, expected = tmp_path, "is not a file"
+    with pytest.raises(ValidationError) as info:
+        mp_engine.validate(_one(model_path=str(path)))
+    [issue] = info.value.issues
+    assert issue.node_id == "brain", issue
+    assert f"model_path {path} {expected}" in issue.message, issue.message
+    lfm2 = _one(model_path=str(path))  # the LFM2 node checks its file the same way
+    lfm2["nodes"][0]["node_type"] = "LFM2Node"
+    with pytest.raises(ValidationError, match=f"model_path {re.escape(str(path))} {expected}"):
+        mp_engine.validate(lfm2)
+
+
+@pytest.mark.speech
+def test_a_node_made_without_a_manifest_checks_model_path_when_it_starts(tmp_path):
+    bad = tmp_path / "weights.bin"
+    bad.write_bytes(b"\0" * 16)
+    node = _llama(model_path=str(bad))
+    with pytest.raises(NodeExecutionError) as info:
+        node.initialize()
+    assert info.value.node_id == "llm" and info.value.context["field"] == "model_path"
+    assert "is not a GGUF file" in str(info.value)
