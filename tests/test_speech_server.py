@@ -1,26 +1,106 @@
-"""Speech pipelines over the real gRPC server as an operator sees them: a text too long to
-speak is refused before any synthesis, an answer too large to send stops the run where it
-passes the limit, and neither leaves a traceback in the server's log."""
+"""Speech pipelines over the real gRPC server as an operator sees them: each voice turn is
+one log line (and a point of the turn latency histogram); a text too long to speak is
+refused before any synthesis, an answer too large to send stops the run where it passes
+the limit, and neither leaves a traceback in the server's log."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import socket
+import time
+import urllib.request
 
 import grpc
 import pytest
-from grpc_client import buffer, proto_manifest
+from grpc_client import buffer, kinds, proto_manifest
+from speech_audio import VOICE_LOOP, question, spoken, wer
+from voice_call import VoiceCall
 
 from engine import RuntimeData
 from engine._proto import common_pb2 as pb
 from engine._proto import execution_pb2 as epb
 from engine._proto import execution_pb2_grpc as epb_grpc
+from engine.logs import JsonFormatter
+from engine.manifest import load_document
 from engine.server import wire
 
 pytestmark = pytest.mark.speech
 
 #: 20,000 characters of sentences (Piper took 177 s of CPU on this before it failed at the send)
 LONG_TEXT = ("This is one more sentence for the speech synthesizer to say. " * 400)[:20_000]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def spoken_questions():
+    """The voice that speaks the questions, loaded before any leak-checked fixture's snapshot."""
+    spoken("Hello.")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _turn_lines(caplog) -> dict[str, logging.LogRecord]:
+    return {r.turn_id: r for r in caplog.records if r.name == "engine.session" and hasattr(r, "first_audio_ms")}
+
+
+def _played_out(call: VoiceCall, since: float) -> bool:
+    """A reply came after `since` and has played out (real time from its first frame)."""
+    audio = call.audio(after=since)
+    if not audio:
+        return False
+    end = audio[0][0] + sum(f.duration_s for _, f in audio)
+    return time.perf_counter() > max(end, audio[-1][0] + 0.5) + 0.2
+
+
+async def test_each_voice_turn_is_one_log_line_and_a_latency_observation(make_server, caplog):
+    """A question is answered, a second one spoken over the answer interrupts it, and its own
+    answer plays out: each turn that ends is one INFO line of the session with its fields (JSON
+    logs carry them), and the turn latency histogram counts the turns answered."""
+    caplog.set_level(logging.INFO)
+    srv = await make_server(server={"metrics_port": _free_port()})
+    first, second = "Could you tell me the capital of France?", "How many legs does a spider have?"
+    async with grpc.aio.insecure_channel(srv.address) as ch, VoiceCall(ch, load_document(VOICE_LOOP)) as call:
+        start = await call.say(question(first, lead_s=0.3, tail_s=0.0))
+        await call.silence_until(lambda: call.audio(after=start), "a reply")
+        (old,) = call.turns(after=start)
+        await call.silence(0.4)  # the reply is playing
+        barge = await call.say(question(second, lead_s=0.0, tail_s=0.0))
+        await call.silence_until(lambda: len(call.turns(after=start)) == 2 and _played_out(call, barge),
+                                 "a reply to the second question")
+        new = call.turns(after=start)[1]
+        # the reply played out: its turn is over without waiting for the session's end
+        await call.silence_until(lambda: new in _turn_lines(caplog), "the second turn's line", limit_s=10)
+        responses = await call.close()
+    assert kinds(responses)[-1] == "closed"
+    session_id = next(r.ready.session_id for r in responses if r.WhichOneof("response") == "ready")
+    lines = _turn_lines(caplog)
+    for turn, asked, interrupted in ((old, first, True), (new, second, False)):
+        rec = lines[turn]
+        assert rec.levelno == logging.INFO and rec.session_id == session_id
+        assert rec.outcome == "commit" and rec.interrupted is interrupted, rec.getMessage()
+        assert wer(asked, rec.transcript) < 0.2, rec.transcript
+        assert rec.transcript in rec.getMessage()
+        assert isinstance(rec.eou_probability, float) and 0 <= rec.eou_probability <= 1
+        assert rec.first_audio_ms > 0 and rec.reply_audio_ms > 0
+        assert f"first audio {rec.first_audio_ms:.0f} ms" in rec.getMessage()
+        entry = json.loads(JsonFormatter().format(rec))
+        assert entry["session_id"] == session_id and entry["turn_id"] == turn
+        assert {"transcript", "eou_probability", "outcome", "first_audio_ms", "interrupted", "played_ms"} <= set(entry)
+    assert 0 < lines[old].played_ms <= lines[old].reply_audio_ms and "interrupted after" in lines[old].getMessage()
+    assert lines[new].played_ms is None
+    for rec in lines.values():  # speculative turns that did not happen: cancelled, and why
+        assert rec.outcome in ("commit", "cancel") and (rec.outcome == "commit" or rec.reason), rec.getMessage()
+    assert len([r for r in lines.values() if r.outcome == "commit"]) == 2
+    url = f"http://127.0.0.1:{srv.bound_metrics_port}/metrics"
+    text = (await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
+    count = next(line for line in text.splitlines() if line.startswith("remotemedia_turn_latency_seconds_count"))
+    assert float(count.split()[-1]) == 2, count
+    assert srv.metrics.registry.get_sample_value("remotemedia_turn_latency_seconds_sum") > 0
 
 
 def _tts(node_type: str, text: str, **params) -> epb.ExecuteRequest:

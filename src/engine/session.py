@@ -41,7 +41,8 @@ from .logs import ContextAdapter
 from .manifest import Manifest
 from .plan import ExecutionPlan, PlannedNode
 from .tracing import SessionTrace, Tracing
-from .turns import TURN_EVENT_SCHEMA, TurnEvent, TurnLedger
+from .turn_log import TurnLog
+from .turns import TURN_EVENT_SCHEMA, TURN_ID, TurnEvent, TurnLedger
 
 log = logging.getLogger("engine.session")
 
@@ -116,8 +117,10 @@ class Observer(Protocol):
         """A node emitted a frame `latency_s` after the input that caused it entered the session."""
 
     # Optional: `turn_event(event: TurnEvent) -> None`, called as each turn
-    # event is delivered (see engine.turns), and `node_frame(node_id, frame)`,
-    # called for every frame a node emits (a trace: keep it cheap).
+    # event is delivered (see engine.turns), `turn_ended(report: TurnReport)`,
+    # called once per turn when it is over (see engine.turn_log), and
+    # `node_frame(node_id, frame)`, called for every frame a node emits (a
+    # trace: keep it cheap).
 
 
 class Session:
@@ -172,6 +175,8 @@ class Session:
         self._on_turn_event = getattr(observer, "turn_event", None)
         self._on_frame = getattr(observer, "node_frame", None)
         self.log = ContextAdapter(log, {"session_id": self.id, "node_id": "-"})
+        #: each turn's one line when it is over (engine.turn_log)
+        self.turn_log = TurnLog(self.log, getattr(observer, "turn_ended", None))
 
     # ------------------------------------------------------------ lifecycle
 
@@ -338,6 +343,7 @@ class Session:
         if event.source != source:
             event = TurnEvent(event.kind, event.turn_id, event.data, source, event.sequence)
         self.turns.note(event)
+        self.turn_log.event(event)
         if self._on_turn_event is not None:
             self._on_turn_event(event)
         for nid, runner in self._runners.items():
@@ -347,6 +353,8 @@ class Session:
     def _observe(self, planned: PlannedNode, frame: RuntimeData) -> float | None:
         if self._on_frame is not None:
             self._on_frame(planned.id, frame)
+        if frame.metadata and (turn := frame.metadata.get(TURN_ID)):
+            self.turn_log.frame(turn, frame, planned.is_sink)
         t0 = self._send_times.get(frame.sequence) if frame.sequence is not None else None
         if t0 is not None and self._observer is not None:
             self._observer.node_output(planned.spec.node_type, time.perf_counter() - t0)
@@ -496,6 +504,7 @@ class Session:
             if pending:
                 await asyncio.wait(pending, timeout=self.settings.shutdown_timeout_secs + 1)
         finally:
+            self.turn_log.close()
             if self.trace is not None:
                 self.trace.end(self._error)
             self._outputs.put_terminal(_END)
