@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -242,6 +243,28 @@ async def test_session_cap_refuses_before_starting(make_server):
         assert "max_sessions" in second[0].error.context
         hold.set()
         assert kinds(await collect(first))[-1] == "closed"
+
+
+async def test_an_output_too_large_for_a_result_fails_the_stream_in_band(make_server, caplog):
+    """gRPC cannot send a message over its limit: the output that would be one is an error
+    answered in the stream (RESOURCE_LIMIT, naming node and limit), the session is torn down
+    at once and the server serves on, with no traceback in its log."""
+    caplog.set_level(logging.INFO)
+    limit = 1 << 20
+    srv = await make_server(caps={"max_message_bytes": limit})
+    async with grpc.aio.insecure_channel(srv.address) as ch:
+        responses = await collect(_stub(ch).StreamPipeline(requests(
+            init(proto_manifest([("gen", "GenerateNode", {"bytes": 2 * limit})])),
+            chunk("gen", RuntimeData.text("x"), 0), CLOSE)))
+        assert kinds(responses) == ["ready", "error"]
+        err = responses[-1].error
+        assert err.error_type == pb.ERROR_TYPE_RESOURCE_LIMIT and err.failing_node_id == "gen", err
+        assert "caps.max_message_bytes" in err.message and f"{limit:,}" in err.message, err.message
+        await _eventually_no_processes(srv)
+        assert kinds(await collect(_stub(ch).StreamPipeline(requests(
+            init(proto_manifest([("gen", "GenerateNode", {"bytes": 1000})])),
+            chunk("gen", RuntimeData.text("x"), 0), CLOSE)))) == ["ready", "result", "closed"]
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
 
 
 # ---------------------------------------------------------------- clients that go away

@@ -49,6 +49,16 @@ def error_to_proto(err: EngineError, out: pb.ErrorResponse | None = None) -> pb.
     return msg
 
 
+#: bytes of the largest message kept for what a message holds besides its outputs
+#: (metrics and node results of an answer, a result's metadata, framing)
+RESERVE_BYTES = 64 * 1024
+
+
+def payload_budget(max_message_bytes: int) -> int:
+    """How many bytes of outputs one message of at most `max_message_bytes` may carry."""
+    return max_message_bytes - min(RESERVE_BYTES, max_message_bytes // 8)
+
+
 def limits_from_proto(rl: pb.ResourceLimits) -> ClientLimits | None:
     if not (rl.max_memory_bytes or rl.max_timeout_ms or rl.max_audio_samples):
         return None

@@ -35,16 +35,13 @@ from .convert import (
     error_to_proto,
     execution_metrics,
     limits_from_proto,
+    payload_budget,
     trace_carrier,
 )
 from .convert import version_info as fill_version_info
 from .metrics import ServerMetrics
 
 log = logging.getLogger("engine.server")
-
-#: bytes of the largest message kept for what an answer holds besides its outputs
-#: (metrics, one result per node, framing): a few KiB in practice
-RESPONSE_RESERVE_BYTES = 64 * 1024
 
 
 class PipelineExecutionServicer(epb_grpc.PipelineExecutionServiceServicer):
@@ -95,7 +92,7 @@ class PipelineExecutionServicer(epb_grpc.PipelineExecutionServiceServicer):
         p2r_ms = (time.perf_counter() - t_conv) * 1000
         # the answer is one message: outputs that could not be sent stop the run where they pass it
         limit = OutputLimit(self.max_message_bytes, "caps.max_message_bytes",
-                            min(RESPONSE_RESERVE_BYTES, self.max_message_bytes // 8))
+                            self.max_message_bytes - payload_budget(self.max_message_bytes))
         result = await self.engine.execute(manifest, inputs, limits=limits_from_proto(request.resource_limits),
                                            trace_carrier=trace_carrier(context), output_limit=limit,
                                            session_id=session_id)

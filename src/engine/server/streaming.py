@@ -41,9 +41,9 @@ from grpc import aio
 from .._proto import streaming_pb2 as spb
 from .._proto import streaming_pb2_grpc as spb_grpc
 from ..config import ServerSettings
-from ..data import RuntimeData
+from ..data import DataKind, RuntimeData
 from ..engine import Engine
-from ..errors import EngineError, ValidationError, VersionMismatchError
+from ..errors import EngineError, ResourceLimitError, ValidationError, VersionMismatchError
 from ..fifo import BoundedFifo
 from ..logs import ContextAdapter
 from ..session import InitProgress, Output, Session
@@ -55,6 +55,7 @@ from .convert import (
     error_to_proto,
     execution_metrics,
     limits_from_proto,
+    payload_budget,
     stream_metrics,
     trace_carrier,
 )
@@ -125,6 +126,8 @@ class StreamCall:
         self.known_nodes: set[str] = set()
         self.last_sequence = -1
         self.started = time.perf_counter()
+        #: the bytes of outputs one result may carry (gRPC would refuse to send a larger one)
+        self.max_result_bytes = payload_budget(engine.config.caps.max_message_bytes)
         self.log: logging.LoggerAdapter = ContextAdapter(log, {"session_id": "-", "node_id": "-"})
 
     # ------------------------------------------------------------ the call
@@ -416,6 +419,7 @@ class StreamCall:
         await self.outbox.put(self._result(out))
 
     def _result(self, out: Output) -> spb.StreamResponse:
+        self._check_size(out)
         resp = spb.StreamResponse()
         r = resp.result
         seq = out.sequence or 0
@@ -430,3 +434,18 @@ class StreamCall:
         r.total_items_processed = self.session.metrics.outputs
         self.metrics.results.inc()
         return resp
+
+    def _check_size(self, out: Output) -> None:
+        """An output too large for one message fails the session in-band (raised into the
+        node's emit), rather than the call failing in gRPC's send with the session left
+        running. JSON is not measured here: its size is known only once serialized."""
+        data = out.data
+        if data.kind is DataKind.JSON:
+            return
+        size = data.nbytes
+        if size > self.max_result_bytes:
+            limit = self.engine.config.caps.max_message_bytes
+            raise ResourceLimitError(
+                f"an output of {size:,} bytes is more than one result may carry "
+                f"(caps.max_message_bytes = {limit:,} bytes)", node_id=out.node_id,
+                context={"field": "caps.max_message_bytes", "limit": limit, "output_bytes": size})
