@@ -155,3 +155,32 @@ def test_an_unreadable_input_file_says_why(tmp_path, content, why):
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     (line,) = res.stderr.strip().splitlines()
     assert line == f"remotemedia-engine: error: cannot read audio file {audio}: {why}", line
+
+
+def test_a_bad_output_path_or_node_is_one_line(tmp_path):
+    manifest = ROOT / "examples" / "audio_pipeline.json"
+    res = cli("run", str(manifest), "--seconds", "0.2", "--output", str(tmp_path / "no" / "out.wav"), cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    (line,) = res.stderr.strip().splitlines()  # no "Exception ignored" from the wave module either
+    assert line == f"remotemedia-engine: error: cannot write audio file {tmp_path / 'no' / 'out.wav'}: " \
+                   "No such file or directory", line
+    res = cli("run", str(manifest), "--seconds", "0.2", "--node", "nosuch", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    (line,) = res.stderr.strip().splitlines()
+    assert line == (f"remotemedia-engine: error: --node 'nosuch' is not a node of {manifest} "
+                    "(its nodes: chunker, format, output, resample)"), line
+
+
+def test_an_unexpected_failure_is_one_line_that_points_at_v(capsys):
+    from engine import cli as engine_cli
+
+    try:
+        raise RuntimeError("something broke")
+    except RuntimeError as exc:
+        assert engine_cli._report_error(exc, verbose=False, fmt="text") == 1
+        assert capsys.readouterr().err == "remotemedia-engine: error: RuntimeError: something broke " \
+                                          "(-v shows the traceback)\n"
+        assert engine_cli._report_error(exc, verbose=True, fmt="text") == 1
+        err = capsys.readouterr().err
+        assert err.startswith("Traceback (most recent call last)") and "test_an_unexpected_failure" in err, err
+        assert err.endswith("\nremotemedia-engine: error: RuntimeError: something broke\n"), err

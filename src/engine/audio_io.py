@@ -63,7 +63,13 @@ def write_wav(path: str | Path, audio: AudioData) -> None:
     samples = audio.samples
     if audio.format is SampleFormat.F32:
         samples = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
-    with wave.open(str(path), "wb") as w:
+    try:
+        # opened here: wave.open(path) that cannot create the file leaves a broken object
+        # whose __del__ prints "Exception ignored" after the error
+        f = open(path, "wb")  # closed by the with below
+    except OSError as exc:
+        raise ValidationError(f"cannot write audio file {path}: {exc.strerror or exc}") from None
+    with f, wave.open(f, "wb") as w:
         w.setnchannels(audio.channels)
         w.setsampwidth(samples.dtype.itemsize)
         w.setframerate(audio.sample_rate)

@@ -138,7 +138,7 @@ def _summary(data: Any) -> str:
 
 def _target_rate(registry: Any, manifest: Any, node_id: str) -> int | None:
     """The input rate a node declares by its `sampling_rate` param (VAD, ...) or its default."""
-    node = next(n for n in manifest.nodes if n.id == node_id)
+    node = manifest.node(manifest.entry(node_id))  # a composite's input node takes what it is sent
     rate = node.params.get("sampling_rate")
     if rate is None:
         spec = registry.get(node.node_type)
@@ -173,9 +173,13 @@ async def _run(args: argparse.Namespace) -> int:
     from .audio_io import read_audio, resample, tone, write_wav
     from .data import AudioData
     from .engine import Engine
+    from .errors import ValidationError
 
     async with Engine(_engine_config(args)) as engine:
         manifest = engine.validate(Path(args.manifest))
+        if args.node and args.node not in manifest.public_ids:
+            raise ValidationError(f"--node {args.node!r} is not a node of {args.manifest} (its nodes: "
+                                  f"{', '.join(sorted(manifest.public_ids))})")
         audio = read_audio(args.input) if args.input else tone(args.seconds, args.sample_rate)
         targets = [args.node] if args.node else [
             n.id for n in manifest.nodes if not any(c.target == n.id for c in manifest.connections)
@@ -369,7 +373,7 @@ def _traceback(exc: Exception) -> str:
     return "".join(traceback.format_exception(exc)).rstrip()
 
 
-def report_error(exc: Exception, *, verbose: bool, fmt: str) -> int:
+def _report_error(exc: Exception, *, verbose: bool, fmt: str) -> int:
     """Say why a command failed in one line (a JSON record with --log-format json), with
     its traceback only under -v; returns the exit code."""
     import logging
@@ -377,14 +381,15 @@ def report_error(exc: Exception, *, verbose: bool, fmt: str) -> int:
     from .errors import EngineError
 
     code = _exit_code(exc)
-    line = _one_line(exc) if isinstance(exc, EngineError) else f"internal error: {type(exc).__name__}: {exc}"
+    line = _one_line(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
     if fmt == "json":
         fields: dict[str, Any] = {"error_type": exc.error_type.name if isinstance(exc, EngineError)
                                   else type(exc).__name__, "exit_code": code}
         if isinstance(exc, EngineError):
-            # the node's traceback (its tail rides in the context) only under -v, as everywhere
-            fields.update({k: v for k, v in exc.context.items()
-                           if v is not None and k not in ("error_type", "exit_code", "traceback_tail")})
+            # the node's traceback (its tail rides in the context) only under -v, as everywhere;
+            # a context key that is a LogRecord attribute would make logging raise
+            taken = {*vars(logging.makeLogRecord({})), "message", "asctime", "traceback_tail", *fields}
+            fields.update({k: v for k, v in exc.context.items() if v is not None and k not in taken})
             if exc.node_id:
                 fields["node_id"] = exc.node_id
         if verbose:
@@ -409,4 +414,4 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - a command's failure: one line, the traceback under -v
-        return report_error(exc, verbose=verbose, fmt=fmt)
+        return _report_error(exc, verbose=verbose, fmt=fmt)
