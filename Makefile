@@ -19,7 +19,7 @@ $(SERVE_STAMP): $(DEPS)
 
 # and what the tests and bench need besides (pytest, Ray, OpenTelemetry, plots, ...)
 $(STAMP): $(SERVE_STAMP)
-	$(BIN)/python -m pip install -q -e '.[dev,speech,bench,otel,ray,web]'
+	$(BIN)/python -m pip install -q -e '.[dev,speech,bench,otel,ray,web,openai]'
 	touch $(STAMP)
 
 setup: $(STAMP)

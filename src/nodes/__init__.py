@@ -19,6 +19,7 @@ def builtin_nodes() -> list[type[Node]]:
     from .speech.kokoro import KokoroTTSNode
     from .speech.lfm2_audio import LFM2AudioNode
     from .speech.llm import LFM2Node, LlamaCppNode
+    from .speech.openai_chat import OpenAIChatNode
     from .speech.tts import PiperTTSNode
     from .speech.vad import SileroVADNode
     from .speech.vibevoice import VibeVoiceTTSNode
@@ -27,7 +28,7 @@ def builtin_nodes() -> list[type[Node]]:
 
     return [PassThroughNode, AudioChunkerNode, AudioResampleNode, FastResampleNode, AudioFormatNode,
             TextCollectorNode, SileroVADNode, AudioBufferAccumulatorNode, WhisperNode, LlamaCppNode, LFM2Node,
-            PiperTTSNode, KokoroTTSNode, LFM2AudioNode, VibeVoiceTTSNode]
+            OpenAIChatNode, PiperTTSNode, KokoroTTSNode, LFM2AudioNode, VibeVoiceTTSNode]
 
 
 def test_nodes() -> list[type[Node]]:
