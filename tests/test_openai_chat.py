@@ -13,11 +13,13 @@ import urllib.request
 import psutil
 import pytest
 from conftest import eventually, probed_engine
+from speech_audio import VOICE_LOOP, question, wer
 from test_llm_replies import BOOKS, check_capped_at_a_sentence, said
 
 from engine import RuntimeData
 from engine.catalog import default_registry
 from engine.errors import NodeExecutionError, ValidationError
+from engine.manifest import load_document
 from engine.turns import TurnEvent, turn_of
 from nodes.speech.llama_server import LocalLlamaServer
 
@@ -91,19 +93,19 @@ async def node_error(engine, doc: dict, text: str = "Hello.") -> NodeExecutionEr
 
 async def test_replies_stream_as_phrases_the_same_as_llamacppnode(mp_engine, llama_server):
     """Same model, greedy, same prompt: the same phrases and metadata as the in-process node."""
-    for question in ("Name three colors.", "What is the capital of France?"):
+    for asked in ("Name three colors.", "What is the capital of France?"):
         replies = {}
         for node_type, extra in (("OpenAIChatNode", {"base_url": llama_server.base_url}), ("LlamaCppNode", {})):
             doc = chat(max_tokens=40, first_phrase_max_words=3, **extra)
             doc["nodes"][0]["node_type"] = node_type
-            result = await mp_engine.execute(doc, {"llm": RuntimeData.text(question)})
+            result = await mp_engine.execute(doc, {"llm": RuntimeData.text(asked)})
             replies[node_type] = result.all_outputs["llm"]
         phrases = replies["OpenAIChatNode"]
         assert [p.text for p in phrases] == [p.text for p in replies["LlamaCppNode"]], replies
         assert said(phrases) and len(phrases[0].text.split()) <= 3, phrases
         assert phrases[-1].metadata["final"] == "1"
         assert all(p.metadata.get("final") != "1" for p in phrases[:-1])
-        assert all(p.metadata["transcript"] == question for p in phrases)
+        assert all(p.metadata["transcript"] == asked for p in phrases)
         assert [p.metadata["phrase_index"] for p in phrases] == [str(i) for i in range(len(phrases))]
 
 
@@ -152,6 +154,34 @@ async def test_a_capped_reply_is_cut_at_its_last_sentence(llama_server):
         await check_capped_at_a_sentence(node, BOOKS, 32)
     finally:
         await node.cleanup()
+
+
+CAPITAL = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def asked_aloud():
+    """The question spoken (by Piper, loaded in this process before any leak snapshot)."""
+    return question(CAPITAL)
+
+
+async def test_the_voice_loop_answers_through_the_server(mp_engine, llama_server, asked_aloud):
+    """VAD → turns → Whisper → OpenAIChatNode → Piper: no `eou` event comes, so the
+    accumulator ends the turn after its endpointing_ms pause, and the reply is spoken."""
+    doc = load_document(VOICE_LOOP)
+    [llm] = [n for n in doc["nodes"] if n["id"] == "llm"]
+    llm["node_type"] = "OpenAIChatNode"
+    llm["params"] = {"base_url": llama_server.base_url, "max_tokens": 48, "first_phrase_max_words": 4}
+    q, audio = CAPITAL, asked_aloud
+    async with mp_engine.stream(doc) as s:
+        for i in range(0, audio.size, 512):
+            await s.send("vad", RuntimeData.audio(audio[i:i + 512], 16000))
+        await s.close()
+        frames = [out.data async for out in s if out.node_id == "tts" and out.data.kind.name == "AUDIO"]
+    assert frames, "no reply audio"
+    assert len({turn_of(f) for f in frames}) == 1, "one turn, one reply"
+    assert wer(q, frames[0].metadata["transcript"]) < 0.2, frames[0].metadata
+    assert " ".join(f.metadata["text"] for f in frames if "text" in f.metadata).strip(), "the reply said nothing"
 
 
 # ---------------------------------------------------------------- cancellation
