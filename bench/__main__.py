@@ -16,6 +16,7 @@ from bench import (  # noqa: F401  (importing a scenarios module registers its s
     scenarios_foundation,
     scenarios_multiprocess,
     scenarios_node_host,
+    scenarios_openai,
     scenarios_ray,
     scenarios_remote,
     scenarios_server,
