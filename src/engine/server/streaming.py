@@ -237,6 +237,8 @@ class StreamCall:
     def _fail(self, exc: BaseException) -> None:
         if self.ending:  # a crash is seen by more than one task; the call answers once
             return
+        if not isinstance(exc, EngineError):  # a defect, not a typed error: its traceback is worth a look
+            self.log.error("stream failed unexpectedly", exc_info=exc)
         self._end(_Final(self._error_response(engine_error(exc))))
 
     def _end(self, final: _Final) -> None:
