@@ -86,3 +86,22 @@ def test_the_turn_latency_histogram_counts_answered_turns():
     assert get("remotemedia_turn_latency_seconds_count") == 2
     assert get("remotemedia_turn_latency_seconds_bucket", {"le": "0.4"}) == 1
     assert abs(get("remotemedia_turn_latency_seconds_sum") - 1.55) < 1e-9
+
+
+async def test_a_transcript_read_between_two_node_processes(mp_engine, make_manifest, caplog):
+    """Between two node processes a frame stays encoded (codec.Encoded): the turn's first text
+    is still read for its line, and a cancel sent from a node process ends the turn."""
+    caplog.set_level(logging.INFO, logger="engine.session")
+    m = make_manifest([{"id": "probe", "node_type": "TurnProbeNode"}, {"id": "echo", "node_type": "EchoNode"}])
+    async with mp_engine.stream(m) as session:
+        assert session.forwards_encoded("probe"), "the probe's frames should stay encoded on their way"
+        await session.send("probe", RuntimeData.text("probe tagged 5"))
+        got = await anext(session)
+        assert got.data.text == "probe:5"
+        await session.send("probe", RuntimeData.text("probe event cancel 5"))
+        await session.close()
+        async for _ in session:
+            pass
+    lines = [r for r in caplog.records if getattr(r, "turn_id", None) == "5"]
+    assert [r.getMessage() for r in lines] == ["turn 5 cancelled (no reason given): 'probe:5'"]
+    assert lines[0].session_id == session.id
