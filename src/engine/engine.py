@@ -350,6 +350,8 @@ class Engine:
         data.concat); `all_outputs` keeps them separate. `on_output` sees
         each sink output as it comes. With `output_limit`, the output that
         takes the outputs past it fails the run at once (RESOURCE_LIMIT).
+        `session_id` names the run's session (in its log records), as a
+        server that logs the call under that id before the run starts needs.
         """
         t0 = time.perf_counter()
         m = self.validate(manifest)
