@@ -12,9 +12,9 @@ import urllib.request
 
 import psutil
 import pytest
+from chat_replies import BOOKS, check_capped_at_a_sentence, said
 from conftest import eventually, probed_engine
 from speech_audio import VOICE_LOOP, question, wer
-from test_llm_replies import BOOKS, check_capped_at_a_sentence, said
 
 from engine import RuntimeData
 from engine.catalog import default_registry
