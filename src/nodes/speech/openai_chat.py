@@ -120,30 +120,35 @@ class OpenAIChatNode(ChatNode):
         self._client = openai.AsyncOpenAI(base_url=self.params["base_url"], api_key=key, max_retries=0,
                                           timeout=float(self.params.get("timeout", 30)))
         self.report_progress("connecting", 0, self.params["base_url"])
-        # Ask the server for its models now: a wrong base_url, key or model
-        # fails the session's start, not its first turn.
+        try:
+            self._model = await self._served_model(openai)
+        except BaseException:
+            await self._client.close()
+            self._client = None
+            raise
+        self.report_progress("connected", 100, self._model)
+
+    async def _served_model(self, openai: Any) -> str:
+        """The model to ask for, once the server said which it serves (GET /models): a wrong
+        base_url, key or model fails the session's start, not its first turn."""
+        url, model = self.params["base_url"], self._model
         try:
             listed = [m.id async for m in self._client.models.list()]
         except openai.NotFoundError as exc:
-            if not self._model:  # a wrong path, most often (the API root usually ends in /v1)
-                await self._client.close()
-                raise self._error(f"GET {self.params['base_url']}/models answered HTTP 404: check base_url "
-                                  "(it usually ends in /v1), or name the model", "base_url", None,
-                                  status=exc.status_code) from exc
-            listed = []  # a server without GET /models: the model named is asked for as it is
+            if not model:  # a wrong path, most often (the API root usually ends in /v1)
+                raise self._error(f"GET {url}/models answered HTTP 404: check base_url (it usually ends "
+                                  "in /v1), or name the model", "base_url", None, status=exc.status_code) from exc
+            return model  # a server without GET /models: the model named is asked for as it is
         except Exception as exc:
-            await self._client.close()
             raise self.mapped(exc, started=False) from exc
-        if not self._model:
+        if not model:
             if not listed:
-                await self._client.close()
-                raise self._error(f"{self.params['base_url']} lists no model: set model", "model")
-            self._model = listed[0]
-        elif listed and self._model not in listed:
-            await self._client.close()
-            raise self._error(f"{self.params['base_url']} does not serve model {self._model!r}; it lists "
+                raise self._error(f"{url} lists no model: set model", "model")
+            return str(listed[0])
+        if listed and model not in listed:
+            raise self._error(f"{url} does not serve model {model!r}; it lists "
                               f"{', '.join(map(repr, listed[:10]))}", "model")
-        self.report_progress("connected", 100, self._model)
+        return model
 
     def mapped(self, exc: BaseException, started: bool) -> NodeExecutionError:
         """A client or transport error as the node's typed error (`started`: the reply was streaming)."""
