@@ -140,10 +140,11 @@ async def test_a_bad_model_path_fails_validation_naming_the_field(mp_engine, tmp
         mp_engine.validate(_one(model_path=str(path)))
     [issue] = info.value.issues
     assert issue.node_id == "brain", issue
-    assert f"model_path {path} {expected}" in issue.message, issue.message
+    assert issue.path.endswith("params.model_path"), issue
+    assert f"param 'model_path': {path} {expected}" in issue.message, issue.message
     lfm2 = _one(model_path=str(path))  # the LFM2 node checks its file the same way
     lfm2["nodes"][0]["node_type"] = "LFM2Node"
-    with pytest.raises(ValidationError, match=f"model_path {re.escape(str(path))} {expected}"):
+    with pytest.raises(ValidationError, match=f"param 'model_path': {re.escape(str(path))} {expected}"):
         mp_engine.validate(lfm2)
 
 
@@ -156,3 +157,35 @@ def test_a_node_made_without_a_manifest_checks_model_path_when_it_starts(tmp_pat
         node.initialize()
     assert info.value.node_id == "llm" and info.value.context["field"] == "model_path"
     assert "is not a GGUF file" in str(info.value)
+
+
+# ---------------------------------------------------------------- a sentence still being built
+
+
+@pytest.mark.parametrize(("text", "building"), [
+    ("Tell me about Rome,", True), ("Tell me about Rome and", True), ("I would like to talk about the", True),
+    ("So what I want is:", True), ("Well...", True), ("What is the capital of France?", False),
+    ("Tell me about Rome.", False), ("What are you waiting for?", False), ("Hello", False), ("", False)])
+def test_a_transcript_ending_inside_a_sentence_is_unfinished(text, building):
+    from nodes.speech.chat import unfinished
+
+    assert unfinished(text) is building
+
+
+@pytest.mark.speech
+async def test_a_speculative_turn_cut_at_a_comma_scores_as_unfinished_whatever_the_model_says():
+    """"Tell me about Rome," then a pause: the turn is not over (eou 0, so the accumulator waits
+    its longest pause); the same words as a question are scored by the model."""
+    from engine.turns import TurnEvent
+
+    node = _llama(max_tokens=16)
+    await asyncio.to_thread(node.initialize)
+    scores = {}
+    for turn, text in (("1", "Tell me about Rome,"), ("2", "Tell me about Rome and"),
+                       ("3", "What is the capital of France?")):
+        frame = RuntimeData.text(text, metadata={"turn_id": turn, "speculative": "1"})
+        out = [f async for f in node.process(frame)]
+        scores[turn] = next(TurnEvent.of(f).data["probability"] for f in out
+                            if TurnEvent.of(f) is not None and TurnEvent.of(f).kind == "eou")
+    assert scores["1"] == 0.0 and scores["2"] == 0.0
+    assert scores["3"] > 0.0

@@ -29,6 +29,9 @@ Turns (see engine.turns and accumulator.py): a speculative text (metadata
 `speculative` = "1", its turn not yet committed) is scored first where the
 node can (an `eou` event: the probability that the words so far are a
 finished turn), and answered at once or once committed (`reply_now()`). A
+transcript that ends inside a sentence (at a comma, on "and" or "the": see
+`unfinished()`) scores 0 without asking the model, so the accumulator waits
+its longest pause before ending the turn. A
 cancelled or interrupted turn stops its completion. The conversation history
 (system prompt + the last `history_turns` committed exchanges) lives in the
 node instance, so it is per session; of an interrupted reply it keeps what
@@ -99,6 +102,27 @@ def split_phrase(buffer: str, min_words: int, max_words: int) -> tuple[str, str]
     if len(words) > max_words:
         return " ".join(words[:max_words]).strip(), " " + " ".join(words[max_words:])
     return None
+
+
+#: words a sentence does not end on: a transcript ending in one is a sentence still being built
+_CONTINUES = frozenset("""and or but so because if when while then than that which who whose where
+    the a an to of in on at for with about from by into as my your our their his her its is are was were
+    um uh er""".split())
+_OPEN_END = re.compile(r"(,|;|:|—|-|\.\.\.|…)\s*$")
+
+
+def unfinished(text: str) -> bool:
+    """Whether a transcript ends inside a sentence: at a comma, a colon, a dash or trailing
+    dots, or on a word no sentence ends on ("... and", "... the"); a question mark ends it."""
+    text = text.strip()
+    if not text:
+        return False
+    if _OPEN_END.search(text):
+        return True
+    if text.endswith("?"):
+        return False
+    last = re.sub(r"[^a-z']", "", text.split()[-1].lower())
+    return last in _CONTINUES
 
 
 def user_words(text: str) -> str:
@@ -203,7 +227,9 @@ class ChatNode(Node):
         if not user or self.superseded(turn):
             return
         if turn and frame.metadata.get("speculative") == "1" and turn not in self._committed:
-            prob = await self.end_of_turn(user)
+            # a sentence the user is still building is not a finished turn, whatever a model says
+            # (and a node without a model of its own can still say that much)
+            prob = 0.0 if unfinished(frame.text) else await self.end_of_turn(user)
             if prob is not None:
                 yield self.turn_event("eou", turn, probability=round(prob, 6))
             if not self.reply_now(prob) and turn not in self._committed:

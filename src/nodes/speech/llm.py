@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 
 from engine.errors import NodeExecutionError
+from engine.node import ParamUnavailable
 
 from . import models
 from .chat import CHAT_ALIASES, CHAT_PARAMS, ChatNode
@@ -48,19 +49,19 @@ _GGUF_MAGIC = b"GGUF"
 
 
 def gguf_problem(path: str) -> str | None:
-    """What is wrong with `path` as a GGUF model file (said with the param's name), or None."""
+    """What is wrong with `path` as a GGUF model file, or None."""
     p = Path(os.path.expanduser(path))
     if not p.exists():
-        return f"model_path {path} does not exist"
+        return f"{path} does not exist"
     if not p.is_file():
-        return f"model_path {path} is not a file"
+        return f"{path} is not a file"
     try:
         with p.open("rb") as f:
             magic = f.read(len(_GGUF_MAGIC))
     except OSError as exc:
-        return f"model_path {path} cannot be read ({exc.strerror})"
+        return f"{path} cannot be read ({exc.strerror})"
     if magic != _GGUF_MAGIC:
-        return f"model_path {path} is not a GGUF file (it starts with {magic!r}, a GGUF file with {_GGUF_MAGIC!r})"
+        return f"{path} is not a GGUF file (it starts with {magic!r}, a GGUF file with {_GGUF_MAGIC!r})"
     return None
 
 
@@ -101,9 +102,14 @@ class LlamaCppNode(ChatNode):
                      "contextSize": "context_size", "n_ctx": "context_size"}
 
     @classmethod
-    def unavailable(cls, params: dict[str, Any]) -> str | None:
+    def unavailable(cls, params: dict[str, Any]) -> ParamUnavailable | str | None:
         path = params.get("model_path") or ""
-        return gguf_problem(path) if path else None
+        if path:
+            problem = gguf_problem(path)
+            return ParamUnavailable("model_path", problem) if problem else None
+        if not models.installed("xllamacpp"):
+            return "the Python package xllamacpp is not installed: pip install '.[speech]'"
+        return None
 
     def __init__(self, node_id: str, params: dict[str, Any]) -> None:
         super().__init__(node_id, params)
@@ -120,7 +126,7 @@ class LlamaCppNode(ChatNode):
         """`path` as a GGUF file, or the error validation gives (a node made without a manifest)."""
         problem = gguf_problem(path)
         if problem:
-            raise NodeExecutionError(problem, node_id=self.node_id, context={"field": "model_path"})
+            raise NodeExecutionError(f"model_path {problem}", node_id=self.node_id, context={"field": "model_path"})
         return os.path.expanduser(path)
 
     def initialize(self) -> None:
