@@ -48,7 +48,7 @@ from ..fifo import BoundedFifo
 from ..logs import ContextAdapter
 from ..session import InitProgress, Output, Session
 from . import wire
-from .call_end import CallEnd
+from .call_end import DEADLINE_PASSED, CallEnd
 from .convert import (
     check_client_version,
     engine_error,
@@ -88,6 +88,8 @@ class _Final:
     """Terminal: send `response` (if any), then end the call."""
 
     response: spb.StreamResponse | None
+    #: a `closed` answer's reason, logged once it is sent (a cancel may come first)
+    closed_reason: str = ""
 
 
 class StreamingPipelineServicer(spb_grpc.StreamingPipelineServiceServicer):
@@ -110,6 +112,7 @@ class StreamCall:
                  ended: CallEnd | None = None) -> None:
         self.engine = engine
         self.ended = ended
+        self.end_said = ""  # the reason the call's end was logged with (a `closed` sent)
         self.carrier = carrier
         self.metrics = metrics
         self.settings = settings
@@ -146,6 +149,9 @@ class StreamCall:
                 if isinstance(item, _Final):
                     if item.response is not None:
                         yield item.response
+                    if item.closed_reason:
+                        self.end_said = item.closed_reason
+                        self.log.info("stream closed (%s): %d chunks", item.closed_reason, self.chunks)
                     await self._let_client_finish(self.tasks[0])
                     return
                 yield item
@@ -153,8 +159,9 @@ class StreamCall:
             yield self._error_response(err)
             await self._let_client_finish(None)
         except (asyncio.CancelledError, GeneratorExit):  # not an error of ours: one line, no traceback
-            if self.ended is not None and not self.ending:  # after its answer, a cancel ends nothing
-                self.log.info("stream ended: %s (%d chunks in %.1f s)", self.ended.why(), self.chunks,
+            why = self.ended.why() if self.ended is not None else ""
+            if why and why != self.end_said:  # said once (a deadline may have ended the requests first)
+                self.log.info("stream ended: %s (%d chunks in %.1f s)", why, self.chunks,
                               time.perf_counter() - self.started)
             raise
         finally:
@@ -265,7 +272,11 @@ class StreamCall:
             self._fail(exc)
             return
         if not self.ending:
-            await self._submit(lambda: _Close(reason="client finished sending"))
+            if self.ended is not None and self.ended.deadline_passed():
+                # the requests ended because the call did: nobody waits for what a flush would give
+                await self._submit(lambda: _Close(cancel=True, reason=DEADLINE_PASSED))
+            else:
+                await self._submit(lambda: _Close(reason="client finished sending"))
 
     async def _submit(self, make: Callable[[], _Chunk | _Close]) -> None:
         """Queue while the pipeline starts, handle in place once it runs; a failure ends the call."""
@@ -397,8 +408,7 @@ class StreamCall:
         snap = session.snapshot()
         snap["wall_time_ms"] = (time.perf_counter() - self.started) * 1000
         execution_metrics(snap, closed.closed.final_metrics)
-        self._end(_Final(closed))
-        self.log.info("stream closed (%s): %d chunks", item.reason, self.chunks)
+        self._end(_Final(closed, item.reason))
 
     async def _watch(self) -> None:
         """A session that fails on its own (a node crashed, a limit) ends the call with its error."""
