@@ -74,6 +74,10 @@ def test_the_piper_check_names_its_param_and_the_bundled_voices(tmp_path):
     (tmp_path / "v.onnx.json").write_text("{}")
     assert models.piper_voice_unavailable(str(voice)) is None
     assert str(why).startswith("param 'voice': ")
+    speaker = {"version": "v1", "metadata": {"name": "t"}, "connections": [],
+               "nodes": [{"id": "tts", "node_type": "PiperTTSNode", "params": {"voice": "en_US-amy-low"}}]}
+    (issue,) = _issues(speaker)  # validation asks the node, and says it at the param
+    assert (issue.node_id, issue.field, issue.path) == ("tts", "voice", "$.nodes[0].params.voice"), issue
 
 
 # ---------------------------------------------------------------- the CLI

@@ -41,6 +41,11 @@ class _Observer:
         if hook is not None:
             hook(event)
 
+    def turn_ended(self, report: Any) -> None:
+        hook = getattr(self.base, "turn_ended", None)
+        if hook is not None:
+            hook(report)
+
 
 class BadOffer(ValueError):
     """An offer the server cannot take (HTTP 400)."""

@@ -40,7 +40,7 @@ import soxr
 
 from engine.data import AudioData, JsonData, RuntimeData, TextData
 from engine.errors import TypeValidationError
-from engine.node import Node
+from engine.node import Node, ParamUnavailable
 from engine.turns import TurnEvent, turn_of
 
 from . import models
@@ -137,6 +137,12 @@ class PiperTTSNode(Node):
     param_aliases = {"voice_path": "voice", "model_path": "voice", "outputSampleRate": "output_sample_rate",
                      "sample_rate": "output_sample_rate", "sampleRate": "output_sample_rate",
                      "paceAheadMs": "pace_ahead_ms", "chunkMs": "chunk_ms"}
+
+    @classmethod
+    def unavailable(cls, params: dict[str, Any]) -> ParamUnavailable | str | None:
+        if not models.installed("piper"):
+            return "the Python package piper-tts is not installed: pip install '.[speech]'"
+        return models.piper_voice_unavailable(params.get("voice", "en_US-joe-medium"))
 
     def __init__(self, node_id: str, params: dict[str, Any]) -> None:
         super().__init__(node_id, params)
