@@ -424,8 +424,10 @@ class VoicePeer:
         if event.kind == "commit":
             # the end of speech as the page measures it: the last frame louder than LOUD_RMS, when
             # it came (the VAD's pause may begin before the last sound or, more often, after it)
-            silence = float(event.data.get("silence_ms", 0)) / 1000
-            self._speech_end[event.turn_id] = self._loud_at or time.monotonic() - silence
+            # (a turn spoken more quietly than that has its pause's start instead)
+            pause_start = time.monotonic() - float(event.data.get("silence_ms", 0)) / 1000
+            utterance_start = pause_start - float(event.data.get("utterance_ms", 0)) / 1000
+            self._speech_end[event.turn_id] = self._loud_at if self._loud_at > utterance_start else pause_start
             while len(self._speech_end) > 64:
                 self._speech_end.pop(next(iter(self._speech_end)))
 
