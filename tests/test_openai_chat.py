@@ -136,7 +136,12 @@ async def test_history_keeps_what_was_played_of_an_interrupted_reply(llama_serve
             {"role": "user", "content": "And of Italy?"}]
         speculative = RuntimeData.text("What is", metadata={"turn_id": "2", "speculative": "1"})
         node.params["reply_before_commit"] = False
-        assert [f async for f in node.process(speculative)] == [], "no eou event, no reply before the commit"
+        # no model score and no reply before the commit; "What is" is a sentence still being built: eou 0
+        early = [f async for f in node.process(speculative)]
+        assert [(TurnEvent.of(f).kind, TurnEvent.of(f).data) for f in early] == [("eou", {"probability": 0.0})]
+        finished = RuntimeData.text("What time", metadata={"turn_id": "3", "speculative": "1"})
+        assert [f async for f in node.process(finished)] == [], "no eou event, no reply before the commit"
+        node.on_turn_event(TurnEvent("cancel", "3"))
         answer = [f async for f in node.on_turn_event(TurnEvent("commit", "2"))]
         assert answer and answer[-1].metadata["final"] == "1" and turn_of(answer[0]) == "2"
     finally:
