@@ -52,3 +52,32 @@ def test_fast_resample_takes_the_rate_from_each_frame():
     out = node.process(RuntimeData.audio(x, 44100)) + node.flush()
     assert {f.sample_rate for f in out} == {16000}
     assert abs(sum(f.samples.size for f in out) - 16000) <= 2
+
+
+def test_a_killed_kokoro_process_leaves_no_copy_of_espeak_behind():
+    """phonemizer loads a copy of libespeak-ng from a temporary folder per wrapper; a node
+    process that is killed never collects its wrappers: the copies are gone once loaded."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    def copies() -> set[Path]:
+        return set(Path(tempfile.gettempdir()).glob("tmp*/libespeak-ng.so"))
+
+    before = copies()
+    script = ("from nodes.speech.kokoro import KokoroTTSNode\n"
+              "n = KokoroTTSNode('tts', {})\nn.initialize()\nprint('ready', flush=True)\n"
+              "import time\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        assert copies() == before, "a copy of espeak-ng stays on disk while the node runs"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert copies() == before

