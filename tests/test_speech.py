@@ -6,7 +6,6 @@ import asyncio
 import collections
 import os
 import signal
-import time
 
 import numpy as np
 import psutil
@@ -420,7 +419,7 @@ async def test_a_conversation_in_real_time_is_heard_and_answered_turn_by_turn(se
         errors, replies = [], []
         for q in questions:
             start = await call.say(question(q, lead_s=0.3, tail_s=0.0))
-            await call.silence_until(lambda start=start: _played_out(call, start), f"a reply to {q!r}")
+            await call.silence_until(lambda start=start: call.played_out(start), f"a reply to {q!r}")
             turns = call.turns(after=start)
             assert len(turns) == 1, f"{q!r} answered {len(turns)} times"
             audio, said, transcript, rate = call.reply(turns[0])
@@ -435,20 +434,11 @@ async def test_a_conversation_in_real_time_is_heard_and_answered_turn_by_turn(se
     assert not call.events(), "nothing was interrupted"
 
 
-def _played_out(call: VoiceCall, since: float) -> bool:
-    """A reply came after `since` and has played out (real time from its first frame)."""
-    audio = call.audio(after=since)
-    if not audio:
-        return False
-    end = audio[0][0] + sum(f.duration_s for _, f in audio)
-    return time.perf_counter() > max(end, audio[-1][0] + 0.5) + 0.2
-
-
 async def test_a_pause_in_the_middle_of_a_sentence_does_not_end_the_turn(server, channel):
     q = "Please tell me the name of the largest planet."
     async with VoiceCall(channel, _voice_manifest()) as call:
         start = await call.say(np.concatenate([np.zeros(4800, np.float32), paused(q, 0.3, at=0.5)]))
-        await call.silence_until(lambda: _played_out(call, start), "a reply")
+        await call.silence_until(lambda: call.played_out(start), "a reply")
         await call.silence(1.0)  # nothing else comes
         turns = call.turns(after=start)
         assert len(turns) == 1, f"answered {len(turns)} times: {turns}"
@@ -466,7 +456,7 @@ async def test_speaking_over_the_reply_interrupts_it(server, channel, test_model
         (old,) = call.turns(after=start)
         await call.silence(0.4)  # the reply is playing
         barge = await call.say(question(second, lead_s=0.0, tail_s=0.0))
-        await call.silence_until(lambda: len(call.turns(after=start)) == 2 and _played_out(call, barge),
+        await call.silence_until(lambda: len(call.turns(after=start)) == 2 and call.played_out(barge),
                                  "a reply to the second question")
         await call.close()
     events = call.events()

@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import socket
-import time
 import urllib.request
 
 import grpc
@@ -48,15 +47,6 @@ def _turn_lines(caplog) -> dict[str, logging.LogRecord]:
     return {r.turn_id: r for r in caplog.records if r.name == "engine.session" and hasattr(r, "first_audio_ms")}
 
 
-def _played_out(call: VoiceCall, since: float) -> bool:
-    """A reply came after `since` and has played out (real time from its first frame)."""
-    audio = call.audio(after=since)
-    if not audio:
-        return False
-    end = audio[0][0] + sum(f.duration_s for _, f in audio)
-    return time.perf_counter() > max(end, audio[-1][0] + 0.5) + 0.2
-
-
 async def test_each_voice_turn_is_one_log_line_and_a_latency_observation(make_server, caplog):
     """A question is answered, a second one spoken over the answer interrupts it, and its own
     answer plays out: each turn that ends is one INFO line of the session with its fields (JSON
@@ -70,7 +60,7 @@ async def test_each_voice_turn_is_one_log_line_and_a_latency_observation(make_se
         (old,) = call.turns(after=start)
         await call.silence(0.4)  # the reply is playing
         barge = await call.say(question(second, lead_s=0.0, tail_s=0.0))
-        await call.silence_until(lambda: len(call.turns(after=start)) == 2 and _played_out(call, barge),
+        await call.silence_until(lambda: len(call.turns(after=start)) == 2 and call.played_out(barge),
                                  "a reply to the second question")
         new = call.turns(after=start)[1]
         # the reply played out: its turn is over without waiting for the session's end

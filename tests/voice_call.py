@@ -100,6 +100,14 @@ class VoiceCall:
     def audio(self, after: float = 0.0) -> list[tuple[float, RuntimeData]]:
         return [(t, f) for t, f in self.outputs if t >= after and f.kind.name == "AUDIO"]
 
+    def played_out(self, since: float) -> bool:
+        """A reply came after `since` and has played out (real time from its first frame)."""
+        audio = self.audio(after=since)
+        if not audio:
+            return False
+        end = audio[0][0] + sum(f.duration_s for _, f in audio)
+        return time.perf_counter() > max(end, audio[-1][0] + 0.5) + 0.2
+
     def turns(self, after: float = 0.0) -> list[str]:
         """The turns that reply audio came for, in order."""
         out: list[str] = []

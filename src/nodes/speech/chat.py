@@ -125,6 +125,19 @@ def unfinished(text: str) -> bool:
     return last in _CONTINUES
 
 
+#: put in a `drain()` queue by its producer when it is done
+DONE = object()
+
+
+async def drain(queue: asyncio.Queue) -> AsyncIterator[Any]:
+    """What a producer (a thread, a reading task) puts in `queue`, up to DONE; an exception
+    it puts there is raised here."""
+    while (item := await queue.get()) is not DONE:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 def user_words(text: str) -> str:
     """A user text as the model sees it: without the trailing punctuation ASR adds or leaves out."""
     return _TRAILING.sub("", text.strip())

@@ -38,11 +38,10 @@ from engine.errors import NodeExecutionError
 from engine.node import ParamUnavailable
 
 from . import models
-from .chat import CHAT_ALIASES, CHAT_PARAMS, ChatNode
+from .chat import CHAT_ALIASES, CHAT_PARAMS, DONE, ChatNode, drain
 
 #: a next token that ends the user's message: sentence-final punctuation, a line break, end of message
 _ENDS_MESSAGE = re.compile(r"^\s*([.?!…]|<\|im_end\|>|</s>|<\|endoftext\|>|\n)")
-_DONE = object()
 _ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
 #: every GGUF file starts with these four bytes
 _GGUF_MAGIC = b"GGUF"
@@ -242,13 +241,11 @@ class LlamaCppNode(ChatNode):
             except BaseException as exc:  # handed to the loop, raised there
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
             finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+                loop.call_soon_threadsafe(queue.put_nowait, DONE)
 
         worker = loop.run_in_executor(None, run)
         try:
-            while (item := await queue.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in drain(queue):
                 yield item
         finally:
             # stopped early (cancel, error): tell llama.cpp to stop, and wait for its thread either way

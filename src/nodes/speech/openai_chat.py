@@ -42,9 +42,8 @@ from engine.errors import NodeExecutionError
 from engine.turns import TurnEvent
 
 from . import models
-from .chat import CHAT_ALIASES, CHAT_PARAMS, ChatNode
+from .chat import CHAT_ALIASES, CHAT_PARAMS, DONE, ChatNode, drain
 
-_DONE = object()
 #: the client insists on a key; local servers take any
 _NO_KEY = "unused"
 
@@ -186,9 +185,7 @@ class OpenAIChatNode(ChatNode):
             self._read(self.messages(user), max_tokens, queue, finish))
         self._reading = (turn, reader)
         try:
-            while (item := await queue.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in drain(queue):
                 yield item
         finally:
             self._reading = None
@@ -219,7 +216,7 @@ class OpenAIChatNode(ChatNode):
         except Exception as exc:  # the client's or, mid-stream with older clients, the transport's
             queue.put_nowait(self.mapped(exc, started))
         finally:
-            queue.put_nowait(_DONE)
+            queue.put_nowait(DONE)
 
     def on_turn_event(self, event: TurnEvent) -> AsyncIterator[RuntimeData] | None:
         if event.voids and self._reading is not None and self._reading[0] == event.turn_id:
