@@ -202,6 +202,7 @@ def main() -> int:
     # Ctrl-C and SIGTERM end the wait below; the engines are started with no signal blocked,
     # so each drains on its own SIGTERM (and on the terminal's SIGINT to the process group)
     signal.signal(signal.SIGTERM, _stop_on)
+    signal.signal(signal.SIGINT, _stop_on)  # also when started with it ignored (`&` in a script)
     cluster = Cluster(args.engines, args.port, args.config)
     try:
         cluster.start()

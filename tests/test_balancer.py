@@ -233,8 +233,10 @@ def test_the_cluster_recipe_runs_as_written_and_ctrl_c_drains_it(tmp_path):
     nginx_dirs = set(Path(tempfile.gettempdir()).glob("rme-nginx-*"))
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    # started as `... &` from a script starts it: SIGINT ignored (it still stops on it)
     proc = subprocess.Popen([python, *cmd[1:]], cwd=root, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         line = proc.stdout.readline()
         assert line.startswith("nginx on "), line + proc.stderr.read() if proc.poll() is not None else line

@@ -311,8 +311,9 @@ async def test_bad_params_fail_validation_naming_the_field(mp_engine, params, fi
 
 async def test_an_unset_key_variable_fails_validation(mp_engine):
     assert "TEST_OPENAI_CHAT_UNSET" not in os.environ
-    with pytest.raises(ValidationError, match="api_key_env names TEST_OPENAI_CHAT_UNSET, which is not set"):
+    with pytest.raises(ValidationError, match="TEST_OPENAI_CHAT_UNSET is not set") as info:
         mp_engine.validate(chat(base_url="http://127.0.0.1:8080/v1", api_key_env="TEST_OPENAI_CHAT_UNSET"))
+    assert (info.value.issues[0].node_id, info.value.issues[0].field) == ("llm", "api_key_env")
 
 
 def test_the_server_leaves_no_process_descriptor_or_port():

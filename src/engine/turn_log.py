@@ -206,7 +206,9 @@ class TurnLog:
             first = round((t.first_audio - t.speech_end) * 1000, 1)
         report = TurnReport(turn_id, t.outcome, t.reason, t.transcript, t.eou, first,
                             round(t.audio_s * 1000, 1), t.interrupted, t.played_ms)
-        self._log.info("%s", report.line(), extra=report.fields())
+        # a speculative start the speaker talked over, with nothing heard yet, is not news
+        quiet = t.outcome == "cancel" and not t.transcript
+        self._log.log(logging.DEBUG if quiet else logging.INFO, "%s", report.line(), extra=report.fields())
         if self._on_end is not None:
             try:
                 self._on_end(report)

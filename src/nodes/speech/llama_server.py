@@ -6,8 +6,8 @@ xllamacpp embeds llama.cpp's server (the one `llama-server` runs): an
 OpenAIChatNode can be tried, tested and measured with nothing but the
 bundled model:
 
-    python -m nodes.speech.llama_server --port 8080      # SmolLM2; Ctrl-C stops it
-    # then OpenAIChatNode with base_url = http://127.0.0.1:8080/v1
+    python -m nodes.speech.llama_server --port 8081      # SmolLM2; Ctrl-C stops it
+    # then OpenAIChatNode with base_url = http://127.0.0.1:8081/v1 (as it prints)
 
 `LocalLlamaServer` runs it from Python (the tests, the bench): on a port the
 server picks itself (no race for a free one), its address read from the
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--api-key-env: {a.api_key_env} is not set")
     server = serve(a.model or _bundled_model(), a.host, a.port, a.threads, a.context_size,
                    os.environ.get(a.api_key_env, "") if a.api_key_env else "")
-    print(json.dumps({"url": server.listening_address}), flush=True)
+    print(json.dumps({"url": server.listening_address, "base_url": f"{server.listening_address}/v1"}), flush=True)
     if a.watch_stdin:
         threading.Thread(target=lambda: (sys.stdin.buffer.read(), stop.set()), daemon=True).start()
     stop.wait()

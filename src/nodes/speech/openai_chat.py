@@ -33,12 +33,14 @@ worse than a failed one in a conversation.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 from engine.data import RuntimeData
 from engine.errors import NodeExecutionError
+from engine.node import ParamUnavailable
 from engine.turns import TurnEvent
 
 from . import models
@@ -87,12 +89,14 @@ class OpenAIChatNode(ChatNode):
     param_aliases = {**CHAT_ALIASES, "baseUrl": "base_url", "apiKey": "api_key", "apiKeyEnv": "api_key_env"}
 
     @classmethod
-    def unavailable(cls, params: dict[str, Any]) -> str | None:
+    def unavailable(cls, params: dict[str, Any]) -> ParamUnavailable | str | None:
         if not models.installed("openai"):
-            return "it needs the Python package openai: install the openai extra (pip install '.[openai]')"
+            return ("it needs the Python package openai: install the openai extra (in a checkout's venv: "
+                    ".venv/bin/pip install -e '.[openai]')")
         env = params.get("api_key_env") or ""
         if not params.get("api_key") and env and env not in os.environ:
-            return f"api_key_env names {env}, which is not set in the engine's environment"
+            return ParamUnavailable("api_key_env", f"{env} is not set in the engine's environment "
+                                                   "(a local server needs no key: leave api_key_env out)")
         return None
 
     def __init__(self, node_id: str, params: dict[str, Any]) -> None:
@@ -111,8 +115,10 @@ class OpenAIChatNode(ChatNode):
     async def initialize(self) -> None:
         why = self.unavailable(self.params)  # validation said so already, unless the node was made by hand
         if why:
-            raise self._error(why, "api_key_env" if models.installed("openai") else None)
+            raise self._error(str(why), "api_key_env" if models.installed("openai") else None)
         import openai
+
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request is not the node's news
 
         env = self.params.get("api_key_env") or ""
         key = self.params.get("api_key") or (os.environ.get(env, "") if env else "") or _NO_KEY
