@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+import grpc
 import psutil
 
 from engine import RuntimeData
@@ -72,6 +73,20 @@ async def collect(call: Any) -> list[spb.StreamResponse]:
     while (resp := await call.read()) is not grpc.aio.EOF:
         out.append(resp)
     return out
+
+
+async def until_ready(call: Any) -> None:
+    """Read a stream's responses up to `ready` (init progress before it); an error or the end
+    of the stream instead fails with what the server said."""
+    while True:
+        resp = await call.read()
+        if resp is grpc.aio.EOF:
+            raise AssertionError("the stream ended before it was ready")
+        kind = resp.WhichOneof("response")
+        if kind == "ready":
+            return
+        if kind == "error":
+            raise AssertionError(f"the stream failed before it was ready: {resp.error}")
 
 
 def kinds(responses: list[spb.StreamResponse]) -> list[str]:

@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 import pytest
 from conftest import TEST_IPC_ROOT
-from grpc_client import CLOSE, chunk, collect, init, proto_manifest
+from grpc_client import CLOSE, chunk, collect, init, proto_manifest, until_ready
 
 from engine import RuntimeData
 from engine._proto import common_pb2 as pb
@@ -192,8 +192,7 @@ async def test_when_every_engine_is_full_the_answer_is_resource_limit(cluster_co
 
             calls = [stub.StreamPipeline(held()) for _ in range(4)]
             for call in calls:  # 2 per engine: least_conn sends each to the emptier one
-                while (await call.read()).WhichOneof("response") != "ready":
-                    pass
+                await until_ready(call)
             refused = await collect(stub.StreamPipeline(held()))
             assert refused[0].WhichOneof("response") == "error"
             assert refused[0].error.error_type == pb.ERROR_TYPE_RESOURCE_LIMIT

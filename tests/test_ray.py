@@ -334,7 +334,7 @@ async def test_a_grpc_client_declares_a_gpu_and_its_node_runs_on_the_cluster(clu
 
 async def test_an_engine_killed_leaves_nothing_in_the_cluster(cluster, tmp_path):
     import grpc
-    from grpc_client import chunk, init, proto_manifest
+    from grpc_client import chunk, init, proto_manifest, until_ready
     from test_serve_cli import ServeProcess
 
     from engine._proto import streaming_pb2_grpc as spb_grpc
@@ -348,8 +348,7 @@ async def test_an_engine_killed_leaves_nothing_in_the_cluster(cluster, tmp_path)
         async with grpc.aio.insecure_channel(serve.address) as ch:
             call = spb_grpc.StreamingPipelineServiceStub(ch).StreamPipeline()
             await call.write(init(m))
-            while (await call.read()).WhichOneof("response") != "ready":
-                pass
+            await until_ready(call)
             await call.write(chunk("pass", _audio(0), 0))
             assert (await call.read()).WhichOneof("response") == "result"
             assert len(cluster.alive_actors()) == 1

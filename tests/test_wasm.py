@@ -23,7 +23,17 @@ import numpy as np
 import pytest
 import wasmtime
 from conftest import manifest, probed_engine
-from grpc_client import CANCEL, CLOSE, buffer, chunk, collect, init, proto_manifest, requests
+from grpc_client import (
+    CANCEL,
+    CLOSE,
+    buffer,
+    chunk,
+    collect,
+    init,
+    proto_manifest,
+    requests,
+    until_ready,
+)
 
 from engine import RuntimeData
 from engine._proto import common_pb2 as pb
@@ -352,8 +362,7 @@ async def test_spinning_plugins_hold_up_no_other_session(wasm_server):
         # more spinning plugins than cores, each inside its endless loop
         spin_calls = [stub.StreamPipeline(spin_requests()) for _ in range(3)]
         for call in spin_calls:
-            while (await call.read()).WhichOneof("response") != "ready":
-                pass
+            await until_ready(call)
         async with asyncio.timeout(10):
             while sum(r.stats.items_in for s in engine.sessions.values() for r in s.runners.values()) < 3:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
