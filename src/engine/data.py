@@ -6,7 +6,7 @@ the factory methods on `RuntimeData` (`RuntimeData.audio(...)`, ...).
 Every frame also carries string metadata, the sequence of the input that
 caused it, a timestamp and the id of the node that produced it.
 
-One module on purpose (~460 lines): the frame kinds are small and are read
+One module on purpose (~480 lines): the frame kinds are small and are read
 together (the factory methods and the join rules name every kind).
 """
 

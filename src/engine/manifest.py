@@ -17,7 +17,7 @@ share one, unless either side accepts or produces ANY (a node that declares
 nothing accepts anything). Frames the caller sends to a source node are not
 known here; the node's host checks those when they arrive.
 
-One module on purpose (~525 lines): every check feeds one list of Issues in
+One module on purpose (~535 lines): every check feeds one list of Issues in
 one pass, and the checks read the same normalized document (composites
 expand in engine.composite; the remotemedia.v1 proto form is
 engine.manifest_proto).

@@ -8,7 +8,7 @@ is written into its channel), so a slow node slows its producer instead of
 growing a queue: that is the backpressure. Sink outputs go to a bounded
 output queue, tagged with the sequence of the input that caused them.
 
-One module on purpose (~545 lines): the session's state machine, routing
+One module on purpose (~550 lines): the session's state machine, routing
 and teardown share its state and each exit path must be read against all of
 them; splitting them would spread one invariant (nothing left behind) over
 files.

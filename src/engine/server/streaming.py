@@ -24,7 +24,7 @@ returns, and its `finally` tears the session down. A client that goes away
 cancels the generator: the same `finally`, and one log line saying whether
 the client cancelled or its deadline passed.
 
-One module on purpose (~400 lines): the two tasks, the outbox and the
+One module on purpose (~460 lines): the two tasks, the outbox and the
 call's end share one StreamCall's state.
 """
 
