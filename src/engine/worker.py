@@ -16,7 +16,7 @@ CallRecord (see engine.tracing). A timer (SIGALRM) ends the process when one pro
 its deadline. The process exits when the engine closes the control socket
 (engine gone) and, through PR_SET_PDEATHSIG, when the zygote dies.
 
-One module on purpose (~430 lines): the control thread, the data loop and
+One module on purpose (~450 lines): the control thread, the data loop and
 the turn-event tasks share the one Worker's state and its wake-ups.
 """
 
