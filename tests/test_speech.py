@@ -451,13 +451,8 @@ async def test_a_pause_in_the_middle_of_a_sentence_does_not_end_the_turn(server,
 async def test_speaking_over_the_reply_interrupts_it(server, channel, test_models):
     first, second = "Could you tell me the capital of France?", "How many legs does a spider have?"
     async with VoiceCall(channel, _voice_manifest()) as call:
-        start = await call.say(question(first, lead_s=0.3, tail_s=0.0))
-        await call.silence_until(lambda: call.audio(after=start), "a reply")
-        (old,) = call.turns(after=start)
-        await call.silence(0.4)  # the reply is playing
-        barge = await call.say(question(second, lead_s=0.0, tail_s=0.0))
-        await call.silence_until(lambda: len(call.turns(after=start)) == 2 and call.played_out(barge),
-                                 "a reply to the second question")
+        start, old, barge = await call.speak_over_the_reply(question(first, lead_s=0.3, tail_s=0.0),
+                                                           question(second, lead_s=0.0, tail_s=0.0))
         await call.close()
     events = call.events()
     assert [(e["event"], e["turn_id"]) for _, e in events] == [("interrupted", old)], events

@@ -55,13 +55,8 @@ async def test_each_voice_turn_is_one_log_line_and_a_latency_observation(make_se
     srv = await make_server(server={"metrics_port": _free_port()})
     first, second = "Could you tell me the capital of France?", "How many legs does a spider have?"
     async with grpc.aio.insecure_channel(srv.address) as ch, VoiceCall(ch, load_document(VOICE_LOOP)) as call:
-        start = await call.say(question(first, lead_s=0.3, tail_s=0.0))
-        await call.silence_until(lambda: call.audio(after=start), "a reply")
-        (old,) = call.turns(after=start)
-        await call.silence(0.4)  # the reply is playing
-        barge = await call.say(question(second, lead_s=0.0, tail_s=0.0))
-        await call.silence_until(lambda: len(call.turns(after=start)) == 2 and call.played_out(barge),
-                                 "a reply to the second question")
+        start, old, barge = await call.speak_over_the_reply(question(first, lead_s=0.3, tail_s=0.0),
+                                                           question(second, lead_s=0.0, tail_s=0.0))
         new = call.turns(after=start)[1]
         # the reply played out: its turn is over without waiting for the session's end
         await call.silence_until(lambda: new in _turn_lines(caplog), "the second turn's line", limit_s=10)

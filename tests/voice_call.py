@@ -100,6 +100,18 @@ class VoiceCall:
     def audio(self, after: float = 0.0) -> list[tuple[float, RuntimeData]]:
         return [(t, f) for t, f in self.outputs if t >= after and f.kind.name == "AUDIO"]
 
+    async def speak_over_the_reply(self, first: np.ndarray, second: np.ndarray) -> tuple[float, str, float]:
+        """Say `first`, let its reply play 0.4 s, say `second` over it, and wait until the second's
+        own reply has played out: (first's start, the first reply's turn, second's start)."""
+        start = await self.say(first)
+        await self.silence_until(lambda: self.audio(after=start), "a reply")
+        (old,) = self.turns(after=start)
+        await self.silence(0.4)  # the reply is playing
+        barge = await self.say(second)
+        await self.silence_until(lambda: len(self.turns(after=start)) == 2 and self.played_out(barge),
+                                 "a reply to the second question")
+        return start, old, barge
+
     def played_out(self, since: float) -> bool:
         """A reply came after `since` and has played out (real time from its first frame)."""
         audio = self.audio(after=since)
