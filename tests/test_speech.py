@@ -169,12 +169,15 @@ def _described(frames: list[RuntimeData]) -> list[tuple[str, str]]:
 
 
 def _accumulator(**params):
+    """An accumulator for `_windows`; their sound never ends (every window is as loud), so the
+    speculative emission waits only for `speculative_delay_ms` unless `end_of_sound_max_wait_ms`
+    is given."""
     from nodes.speech.accumulator import AudioBufferAccumulatorNode
 
     spec = default_registry().get("AudioBufferAccumulatorNode")
     return AudioBufferAccumulatorNode("acc", spec.normalize_params(
         {"min_utterance_duration_ms": 100, "speculative_delay_ms": 64, "min_endpointing_ms": 160,
-         "max_endpointing_ms": 960, "endpointing_ms": 320, **params}))
+         "max_endpointing_ms": 960, "endpointing_ms": 320, "end_of_sound_max_wait_ms": 0, **params}))
 
 
 def _run(node, events: list[str | None]) -> list[RuntimeData]:
@@ -189,6 +192,29 @@ def test_accumulator_speculates_cancels_when_speech_resumes_and_commits_after_th
     assert _described(out) == [("utterance", "0"), ("cancel", "0"), ("utterance", "1"), ("commit", "1")]
     assert out[2].frames > out[0].frames  # the second emission holds all the speech
     assert out[0].metadata["speculative"] == "1"
+
+
+def test_the_speculative_cut_waits_for_the_sound_to_end():
+    """The VAD's pause can begin while a soft final consonant still sounds: the cut waits for a
+    window as quiet as the noise before the speech (or for `end_of_sound_max_wait_ms`)."""
+    rng = np.random.default_rng(0)
+    noise = [rng.normal(0, 0.004, 512).astype(np.float32) for _ in range(20)]
+    tail = [(n + rng.normal(0, 0.03, 512)).astype(np.float32) for n in noise[:4]]  # "...France": the s
+    node = _accumulator(end_of_sound_max_wait_ms=1000, end_of_sound_db=6)
+    frames = [RuntimeData.audio(n, 16000) for n in noise[:10]]
+    frames += [RuntimeData.audio(np.full(512, 0.2, np.float32), 16000, metadata=m)
+               for m in ({"vad_event": "speech_start", "vad_pad_ms": "0"}, {}, {})]
+    frames += [RuntimeData.audio(t, 16000, metadata={"vad_event": "speech_pause"} if i == 0 else {})
+               for i, t in enumerate(tail)]
+    out = [o for f in frames for o in node.process(f)]
+    assert _described(out) == []  # 128 ms of pause, past the 64 ms delay, but the sound goes on
+    out = node.process(RuntimeData.audio(noise[10], 16000))
+    assert _described(out) == [("utterance", "0")]
+    assert out[0].frames == 512 * 8  # the whole sound, up to the first quiet window
+
+    hurried = _accumulator(end_of_sound_max_wait_ms=96)
+    out = [o for f in frames for o in hurried.process(f)]
+    assert _described(out) == [("utterance", "0")] and out[0].frames == 512 * 6
 
 
 @pytest.mark.parametrize(("probability", "pause_windows"), [(0.9, 5), (0.001, 30), (None, 10)])

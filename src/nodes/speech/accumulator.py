@@ -8,8 +8,13 @@ engine.turns): `commit` when the turn has ended, `cancel` when it did not.
 
 When it ends (endpointing): once a pause has lasted long enough. How long
 depends on how complete the words so far look. With `speculative` on, the
-utterance is emitted as soon as a pause has lasted `speculative_delay_ms`,
-so speech recognition, the LLM and TTS start while the pause goes on; the
+utterance is emitted as soon as a pause has lasted `speculative_delay_ms`
+and the sound has ended, so speech recognition, the LLM and TTS start while
+the pause goes on. The VAD's pause can begin 100–150 ms before a word ends
+(a soft final consonant: "France", "glass"), and a cut there changes the
+words ("capital of friend"), so the emission waits for a window within
+`end_of_sound_db` of the noise heard before the speech (at most until the
+pause lasts `end_of_sound_max_wait_ms`); the
 LLM answers an `eou` event with the probability that the transcript is a
 finished turn. The pause that commits the turn is `min_endpointing_ms` when
 that probability is at least `likely_end_probability`, `max_endpointing_ms`
@@ -54,7 +59,15 @@ _PARAMS: dict[str, Any] = {
                     "description": "emit the utterance at the first pause, before the turn is known to have ended"},
     "speculative_delay_ms": {"type": "integer", "minimum": 0, "maximum": 10_000, "default": 64,
                              "description": "pause before the speculative emission"},
-    "min_endpointing_ms": {"type": "integer", "minimum": 0, "maximum": 10_000, "default": 160,
+    "end_of_sound_db": {"type": "number", "minimum": 0, "maximum": 60, "default": 6,
+                        "description": "the speculative emission also waits for the sound to end: a window "
+                                       "at most this far above the noise heard before the speech (dB)"},
+    "end_of_sound_max_wait_ms": {"type": "integer", "minimum": 0, "maximum": 10_000, "default": 250,
+                                 "description": "pause after which the speculative emission waits no longer "
+                                                "for the sound to end"},
+    # commas and pauses between words last 120-450 ms in the voice matrix (bench/matrix.py); at
+    # 160 ms, "Hello, can you hear me?" was answered at "Hello"
+    "min_endpointing_ms": {"type": "integer", "minimum": 0, "maximum": 10_000, "default": 350,
                            "description": "pause that ends a turn that looks finished"},
     "max_endpointing_ms": {"type": "integer", "minimum": 0, "maximum": 30_000, "default": 1000,
                            "description": "pause that ends a turn that looks unfinished"},
@@ -74,6 +87,14 @@ _PARAMS: dict[str, Any] = {
 }
 
 
+#: a window this quiet (−50 dBFS RMS) is the end of the sound whatever the noise before the speech
+_QUIET_FLOOR = 10 ** (-50 / 20)
+
+
+def _rms(x: np.ndarray) -> float:
+    return math.sqrt(float(np.dot(x, x)) / x.size) if x.size else 0.0
+
+
 class AudioBufferAccumulatorNode(Node):
     node_type = "AudioBufferAccumulatorNode"
     input_types = AUDIO
@@ -90,6 +111,9 @@ class AudioBufferAccumulatorNode(Node):
         p = {k: params.get(k, spec["default"]) for k, spec in _PARAMS.items()}
         self.p = p
         self._preroll: collections.deque[np.ndarray] = collections.deque()
+        #: RMS at or under which a window is the end of the sound (set from the noise before each utterance)
+        self._quiet_rms = 0.0
+        self._last_rms = 0.0
         self._preroll_len = 0
         self._parts: list[np.ndarray] | None = None  # the utterance being collected
         self._len = 0
@@ -109,6 +133,7 @@ class AudioBufferAccumulatorNode(Node):
         assert isinstance(frame, AudioData)
         x = mono_f32(self, frame)
         self._rate = frame.sample_rate
+        self._last_rms = _rms(x)
         event = frame.metadata.get("vad_event")
         out: list[RuntimeData] = []
         if self._parts is None:
@@ -158,7 +183,9 @@ class AudioBufferAccumulatorNode(Node):
         if not self._long_enough():
             return out
         pause_ms = self._ms(self._pause or 0)
-        if self.p["speculative"] and self._emitted is None and pause_ms >= self.p["speculative_delay_ms"]:
+        sound_ended = self._last_rms <= self._quiet_rms or pause_ms >= self.p["end_of_sound_max_wait_ms"]
+        if self.p["speculative"] and self._emitted is None and pause_ms >= self.p["speculative_delay_ms"] \
+                and sound_ended:
             out.append(self._utterance(frame, speculative=True))
         if pause_ms >= self.endpointing_ms(self._eou.get(self._emitted or "")):
             out += self._finish(frame, keep=True, silence_ms=pause_ms)
@@ -218,6 +245,7 @@ class AudioBufferAccumulatorNode(Node):
 
     def _begin(self, frame: AudioData, x: np.ndarray) -> None:
         pad = int(frame.metadata.get("vad_pad_ms", "0")) * self._rate // 1000
+        self._quiet_rms = max(_QUIET_FLOOR, self._noise_rms() * 10 ** (self.p["end_of_sound_db"] / 20))
         self._parts = self._take_preroll(pad)
         self._len = sum(p.size for p in self._parts)
         self._pause = None
@@ -236,6 +264,11 @@ class AudioBufferAccumulatorNode(Node):
         keep = self._rate  # 1 s
         while self._preroll and self._preroll_len - self._preroll[0].size >= keep:
             self._preroll_len -= self._preroll.popleft().size
+
+    def _noise_rms(self) -> float:
+        """The level of what was heard before the speech: the quieter third of the preroll's windows."""
+        levels = sorted(_rms(x) for x in self._preroll)
+        return levels[len(levels) // 3] if levels else 0.0
 
     def _take_preroll(self, samples: int) -> list[np.ndarray]:
         joined = np.concatenate(list(self._preroll))[-samples:] if samples > 0 and self._preroll else None
