@@ -6,7 +6,8 @@ channels, it makes the output channel while the engine makes the input
 channel, opens the engine's once told it exists, says Hello, and waits to
 be assigned its node (at once for a session that is starting; later for a
 prewarmed process). Then it imports and initializes the node (reporting
-progress), says Ready, and processes frames as they arrive: a node with
+progress), says Ready (a process prewarmed with its node then waits for the
+session that takes it: its Bind), and processes frames as they arrive: a node with
 plain process()/flush() from a loop that blocks in poll() between frames,
 an async one on the process's asyncio loop, both woken by iceoryx2 events.
 Control (ping, shutdown) is read by a thread so it is never stuck behind
@@ -16,7 +17,7 @@ CallRecord (see engine.tracing). A timer (SIGALRM) ends the process when one pro
 its deadline. The process exits when the engine closes the control socket
 (engine gone) and, through PR_SET_PDEATHSIG, when the zygote dies.
 
-One module on purpose (~450 lines): the control thread, the data loop and
+One module on purpose (~490 lines): the control thread, the data loop and
 the turn-event tasks share the one Worker's state and its wake-ups.
 """
 
@@ -26,6 +27,7 @@ import asyncio
 import collections
 import importlib
 import inspect
+import logging
 import os
 import pickle
 import select
@@ -34,6 +36,7 @@ import socket
 import threading
 import time
 import traceback
+from dataclasses import replace
 from typing import Any
 
 from .data import DataKind, RuntimeData
@@ -44,6 +47,7 @@ from .ipc import codec, iox
 from .ipc.channel import EOS, FrameReceiver, FrameSender, Inbox
 from .ipc.control import (
     Assign,
+    Bind,
     CallRecord,
     ChannelsReady,
     DeliverTurnEvent,
@@ -139,6 +143,8 @@ class Worker:
         self.endpoints = endpoints
         self.assigned: Assign | None = None
         self._assign = threading.Event()
+        #: the session that took this process, when it was prewarmed with its node
+        self.bound: Bind | None = None
         self.host: NodeHost | None = None
         self.counts = NodeStats()  # the node host's counters
         self.stopping = False
@@ -177,6 +183,11 @@ class Worker:
             elif isinstance(msg, Assign):
                 self.assigned = msg
                 self._assign.set()
+                loop = self._loop
+                if loop is not None:
+                    loop.call_soon_threadsafe(self._wake.set)
+            elif isinstance(msg, Bind):
+                self.bound = msg
                 loop = self._loop
                 if loop is not None:
                     loop.call_soon_threadsafe(self._wake.set)
@@ -247,7 +258,6 @@ class Worker:
         a = self.assigned
         assert a is not None
         set_node_title(a.node_id, a.node_type, a.session_id)
-        ctrl = self.ctrl
         # Before the node's module is imported, so what it says while loading
         # reaches the engine too; the engine tags it with the session and node.
         self.logs = capture_logs(self.ctrl.send, level=a.log_level)
@@ -261,8 +271,7 @@ class Worker:
             host = self.host = NodeHost(a.node_id, cls, dict(a.params), stats=self.counts, turns=self.turns,
                                         deadline=AlarmDeadline(a.process_timeout_secs),
                                         accepts=None if a.accepts is None else [DataKind(k) for k in a.accepts])
-            if a.trace:  # each call's timing goes to the engine at once, which makes its span
-                host.on_call = lambda call: ctrl.send(CallRecord((call,)))
+            self._trace(a.trace)
             self._memory = LoanedMemory(sender)
             node = await host.start(lambda phase, pct, msg: self.ctrl.send(Progress(phase, pct, msg)),
                                     self._memory)
@@ -274,6 +283,8 @@ class Worker:
             if self._blocking:
                 self._inbox.detach()
             self.ctrl.send(Ready())
+            if a.prewarmed:
+                await self._await_session()
             signal.signal(signal.SIGALRM, signal.SIG_DFL)
             borrow = bool(node.zero_copy_inputs)
             while not self.stopping:
@@ -311,6 +322,35 @@ class Worker:
             self._flush_logs()
             self.ctrl.send(ShutdownAck(self.stats()))
         return 0
+
+    def _trace(self, on: bool) -> None:
+        # each call's timing goes to the engine at once, which makes its span
+        ctrl = self.ctrl
+        if self.host is not None:
+            self.host.on_call = (lambda call: ctrl.send(CallRecord((call,)))) if on else None
+
+    async def _await_session(self) -> None:
+        """Prewarmed and initialized: wait for the session that takes this process (or a Shutdown).
+
+        Its frames may arrive before its Bind (they travel apart); they wait in
+        the channel until the node is bound.
+        """
+        while self.bound is None and not self.stopping:
+            self._wake.clear()
+            await self._wake.wait()
+        if self.bound is not None and not self.stopping:
+            self._bind(self.bound)
+
+    def _bind(self, b: Bind) -> None:
+        """The node initialized ahead becomes the session's node: its ids, log level and tracing."""
+        a, host = self.assigned, self.host
+        assert a is not None and host is not None and host.node is not None
+        set_node_title(b.node_id, a.node_type, b.session_id)
+        host.node_id = host.node.node_id = b.node_id
+        logging.getLogger().setLevel(b.log_level)
+        self._trace(b.trace)
+        self.assigned = replace(a, session_id=b.session_id, node_id=b.node_id, log_level=b.log_level,
+                                trace=b.trace, prewarmed=False)
 
     def _flush_logs(self) -> None:
         # The process ends with os._exit, which would lose what is still

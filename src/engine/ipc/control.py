@@ -49,7 +49,8 @@ class Assign:
     """Engine → node process: the one node this process will run, for one session.
 
     Sent once. A process is launched generic (its channels and control lane
-    only), so one can be started before any session asks for it (prewarmed).
+    only), so one can be started before any session asks for it (prewarmed),
+    and even assigned and initialized then (`prewarmed`, then a Bind).
     """
 
     session_id: str
@@ -65,6 +66,30 @@ class Assign:
     #: the node process does not even make the records below it
     log_level: int = logging.INFO
     #: the session is traced: time each node call and send a CallRecord
+    trace: bool = False
+    #: initialize, say Ready, then wait for a Bind: a process prewarmed with
+    #: its node initialized before any session exists (session_id and node_id
+    #: are stand-ins until the Bind)
+    prewarmed: bool = False
+
+
+#: the Assign fields a session gives a prewarmed process in its Bind; every
+#: other field is what its node was initialized with
+BOUND_LATER = ("session_id", "node_id", "log_level", "trace", "prewarmed")
+
+
+@dataclass(frozen=True)
+class Bind:
+    """Engine → prewarmed node process: the session that took it.
+
+    Its node, initialized already, serves this session's node from now on:
+    outputs, errors and the process title carry these ids, and the session's
+    log level and tracing apply. Sent once; frames may follow at once.
+    """
+
+    session_id: str
+    node_id: str
+    log_level: int = logging.INFO
     trace: bool = False
 
 
