@@ -3,7 +3,7 @@ then per pipeline ← the manifest's `metadata.multiprocess`, bounded by the
 service-wide caps (a manifest may lower a limit or raise it up to its cap,
 never past it).
 
-One module on purpose (~520 lines): it is mostly one frozen dataclass per
+One module on purpose (~580 lines): it is mostly one frozen dataclass per
 runtime.toml section, read together with runtime.toml.example, and the one
 loader that checks them all; split per section, each piece would be a few
 lines apart from the loader that must name every one.
@@ -278,6 +278,39 @@ class RaySettings:
 
 
 @dataclass(frozen=True)
+class PrewarmNode:
+    """One runtime.toml `[[prewarm_nodes]]` entry: node processes kept with this
+    node type initialized, with these params, before any session asks."""
+
+    node_type: str = ""
+    #: as a manifest node's params (normalized the same way, `[node_params.TYPE]` included)
+    params: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    count: int = 1
+
+
+def _prewarm_nodes(data: Any, issues: list[Issue]) -> tuple[PrewarmNode, ...]:
+    if not isinstance(data, list):
+        issues.append(Issue("prewarm_nodes", "must be an array of tables ([[prewarm_nodes]])"))
+        return ()
+    entries = []
+    for i, table in enumerate(data):
+        where = f"prewarm_nodes[{i}]"
+        if not isinstance(table, dict):
+            issues.append(Issue(where, "must be a table"))
+            continue
+        table = dict(table)
+        params = table.pop("params", {})
+        if not isinstance(params, dict):
+            issues.append(Issue(f"{where}.params", "must be a table"))
+            params = {}
+        entry = _build(PrewarmNode, table, where, issues, skip={"params"})
+        if not entry.node_type:
+            issues.append(Issue(f"{where}.node_type", "must name a node type"))
+        entries.append(replace(entry, params=MappingProxyType(params)))
+    return tuple(entries)
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     session: SessionSettings = field(default_factory=SessionSettings)
     caps: Caps = field(default_factory=Caps)
@@ -299,6 +332,13 @@ class RuntimeConfig:
     #: node processes kept started, never used, so a session's nodes skip the
     #: fork and channel set-up (each ~13 MiB PSS while idle); 0 = off
     prewarm_processes: int = 0
+    #: runtime.toml `[[prewarm_nodes]]`: node processes kept with their node
+    #: initialized (model loaded) ahead, so a session's node with that type and
+    #: params is ready at once; see executors.process.prewarm_nodes
+    prewarm_nodes: tuple[PrewarmNode, ...] = ()
+    #: a manifest whose every node process is kept initialized so, one each
+    #: ("" = none); relative to the directory of the runtime.toml that sets it
+    prewarm_manifest: str = ""
     #: processes the zygote keeps forked ahead (loop and iceoryx2 node made,
     #: no channels yet), so a node process starts without a fork; 0 = off
     standby_processes: int = 1
@@ -336,6 +376,7 @@ class RuntimeConfig:
         tracing = _build(TracingSettings, data.pop("tracing", {}), "tracing", issues)
         wasm = _build(WasmSettings, data.pop("wasm", {}), "wasm", issues)
         remote = _remote(data.pop("remote", {}), issues)
+        prewarm_nodes = _prewarm_nodes(data.pop("prewarm_nodes", []), issues)
         ray = _build(RaySettings, data.pop("ray", {}), "ray", issues)
         http_data = dict(data.pop("http", {}) or {})
         pipelines = http_data.pop("pipelines", None)
@@ -361,11 +402,11 @@ class RuntimeConfig:
         session = _build(SessionSettings, sess, "", issues)
         top = _build(cls, data, "", issues,
                      skip={"session", "caps", "server", "nodes", "tracing", "wasm", "remote", "ray",
-                           "node_params", "composites", "http"})
+                           "node_params", "composites", "http", "prewarm_nodes"})
         if issues:
             raise ValidationError(issues)
         cfg = replace(top, session=session, caps=caps, server=server, nodes=nodes, tracing=tracing, wasm=wasm,
-                      remote=remote, ray=ray, http=http, **tables)
+                      remote=remote, ray=ray, http=http, prewarm_nodes=prewarm_nodes, **tables)
         cfg.check()
         return cfg
 
@@ -387,6 +428,8 @@ class RuntimeConfig:
         if pipelines:
             cfg = replace(cfg, http=replace(cfg.http, pipelines=MappingProxyType({**cfg.http.pipelines,
                                                                                   **pipelines})))
+        if cfg.prewarm_manifest and not Path(cfg.prewarm_manifest).is_absolute():
+            cfg = replace(cfg, prewarm_manifest=str(base / cfg.prewarm_manifest))
         return cfg
 
     def with_env(self, env: Any) -> RuntimeConfig:
@@ -426,6 +469,7 @@ class RuntimeConfig:
             issues.append(Issue("zygote_restarts_per_minute", "must be between 0 and 1000"))
         if not 0 <= self.prewarm_processes <= c.max_total_processes:
             issues.append(Issue("prewarm_processes", f"must be between 0 and caps.max_total_processes={c.max_total_processes}"))
+        issues += self._prewarm_counts_issues()
         w = self.wasm
         for name, cap in (("timeout_ms", "max_timeout_ms"), ("memory_mb", "max_memory_mb")):
             if not 1 <= getattr(w, name) <= getattr(w, cap):
@@ -435,6 +479,22 @@ class RuntimeConfig:
                 issues.append(Issue(f"wasm.{name}", "must be >= 1"))
         if issues:
             raise ValidationError(issues)
+
+    def _prewarm_counts_issues(self) -> list[Issue]:
+        cap = self.caps.max_total_processes
+        issues = [Issue(f"prewarm_nodes[{i}].count", f"must be a whole number between 1 and "
+                        f"caps.max_total_processes={cap}")
+                  for i, n in enumerate(self.prewarm_nodes) if not isinstance(n.count, int) or not 1 <= n.count <= cap]
+        total = self.prewarm_processes + sum(n.count for n in self.prewarm_nodes)
+        if not issues and total > cap:
+            issues.append(Issue("prewarm_nodes", f"{total} prewarmed processes with prewarm_processes exceed "
+                                f"caps.max_total_processes={cap}"))
+        return issues
+
+    @property
+    def prewarming(self) -> bool:
+        """Whether node processes are to be made ahead at the engine's start."""
+        return bool(self.prewarm_processes or self.prewarm_nodes or self.prewarm_manifest)
 
     # ------------------------------------------------------------ per session
 
