@@ -158,7 +158,7 @@ class Engine:
         self._opened = True
         if self.config.session.multiprocess_enabled:
             await self.process_manager().sweep()  # files of engines that crashed before this one
-            if self.config.prewarm_processes:
+            if self.config.prewarming:
                 await self.process_manager().prewarm()
 
     async def aclose(self) -> None:

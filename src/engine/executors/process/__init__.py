@@ -4,7 +4,8 @@
 - `zygote_client` the engine's side of engine.zygote (typed messages in ipc.zygote_protocol)
 - `inbox`         the engine's one event inbox and its slot table
 - `supervised`    one node process: launch, handshake, pidfd liveness, stop escalation
-- `pool`          prewarmed processes
+- `pool`          prewarmed processes (generic, or with their node initialized)
+- `prewarm_nodes` which nodes runtime.toml keeps initialized ahead, resolved as a session would
 - `runner`        a node's session-side life in its process
 - `memory`        PSS/RSS sampling and the session memory limit
 

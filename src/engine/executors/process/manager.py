@@ -1,5 +1,6 @@
 """The process executor of one engine: its zygote, its iceoryx2 space and
-inbox, the engine-wide process count and the prewarmed pool; it makes a
+inbox, the engine-wide process count and the prewarmed pool (generic, and
+initialized per node: prewarm_nodes); it makes a
 `ProcessRunner` for each node of a session that runs in its own process.
 
 The zygote is supervised: when it dies (its socket ends) it is started
@@ -28,6 +29,7 @@ from ...registry import ExecutorRegistry
 from .inbox import EngineInbox, EventTarget
 from .memory import watch_memory
 from .pool import ProcessPool
+from .prewarm_nodes import resolve
 from .runner import ProcessRunner
 from .zygote_client import ZygoteClient, ZygoteGone
 
@@ -172,7 +174,7 @@ class ProcessManager:
 
     def check_capacity(self, wanted: int) -> None:
         cap = self.config.caps.max_total_processes
-        running = len(self.live) - len(self.pool.idle)  # idle prewarmed processes are there to be used
+        running = len(self.live) - self.pool.idle_count  # idle prewarmed processes are there to be used
         if running + wanted > cap:
             raise ResourceLimitError(
                 f"engine-wide process cap reached (max_total_processes = {cap}): {running} running, "
@@ -181,7 +183,10 @@ class ProcessManager:
             )
 
     async def prewarm(self) -> None:
-        """Start the zygote and fill the pool now (rather than at the first session)."""
+        """Start the zygote and fill the pool now (rather than at the first session), the
+        nodes to keep initialized included; a ValidationError, before any process starts,
+        names the prewarm setting at fault."""
+        self.pool.keep_initialized(resolve(self.config, self.registry))
         await self.ensure_started()
         await self.pool.filled()
 

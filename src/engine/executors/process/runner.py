@@ -1,10 +1,11 @@
 """A node's session-side life in its own process: launch (or take a
 prewarmed process) → hello (spawn timeout) → assign → progress … ready
-(init timeout) → frames both ways and turn events → end of stream →
-graceful close → SIGTERM → SIGKILL. A death is reported as the node's
-typed error: the Failure it sent, else how the process ended.
+(init timeout), or bind a process whose node was initialized ahead for an
+equal Assign (pool.warm_key) → frames both ways and turn events → end of
+stream → graceful close → SIGTERM → SIGKILL. A death is reported as the
+node's typed error: the Failure it sent, else how the process ended.
 
-One module (~400 lines): start, the data pump, the control loop and the
+One module (~450 lines): start, the data pump, the control loop and the
 close share the one runner's state; each exit path must be read against
 all of them."""
 
@@ -18,6 +19,7 @@ import pickle
 import signal
 from typing import TYPE_CHECKING, Any
 
+from ...config import SessionSettings
 from ...errors import (
     EngineError,
     InternalError,
@@ -29,6 +31,7 @@ from ...ipc import codec, iox, shm_budget
 from ...ipc.channel import EOS, ChannelClosed, FrameReceiver
 from ...ipc.control import (
     Assign,
+    Bind,
     CallRecord,
     DeliverTurnEvent,
     Failure,
@@ -45,6 +48,7 @@ from ...plan import PlannedNode
 from ...turns import TurnEvent
 from ..base import NodeRunner, NodeStats, RunnerContext
 from ..base import Progress as ProgressFn
+from .pool import warm_key
 from .supervised import NodeProcess, describe_status
 
 if TYPE_CHECKING:
@@ -54,6 +58,16 @@ log = logging.getLogger("engine.process")
 
 #: how long a dead process's control lane is read for the Failure it sent
 _LAST_WORDS_S = 1.0
+
+
+def assignment(planned: PlannedNode, settings: SessionSettings, session_id: str, trace: bool) -> Assign:
+    """What a node process is told of its node; made here alike for a session's
+    node and for one initialized ahead (prewarm_nodes), so that the two compare
+    equal exactly when initialize() would see the same thing."""
+    spec, kinds = planned.spec, planned.accepted_kinds
+    return Assign(session_id, planned.id, spec.node_type, spec.module, spec.qualname, dict(planned.decl.params),
+                  settings.process_timeout_secs, None if kinds is None else tuple(sorted(int(k) for k in kinds)),
+                  log_level=engine_level(), trace=trace)
 
 
 class ProcessRunner(NodeRunner):
@@ -78,6 +92,7 @@ class ProcessRunner(NodeRunner):
         self._ping_tokens = itertools.count(1)
         self._events_sent = 0
         self._forward = False
+        self._made_room = False
         self.log = logging.LoggerAdapter(log, {"session_id": session.id, "node_id": self.node_id})
         self._logs = NodeLog(session.id, self.node_id, planned.spec.node_type)
 
@@ -88,40 +103,60 @@ class ProcessRunner(NodeRunner):
     # ------------------------------------------------------------ start
 
     async def start(self, progress: ProgressFn) -> None:
-        m, s = self.manager, self.session.settings
-        loop = asyncio.get_running_loop()
-        spec = self.planned.spec
-        kinds = self.planned.accepted_kinds
-        assign = Assign(self.session.id, self.node_id, spec.node_type, spec.module, spec.qualname,
-                        dict(self.planned.decl.params), s.process_timeout_secs,
-                        None if kinds is None else tuple(int(k) for k in kinds), log_level=engine_level(),
-                        trace=self.session.trace is not None)
-        proc = m.pool.take(s.channel_capacity)
+        s = self.session.settings
+        assign = assignment(self.planned, s, self.session.id, self.session.trace is not None)
+        proc = self.manager.pool.take_initialized(warm_key(assign, s.channel_capacity))
         if proc is not None:
-            self.proc = proc
-            proc.node_id = self.node_id
-            proc.on_exit = self._on_exit
-            self.log.debug("runs in prewarmed process %s (channels %s)", proc.pid, proc.names.inputs)
-            assert proc.ctrl is not None
-            proc.ctrl.send(assign)
+            self._bind(proc, assign)
+            progress(self.node_id, "prewarmed", 100.0, f"initialized ahead in process {proc.pid}")
         else:
-            proc = await self._launch(assign)
-        deadline = loop.time() + s.init_timeout_secs
-        while True:
-            msg = await proc.recv(deadline, "initialize()", "init_timeout_secs", s.init_timeout_secs, self.node_id)
-            if isinstance(msg, Progress):
-                progress(self.node_id, msg.phase, msg.percent, msg.message)
-            elif isinstance(msg, Ready):
-                break
-            elif isinstance(msg, LogBatch):  # initialize() may log
-                self._on_logs(msg)
-            else:
-                raise await self._start_failure(msg, "initialize")
+            proc = await self._assigned(assign)
+            await self._initialize(proc, progress)
         # Frames for node processes only stay encoded through the engine.
         self._forward = self.session.forwards_encoded(self.node_id)
         self._ctrl_task = self.session.track(self._control_loop(), f"{self.node_id}:control")
         proc.on_data = self._on_data
         self._on_data()  # outputs may already wait (a node that emits at start)
+
+    def _adopt(self, proc: NodeProcess) -> None:
+        """A prewarmed process becomes this node's: its death is this node's from now on."""
+        self.proc = proc
+        proc.node_id = self.node_id
+        proc.on_exit = self._on_exit
+
+    def _bind(self, proc: NodeProcess, assign: Assign) -> None:
+        self._adopt(proc)
+        self.log.debug("runs in prewarmed process %s, initialized ahead", proc.pid)
+        assert proc.ctrl is not None
+        proc.ctrl.send(Bind(assign.session_id, assign.node_id, assign.log_level, assign.trace))
+
+    async def _assigned(self, assign: Assign) -> NodeProcess:
+        """A process with this node assigned: a generic prewarmed one, else a new one."""
+        pool = self.manager.pool
+        proc = pool.take(self.session.settings.channel_capacity)
+        if proc is None:
+            self._made_room = pool.make_room()
+            return await self._launch(assign)
+        self._adopt(proc)
+        self.log.debug("runs in prewarmed process %s (channels %s)", proc.pid, proc.names.inputs)
+        assert proc.ctrl is not None
+        proc.ctrl.send(assign)
+        return proc
+
+    async def _initialize(self, proc: NodeProcess, progress: ProgressFn) -> None:
+        """Wait for the node's Ready, passing its progress on (init timeout)."""
+        s = self.session.settings
+        deadline = asyncio.get_running_loop().time() + s.init_timeout_secs
+        while True:
+            msg = await proc.recv(deadline, "initialize()", "init_timeout_secs", s.init_timeout_secs, self.node_id)
+            if isinstance(msg, Progress):
+                progress(self.node_id, msg.phase, msg.percent, msg.message)
+            elif isinstance(msg, Ready):
+                return
+            elif isinstance(msg, LogBatch):  # initialize() may log
+                self._on_logs(msg)
+            else:
+                raise await self._start_failure(msg, "initialize")
 
     async def _launch(self, assign: Assign) -> NodeProcess:
         """A new process for this node, up to its Hello.
@@ -372,6 +407,8 @@ class ProcessRunner(NodeRunner):
             await proc.reaped()
         finally:
             proc.release()
+            if self._made_room:  # an idle prewarmed process was stopped for this one: its place is free again
+                self.manager.pool.refill()
 
     def _on_calls(self, msg: CallRecord) -> None:
         trace = self.session.trace
