@@ -40,10 +40,11 @@ def test_nodes() -> list[type[Node]]:
         EchoNode,
         GenerateNode,
         HoldNode,
+        InitProbeNode,
         SleepNode,
         SlowInitNode,
         TurnProbeNode,
     )
 
     return [EchoNode, SleepNode, CpuBurnNode, CrashNode, SlowInitNode, ChecksumNode, GenerateNode, HoldNode,
-            TurnProbeNode]
+            TurnProbeNode, InitProbeNode]

@@ -7,6 +7,7 @@ CrashNode really exits, raises, kills itself or hangs.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -177,6 +178,26 @@ class ChecksumNode(_ProcessNode):
     def process(self, frame: RuntimeData) -> JsonData:
         return JsonData({"checksum": checksum(frame), "kind": frame.kind.name.lower(),
                          "bytes": frame.nbytes, "pid": os.getpid()})
+
+
+class InitProbeNode(_ProcessNode):
+    """Says where it runs: each input → {"pid", "inits" (initialize() calls in
+    this process so far), "node_id", "tag"}; logs a line per input (prewarm tests)."""
+
+    node_type = "InitProbeNode"
+    output_types = (JsonData.kind,)
+    params_schema = {"type": "object", "properties": {"tag": {"type": "string", "default": ""}},
+                     "additionalProperties": False}
+    inits = 0
+
+    def initialize(self) -> None:
+        type(self).inits += 1
+        self.report_progress("loading", 50.0, f"init {type(self).inits} in process {os.getpid()}")
+
+    def process(self, frame: RuntimeData) -> JsonData:
+        logging.getLogger("initprobe").info("probe %s handled a frame", self.node_id)
+        return JsonData({"pid": os.getpid(), "inits": type(self).inits, "node_id": self.node_id,
+                         "tag": self.params["tag"]})
 
 
 class GenerateNode(_ProcessNode):
