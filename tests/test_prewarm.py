@@ -249,6 +249,18 @@ async def test_a_killed_initialized_process_is_replaced(caplog):
         assert (said["pid"], said["inits"], phases) == (replacement, 1, ["prewarmed"])
 
 
+async def test_initialized_processes_come_back_from_a_new_zygote():
+    async with probed_engine(**keep(tag="a", count=2)) as engine:
+        pm = engine.process_manager()
+        old_zygote, old = pm.zygote_pid, initialized_pids(engine)
+        assert old_zygote is not None
+        os.kill(old_zygote, signal.SIGKILL)  # its node processes die with it (PR_SET_PDEATHSIG)
+        await eventually(lambda: pm.serving and pm.zygote_pid not in (None, old_zygote), "a new zygote")
+        await eventually(lambda: len(initialized_pids(engine)) == 2 and not initialized_pids(engine) & old,
+                         "the initialized processes made again", timeout_s=20)
+        assert {psutil.Process(p).ppid() for p in initialized_pids(engine)} == {pm.zygote_pid}
+
+
 async def test_an_initialize_that_fails_ahead_is_logged_counted_and_leaves_nothing(caplog):
     caplog.set_level(logging.WARNING, logger="engine.process")
     async with probed_engine(**keep("CrashNode", in_init=True)) as engine:
