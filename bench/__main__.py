@@ -14,6 +14,7 @@ from bench import (  # noqa: F401  (importing a scenarios module registers its s
     scenarios_app,
     scenarios_browser,
     scenarios_foundation,
+    scenarios_matrix,
     scenarios_multiprocess,
     scenarios_node_host,
     scenarios_openai,
@@ -26,7 +27,7 @@ from bench import (  # noqa: F401  (importing a scenarios module registers its s
 )
 
 #: scenarios that draw their own figure (kept by `plot`)
-OWN_PLOTS = {"voice_loop"}
+OWN_PLOTS = {"voice_loop", "voice_matrix", "voice_density"}
 
 
 def main(argv: list[str] | None = None) -> int:

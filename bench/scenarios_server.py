@@ -50,13 +50,13 @@ class Served:
 
 
 @contextlib.contextmanager
-def served(**server: object) -> Iterator[Served]:
-    """A `remotemedia-engine serve` process on a free port."""
+def served(extra_toml: str = "", **server: object) -> Iterator[Served]:
+    """A `remotemedia-engine serve` process on a free port; `extra_toml`: more top-level settings."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = os.path.join(tmp, "runtime.toml")
         body = "\n".join(f"{k} = {v!r}" for k, v in server.items())
         with open(cfg, "w") as f:
-            f.write(f'ipc_root = "{IPC_ROOT}"\ntest_nodes = true\n[caps]\nmax_sessions = 256\n'
+            f.write(f'ipc_root = "{IPC_ROOT}"\ntest_nodes = true\n{extra_toml}[caps]\nmax_sessions = 256\n'
                     f'max_total_processes = 256\n[server]\n{body}\n')
         proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--port", "0", "--config", cfg],
                                 stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)

@@ -285,16 +285,19 @@ async def engine_turns(questions: list[Spoken], manifest: dict, trace: Trace | N
 # ---------------------------------------------------------------- the baseline
 
 
-def baseline_turns(questions: list[Spoken], manifest: dict) -> tuple[list[TurnResult], dict[str, float]]:
+def baseline_turns(questions: list[Spoken], manifest: dict, cycle_s: float = 0.0
+                   ) -> tuple[list[TurnResult], dict[str, float]]:
     """The same models in one process, called one after another as a simple voice bot does, on
     the same real-time clock: each 32 ms chunk goes through the VAD and the same accumulator
     (no speculation; 320 ms of silence ends the turn), then ASR, then the LLM streams its reply
     and each phrase is synthesized as it comes, while the audio that arrives meanwhile waits.
+    Each question starts `cycle_s` after the previous one, at the earliest.
     Returns (results, CPU per turn: "total" and by stage)."""
-    return asyncio.run(_baseline(questions, manifest))
+    return asyncio.run(_baseline(questions, manifest, cycle_s))
 
 
-async def _baseline(questions: list[Spoken], manifest: dict) -> tuple[list[TurnResult], dict[str, float]]:
+async def _baseline(questions: list[Spoken], manifest: dict, cycle_s: float
+                    ) -> tuple[list[TurnResult], dict[str, float]]:
     vad = make_node(manifest, "vad")
     turns = make_node(manifest, "utterances", speculative=False, endpointing_ms=320, barge_in=False)
     asr = make_node(manifest, "asr")
@@ -306,8 +309,8 @@ async def _baseline(questions: list[Spoken], manifest: dict) -> tuple[list[TurnR
     results, clock, c_all = [], time.perf_counter(), time.process_time()
     silence = np.zeros(CHUNK, np.float32)
     for q in questions:
-        res, t_end, lo, played_out = TurnResult(q.text), clock + q.end_s, 0, None
-        while played_out is None or time.perf_counter() < played_out + 0.3:
+        res, t_end, lo, played_out, begun = TurnResult(q.text), clock + q.end_s, 0, None, clock
+        while played_out is None or time.perf_counter() < max(played_out + 0.3, begun + cycle_s):
             clock += CHUNK_S
             await asyncio.sleep(max(0.0, clock - time.perf_counter()))
             piece = q.audio[lo:lo + CHUNK] if lo < q.audio.size else silence

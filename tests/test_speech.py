@@ -241,6 +241,12 @@ def test_endpointing_shortens_on_a_log_scale_between_the_two_probabilities():
     assert node.endpointing_ms(None) == 320 or node.p["endpointing_ms"] != 320
 
 
+def test_a_turn_that_looks_certainly_finished_ends_after_the_quick_pause():
+    """"What is the capital of France?" (0.93) ends sooner than "hello" (0.16), which a comma may follow."""
+    node = _accumulator(min_endpointing_ms=350, quick_endpointing_ms=200, certain_end_probability=0.3)
+    assert node.endpointing_ms(0.93) == 200 and node.endpointing_ms(0.16) == 350
+
+
 def test_speech_after_a_committed_turn_interrupts_it_once_it_lasts():
     node = _accumulator(barge_in_min_speech_ms=128)
     _run(node, ["speech_start", None, None, "speech_pause", *[None] * 10])  # turn 0 committed
