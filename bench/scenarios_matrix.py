@@ -288,6 +288,11 @@ def voice_matrix() -> dict:
                                               for t in turns if t.cell.voice is v])), 3),
                          round(float(np.mean([wer(t.cell.question.text, t.whole)
                                               for t in turns if t.cell.voice is v])), 3)] for v in VOICES},
+            "slow (> 650 ms), split, cut-off or interrupted turns": [
+                f"{t.first_audio_s * 1e3:.0f} ms {t.cell.label} → {t.transcript!r} (whole: {t.whole!r})"
+                f"{' SPLIT' if t.replies > 1 else ''}{' CUT' if t.truncated else ''}"
+                f"{' INTERRUPTED' if t.interrupted else ''}"
+                for t in turns if not t.first_audio_s <= 0.65 or t.replies > 1 or t.truncated or t.interrupted],
             "questions answered in two turns (a comma or pause ended one)": split,
             "replies to a cut-off question": trunc,
             "interrupted with nobody speaking": false_int,

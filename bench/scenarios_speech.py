@@ -142,6 +142,15 @@ class Trace:
         return hits[0] if hits else None
 
 
+def playout_end(audio: list[tuple[float, Any]]) -> float:
+    """When a client that plays each (arrival time, audio frame) as it comes, in order, has played
+    them all: a frame that arrives after the previous one ended starts late (an underrun)."""
+    end = 0.0
+    for t, f in audio:
+        end = max(end, t) + f.duration_s
+    return end
+
+
 class VoiceClient:
     """Streams audio into a session on a real-time clock (silence when it has nothing to say)
     and collects what comes back, with arrival times."""
@@ -192,8 +201,7 @@ class VoiceClient:
         while time.perf_counter() < deadline:
             audio = [(t, f) for t, f in self.received if t >= since and f.kind.name == "AUDIO"]
             if audio:
-                ends = audio[0][0] + sum(f.duration_s for _, f in audio)
-                if time.perf_counter() > max(ends, audio[-1][0] + 0.6) + 0.3:
+                if time.perf_counter() > max(playout_end(audio), audio[-1][0] + 0.6) + 0.3:
                     return
             await self._chunk(self._silence)
         raise RuntimeError("no reply, or one that never ends")

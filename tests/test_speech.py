@@ -362,6 +362,24 @@ async def test_a_speculative_turn_that_looks_unfinished_is_answered_only_once_co
     assert phrases and phrases[-1].metadata["final"] == "1" and turn_of(phrases[0]) == "4"
 
 
+async def test_a_transcript_that_ends_a_sentence_scores_as_more_likely_finished():
+    """ASR heard the question end ("?"): the model's score of the words is multiplied by
+    `sentence_end_factor`, so a misheard word does not hold a finished question for the longest pause."""
+    from nodes.speech.llm import LlamaCppNode
+
+    spec = default_registry().get("LlamaCppNode")
+    node = LlamaCppNode("llm", spec.normalize_params({"max_tokens": 8, "min_eou_to_reply": 1.0}))
+    await asyncio.to_thread(node.initialize)
+
+    async def score(text: str, turn: str) -> float:
+        out = [f async for f in node.process(RuntimeData.text(text, metadata={"turn_id": turn, "speculative": "1"}))]
+        return TurnEvent.of(out[0]).data["probability"]
+
+    words, question = await score("What do these make", "1"), await score("What do these make?", "2")
+    assert 0 < words < 0.1
+    assert question == pytest.approx(min(1.0, 10 * words), rel=0.01)
+
+
 async def test_a_cancelled_speculative_reply_stops_using_cpu(mp_engine):
     """The LLM answers a speculative turn; its cancel stops the completion at the next token."""
     doc = {"version": "v1", "metadata": {"name": "cancel"}, "nodes": [

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from grpc_client import CLOSE, init, proto_manifest_from_dict
 
+from bench.scenarios_speech import playout_end
 from engine import RuntimeData
 from engine._proto import streaming_pb2 as spb
 from engine._proto import streaming_pb2_grpc as spb_grpc
@@ -113,12 +114,11 @@ class VoiceCall:
         return start, old, barge
 
     def played_out(self, since: float) -> bool:
-        """A reply came after `since` and has played out (real time from its first frame)."""
+        """A reply came after `since` and has played out (each frame played as it came, in order)."""
         audio = self.audio(after=since)
         if not audio:
             return False
-        end = audio[0][0] + sum(f.duration_s for _, f in audio)
-        return time.perf_counter() > max(end, audio[-1][0] + 0.5) + 0.2
+        return time.perf_counter() > max(playout_end(audio), audio[-1][0] + 0.5) + 0.2
 
     def turns(self, after: float = 0.0) -> list[str]:
         """The turns that reply audio came for, in order."""

@@ -31,7 +31,11 @@ node can (an `eou` event: the probability that the words so far are a
 finished turn), and answered at once or once committed (`reply_now()`). A
 transcript that ends inside a sentence (at a comma, on "and" or "the": see
 `unfinished()`) scores 0 without asking the model, so the accumulator waits
-its longest pause before ending the turn. A
+its longest pause before ending the turn. One that ends a sentence (ASR
+heard its end: "?", ".", "!") has the model's score multiplied by
+`sentence_end_factor` where the node takes it: the model scores the words
+only, and a misheard word ("What do these make?") can make a finished
+question look unlikely to end there. A
 cancelled or interrupted turn stops its completion. The conversation history
 (system prompt + the last `history_turns` committed exchanges) lives in the
 node instance, so it is per session; of an interrupted reply it keeps what
@@ -243,6 +247,8 @@ class ChatNode(Node):
             # a sentence the user is still building is not a finished turn, whatever a model says
             # (and a node without a model of its own can still say that much)
             prob = 0.0 if unfinished(frame.text) else await self.end_of_turn(user)
+            if prob and _ENDS_SENTENCE.search(frame.text.strip()):
+                prob = min(1.0, prob * float(self.params.get("sentence_end_factor", 1.0)))
             if prob is not None:
                 yield self.turn_event("eou", turn, probability=round(prob, 6))
             if not self.reply_now(prob) and turn not in self._committed:

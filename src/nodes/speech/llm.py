@@ -87,6 +87,11 @@ class LlamaCppNode(ChatNode):
             "first_phrase_max_words": CHAT_PARAMS["first_phrase_max_words"],
             "end_of_turn": {"type": "boolean", "default": True,
                             "description": "score speculative texts and send an `eou` event"},
+            # finished questions misheard ("What do these make?", "...on a clear may?") scored 0.001-0.01,
+            # questions cut at a pause ("What is the largest?", "What language do people?") below 0.0001
+            "sentence_end_factor": {"type": "number", "minimum": 1, "maximum": 1000, "default": 10,
+                                    "description": "the end-of-turn probability is multiplied by this when "
+                                                   "the transcript ends a sentence (. ? !)"},
             "min_eou_to_reply": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.001,
                                  "description": "a speculative text less likely finished waits for its commit"},
             "end_marker": CHAT_PARAMS["end_marker"],
