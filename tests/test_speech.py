@@ -130,6 +130,33 @@ def test_vad_skips_the_model_on_silence_and_hears_the_same():
     assert gated_idle == 0 and full_idle == 16000 * 5 // 512
 
 
+def test_vad_skips_the_model_on_a_rooms_noise_and_hears_the_same():
+    """In a room's steady noise (−50 dBFS, above the silence floor), windows within
+    `noise_margin_db` of the noise are kept for the model like silence: few model runs while
+    nobody speaks, and the same segments as running the model on every window."""
+    from nodes.speech.vad import SileroVADNode
+
+    rng = np.random.default_rng(3)
+    speech = spoken("Is anybody there?")
+    audio = np.concatenate([np.zeros(16000 * 5), speech, np.zeros(48000), 0.3 * speech, np.zeros(64000)])
+    audio = (audio + rng.normal(0, 0.003, audio.size)).astype(np.float32)
+    seen = {}
+    for margin, floor in ((6, -60), (0, -120)):
+        vad = SileroVADNode("vad", {"noise_margin_db": margin, "silence_floor_dbfs": floor,
+                                    "min_silence_duration_ms": 320})
+        vad.initialize()
+        runs, probability = [0], vad.probability
+        vad.probability = lambda w, p=probability, runs=runs: (runs.__setitem__(0, runs[0] + 1), p(w))[1]
+        idle = vad.process(RuntimeData.audio(audio[:16000 * 5], 16000))  # the room, nobody speaking
+        idle_runs = runs[0]
+        frames = idle + vad.process(RuntimeData.audio(audio[16000 * 5:], 16000))
+        seen[margin] = [(i, f.metadata["vad_event"]) for i, f in enumerate(frames) if "vad_event" in f.metadata], idle_runs
+    (gated, gated_idle), (full, full_idle) = seen[6], seen[0]
+    assert [e for _, e in full].count("speech_start") == 2, full
+    assert gated == full
+    assert full_idle == 16000 * 5 // 512 and gated_idle < full_idle // 10, (gated_idle, full_idle)
+
+
 async def test_llm_answers_with_streamed_phrases(mp_engine):
     result = await mp_engine.execute(one("llm", "LlamaCppNode", max_tokens=40, first_phrase_max_words=3),
                                      {"llm": RuntimeData.text("Name three colors.")})
@@ -375,9 +402,13 @@ async def test_a_transcript_that_ends_a_sentence_scores_as_more_likely_finished(
         out = [f async for f in node.process(RuntimeData.text(text, metadata={"turn_id": turn, "speculative": "1"}))]
         return TurnEvent.of(out[0]).data["probability"]
 
+    from nodes.speech.chat import OPENER_EOU, SENTENCE_END_MAX_EOU
+
     words, question = await score("What do these make", "1"), await score("What do these make?", "2")
-    assert 0 < words < 0.1
-    assert question == pytest.approx(min(1.0, 10 * words), rel=0.01)
+    assert 0 < words < 0.01
+    assert question == pytest.approx(min(SENTENCE_END_MAX_EOU, 10 * words), rel=0.01)
+    # a word a question opens with, before its comma: never a quick end, whatever its punctuation
+    assert await score("Hello.", "3") == await score("Well", "4") == OPENER_EOU
 
 
 async def test_a_cancelled_speculative_reply_stops_using_cpu(mp_engine):

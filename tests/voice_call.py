@@ -22,7 +22,8 @@ CHUNK_S = CHUNK / RATE
 
 
 class VoiceCall:
-    def __init__(self, channel: Any, manifest: dict) -> None:
+    def __init__(self, channel: Any, manifest: dict, room_rms: float = 0.0) -> None:
+        """`room_rms`: a room's noise (RMS) under everything sent, silence included (0: digital silence)."""
         self.call = spb_grpc.StreamingPipelineServiceStub(channel).StreamPipeline()
         self.manifest = manifest
         self.responses: list[tuple[float, spb.StreamResponse]] = []
@@ -31,6 +32,8 @@ class VoiceCall:
         self._next = 0.0
         self._reader: asyncio.Task | None = None
         self._ready = asyncio.Event()
+        self._room = room_rms
+        self._rng = np.random.default_rng(0)
 
     async def __aenter__(self) -> VoiceCall:
         await self.call.write(init(proto_manifest_from_dict(self.manifest)))
@@ -59,6 +62,8 @@ class VoiceCall:
     async def _send(self, piece: np.ndarray) -> None:
         self._next += CHUNK_S
         await asyncio.sleep(max(0.0, self._next - time.perf_counter()))
+        if self._room:
+            piece = piece + self._rng.normal(0, self._room, piece.size).astype(np.float32)
         c = spb.DataChunk(node_id="vad", sequence=self._seq)
         wire.to_proto(RuntimeData.audio(piece, RATE), c.buffer)
         self._seq += 1

@@ -32,10 +32,12 @@ finished turn), and answered at once or once committed (`reply_now()`). A
 transcript that ends inside a sentence (at a comma, on "and" or "the": see
 `unfinished()`) scores 0 without asking the model, so the accumulator waits
 its longest pause before ending the turn. One that ends a sentence (ASR
-heard its end: "?", ".", "!") has the model's score multiplied by
-`sentence_end_factor` where the node takes it: the model scores the words
-only, and a misheard word ("What do these make?") can make a finished
-question look unlikely to end there. A
+heard its end: "?", ".", "!") has a low model score multiplied by
+`sentence_end_factor` where the node takes it (up to SENTENCE_END_MAX_EOU):
+the model scores the words only, and a misheard word ("What do these
+make?") can make a finished question look unlikely to end there. One that
+is only an opener ("Hello.", "Well", "Okay": see `opener()`) scores
+OPENER_EOU, so a comma after it does not end the turn. A
 cancelled or interrupted turn stops its completion. The conversation history
 (system prompt + the last `history_turns` committed exchanges) lives in the
 node instance, so it is per session; of an interrupted reply it keeps what
@@ -127,6 +129,22 @@ def unfinished(text: str) -> bool:
         return False
     last = re.sub(r"[^a-z']", "", text.split()[-1].lower())
     return last in _CONTINUES
+
+
+#: words a turn often opens with before a comma and the question ("Hello, can you hear me?")
+_OPENERS = frozenset("hello hi hey well okay ok so oh alright hmm".split())
+#: the end-of-turn score of a transcript that is only such words: between likely and unlikely, so
+#: the accumulator waits ~0.75 s (a pause at their comma lasts 120-450 ms) before answering them alone
+OPENER_EOU = 0.003
+#: `sentence_end_factor` lifts a low score up to this at most: out of the longest pauses, never into
+#: the quickest (a comma's "Hello." must not end the turn at once)
+SENTENCE_END_MAX_EOU = 0.1
+
+
+def opener(text: str) -> bool:
+    """Whether a transcript is only words a sentence often opens with ("Hello.", "Well,", "Okay")."""
+    w = re.sub(r"[^a-z' ]", " ", text.lower()).split()
+    return 0 < len(w) <= 2 and all(x in _OPENERS for x in w)
 
 
 #: put in a `drain()` queue by its producer when it is done
@@ -246,9 +264,14 @@ class ChatNode(Node):
         if turn and frame.metadata.get("speculative") == "1" and turn not in self._committed:
             # a sentence the user is still building is not a finished turn, whatever a model says
             # (and a node without a model of its own can still say that much)
-            prob = 0.0 if unfinished(frame.text) else await self.end_of_turn(user)
-            if prob and _ENDS_SENTENCE.search(frame.text.strip()):
-                prob = min(1.0, prob * float(self.params.get("sentence_end_factor", 1.0)))
+            if unfinished(frame.text):
+                prob: float | None = 0.0
+            elif opener(frame.text):
+                prob = OPENER_EOU
+            else:
+                prob = await self.end_of_turn(user)
+                if prob is not None and prob < SENTENCE_END_MAX_EOU and _ENDS_SENTENCE.search(frame.text.strip()):
+                    prob = min(SENTENCE_END_MAX_EOU, prob * float(self.params.get("sentence_end_factor", 1.0)))
             if prob is not None:
                 yield self.turn_event("eou", turn, probability=round(prob, 6))
             if not self.reply_now(prob) and turn not in self._committed:

@@ -14,6 +14,13 @@ those of running it on every window for silences up to `_REPLAY` windows
 hears: espeak-ng speech peaking at −55 dBFS scores 0.95, at −60 dBFS 0.02.
 A connected microphone that nobody speaks into costs almost nothing.
 
+A real microphone is rarely that quiet: a room's hiss and hum sit at −60 to
+−40 dBFS. So the floor also follows the room: a window whose peak is within
+`noise_margin_db` of the quietest recent windows' peaks (the noise heard
+outside speech) is kept the same way. Speech that stays that close to the
+noise is below what Silero calls speech anyway (it scored such windows 0);
+the model still sees every window, in order, when the next louder one comes.
+
 Input audio is re-cut into windows (512 samples at 16 kHz, 256 at 8 kHz); each window goes out as an audio frame annotated in its metadata:
 
 - `vad_probability`: the model's speech probability for the window;
@@ -64,6 +71,9 @@ class SileroVADNode(Node):
             "silence_floor_dbfs": {"type": "number", "minimum": -120, "maximum": 0, "default": -60,
                                    "description": "outside speech, a window peaking below this level (dBFS) "
                                                   "is silence without running the model (-120: always run it)"},
+            "noise_margin_db": {"type": "number", "minimum": 0, "maximum": 40, "default": 6,
+                                "description": "outside speech, a window peaking less than this far above the "
+                                               "room's noise is silence without running the model (0: off)"},
             "sampling_rate": {"enum": [8000, 16000], "default": 16000,
                               "description": "the input's rate in Hz (send audio at this rate)"},
         },
@@ -89,6 +99,9 @@ class SileroVADNode(Node):
         self.pad_ms = int(params.get("speech_pad_ms", 30))
         floor_db = float(params.get("silence_floor_dbfs", -60))
         self.floor = 0.0 if floor_db <= -120 else 10 ** (floor_db / 20)
+        margin_db = float(params.get("noise_margin_db", 6))
+        self.margin = 10 ** (margin_db / 20) if margin_db > 0 else 0.0
+        self._noise = 0.0  # the room's noise: a window peak, following the quietest (see _skippable)
         self._session: Any = None
         self._pending = np.zeros(0, np.float32)
         self._template: AudioData | None = None
@@ -134,8 +147,19 @@ class SileroVADNode(Node):
         self._pending = buf[n * self.window:].copy()
         return out
 
+    def _heard_noise(self, peak: float) -> None:
+        """A window that is not speech: the room's noise estimate drops at once to a quieter one
+        and rises slowly (1 % a window: a few seconds to follow a louder room). Only windows the
+        model called silence (or skipped as such) count, so speech never raises it."""
+        if peak < self._noise or not self._noise:
+            self._noise = peak
+        else:
+            self._noise += (peak - self._noise) * 0.01
+
     def _step(self, window: np.ndarray, src: AudioData) -> AudioData:
-        if not self._in_speech and float(np.abs(window).max()) < self.floor:
+        peak = float(np.abs(window).max())
+        if not self._in_speech and (peak < self.floor or peak < self._noise * self.margin):
+            self._heard_noise(peak)
             p = 0.0  # silence, as the model would say; it sees the window later, with the next louder one
             if len(self._quiet) == _REPLAY:
                 self._quiet_context = self._quiet.popleft()[-len(self._context):]
@@ -149,6 +173,8 @@ class SileroVADNode(Node):
                     self.probability(w)
                 self._quiet.clear()
             p = self.probability(window)
+            if not self._in_speech and p < self.neg_threshold:
+                self._heard_noise(peak)
         meta = dict(src.metadata)
         meta["vad_probability"] = f"{p:.4f}"
         event = None
