@@ -23,10 +23,8 @@ the server's CPU and PSS; the largest N within p50 ≤ 600 ms, p95 ≤ 1 s.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import json
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -42,7 +40,13 @@ from bench import harness
 from bench.harness import pct, scenario
 from bench.matrix import CHUNK_S, VOICES, Cell, cells
 from bench.scenarios_server import Served, served
-from bench.scenarios_speech import _in_own_process, baseline_turns, make_node, voice_manifest
+from bench.scenarios_speech import (
+    baseline_turns,
+    in_own_process,
+    make_node,
+    own_processes,
+    voice_manifest,
+)
 from nodes.speech.spoken import wer, words
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -256,7 +260,7 @@ def voice_matrix() -> dict:
     for t in turns:
         t.whole = whole_of[id(t.cell)]
     one_voice = [c.spoken for c in todo if c.voice is VOICES[0]]
-    base, cpu_b = _in_own_process(baseline_turns, one_voice, manifest)
+    base, cpu_b = in_own_process(baseline_turns, one_voice, manifest)
     series: dict[str, dict] = {
         "engine: end of speech → first reply audio": {
             "values": [t.first_audio_s for t in turns if t.answered], "unit": "s"},
@@ -379,20 +383,9 @@ def _sequential_copy(args: tuple[list, dict, float, int]) -> list[float]:
 
 
 def _sequential_level(n: int, todo: list[list], manifest: dict) -> list[float]:
-    from engine.executors.process import THREAD_VARS
-
-    saved = {v: os.environ.get(v) for v in THREAD_VARS}
-    os.environ.update({v: os.environ.get(v) or "1" for v in THREAD_VARS})
-    try:
-        with concurrent.futures.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-            jobs = [pool.submit(_sequential_copy, (todo[i], manifest, CYCLE_S * i / n, CYCLE_S)) for i in range(n)]
-            return [x for j in jobs for x in j.result()]
-    finally:
-        for v, value in saved.items():
-            if value is None:
-                os.environ.pop(v, None)
-            else:
-                os.environ[v] = value
+    with own_processes(n) as pool:
+        jobs = [pool.submit(_sequential_copy, (todo[i], manifest, CYCLE_S * i / n, CYCLE_S)) for i in range(n)]
+        return [x for j in jobs for x in j.result()]
 
 
 @scenario("voice_density")

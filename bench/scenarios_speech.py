@@ -23,8 +23,13 @@ turns, engine and baseline, is written next to the JSON.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import json
+import multiprocessing
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -363,26 +368,29 @@ async def _baseline_reply(asr: Any, llm: Any, tts: Any, utterance: Any, res: Tur
     return seconds
 
 
-def _in_own_process(fn: Any, *args: Any) -> Any:
-    """fn(*args) in a fresh process started with the thread settings the engine gives its node
-    processes (see executors.process), so the baseline is not slowed by idle pools spinning."""
-    import concurrent.futures
-    import multiprocessing
-    import os
-
+@contextlib.contextmanager
+def own_processes(n: int) -> Iterator[concurrent.futures.ProcessPoolExecutor]:
+    """`n` fresh processes started with the thread settings the engine gives its node processes
+    (see executors.process), so a baseline is not slowed by idle pools spinning."""
     from engine.executors.process import THREAD_VARS
 
     saved = {v: os.environ.get(v) for v in THREAD_VARS}
     os.environ.update({v: os.environ.get(v) or "1" for v in THREAD_VARS})
     try:
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return pool.submit(fn, *args).result()
+        with concurrent.futures.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            yield pool
     finally:
         for v, value in saved.items():
             if value is None:
                 os.environ.pop(v, None)
             else:
                 os.environ[v] = value
+
+
+def in_own_process(fn: Any, *args: Any) -> Any:
+    """fn(*args) in a fresh process (see own_processes)."""
+    with own_processes(1) as pool:
+        return pool.submit(fn, *args).result()
 
 
 # ---------------------------------------------------------------- barge-in
@@ -546,7 +554,7 @@ def voice_loop() -> dict:
     manifest = voice_manifest()
     questions = [Spoken.make(q, seed=i) for i, q in enumerate(QUESTIONS)]
     engine, cpu_e, startup = uvloop.run(engine_turns(questions, manifest))
-    base, cpu_b = _in_own_process(baseline_turns, questions, manifest)
+    base, cpu_b = in_own_process(baseline_turns, questions, manifest)
     cpu_engine, cpu_base = cpu_e["total"], cpu_b["total"]
     series = {**_series("engine", engine), **_series("sequential, one process", base)}
     pairs = list(zip(questions[:6], questions[6:], strict=True))
