@@ -38,7 +38,7 @@ import psutil
 
 from bench import harness
 from bench.harness import pct, scenario
-from bench.matrix import CHUNK_S, VOICES, Cell, cells
+from bench.matrix import CHUNK, CHUNK_S, RATE, VOICES, Cell, cells
 from bench.scenarios_server import Served, served
 from bench.scenarios_speech import (
     baseline_turns,
@@ -157,11 +157,6 @@ async def conversation(address: str, manifest: dict, todo: list[Cell], delay_s: 
     return turns, start_s, used
 
 
-def tree_cpu(s: Served) -> float:
-    c = s.cpu_seconds()
-    return c["engine"] + c["nodes"]
-
-
 class TreeCpu:
     """CPU seconds of the server's process tree, processes that have exited included (sampled
     every 0.25 s while `sample()` runs: each process counts with its last reading)."""
@@ -207,7 +202,7 @@ def whole_transcripts(todo: list[Cell], manifest: dict) -> list[str]:
         vad.initialize()
         acc = make_node(manifest, "utterances", speculative=False, endpointing_ms=320, barge_in=False)
         a = c.spoken.audio
-        frames = [o for lo in range(0, a.size, 512) for w in vad.process(RuntimeData.audio(a[lo:lo + 512], 16000))
+        frames = [o for lo in range(0, a.size, CHUNK) for w in vad.process(RuntimeData.audio(a[lo:lo + CHUNK], RATE))
                   for o in acc.process(w)] + acc.flush()
         out.append(" ".join(asr.transcribe(f.samples)[0] for f in frames if TurnEvent.of(f) is None))
     return out
@@ -223,9 +218,10 @@ async def _idle_cpu(address: str, manifest: dict, seconds: float, s: Served, roo
 
     async with grpc.aio.insecure_channel(address) as channel, VoiceCall(channel, manifest, room_rms) as call:
         await call.silence(6.0)  # the pool replaces the processes this session took
-        c0, t0 = tree_cpu(s), time.perf_counter()
+        cpu = TreeCpu(s)
+        c0, t0 = cpu.read(), time.perf_counter()
         await call.silence(seconds)
-        share = (tree_cpu(s) - c0) / (time.perf_counter() - t0)
+        share = (cpu.read() - c0) / (time.perf_counter() - t0)
         await call.close()
     return share
 
@@ -268,7 +264,7 @@ def voice_matrix() -> dict:
         for voice in VOICES:
             mine = [c for c in todo if c.voice is voice]
             # 3 s before the first question: the pool replaces the processes this session took
-            got, start_s, used = uvloop.run(conversation(s.address, manifest, mine, 3.0, cpu=lambda: tree_cpu(s)))
+            got, start_s, used = uvloop.run(conversation(s.address, manifest, mine, 3.0, cpu=TreeCpu(s).read))
             cpu_turn.append(used / len(got))
             starts["prewarmed"].append(start_s)
             turns += got
@@ -557,7 +553,7 @@ def voice_load() -> dict:
     with tempfile.TemporaryDirectory() as tmp, served(extra_toml=prewarm_toml(manifest, tmp)) as s:
         for label in ("quiet", "one core taken", "quiet again"):
             with burning_one_core() if label == "one core taken" else contextlib.nullcontext():
-                turns, _, used = uvloop.run(conversation(s.address, manifest, todo, 3.0, cpu=lambda: tree_cpu(s)))
+                turns, _, used = uvloop.run(conversation(s.address, manifest, todo, 3.0, cpu=TreeCpu(s).read))
             out[label] = (turns, used / len(turns))
             print(f"  {label}: p50 {pct([t.first_audio_s for t in turns if t.answered], .5) * 1e3:.0f} ms, "
                   f"CPU per turn {used / len(turns):.2f} s", flush=True)
